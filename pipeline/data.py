@@ -1,0 +1,134 @@
+"""Reading datasets: local JSONL/JSON/Parquet/CSV or Hub ids, renames, mixtures, held-out splits.
+
+Local JSONL is parsed here rather than by `datasets` so that a malformed line is reported
+with its file and line number before any training starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from datasets import Dataset, concatenate_datasets
+
+from pipeline.recipe import DatasetSpec, SourceSpec, resolve_local
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given: the message says where and why."""
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_local(path: Path) -> Dataset:
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        return Dataset.from_list(read_jsonl(path))
+    if name.endswith(".json"):
+        with _open_text(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {err.lineno}: invalid JSON: {err.msg}") from None
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))  # {"data": [...]} wrappers are common
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a list of JSON objects")
+        return Dataset.from_list(data)
+    if name.endswith((".parquet", ".csv")):
+        from datasets import load_dataset
+
+        kind = "parquet" if name.endswith(".parquet") else "csv"
+        return load_dataset(kind, data_files=str(path), split="train")
+    raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
+
+
+def load_source(source: SourceSpec, *, recipe_path: Path | None,
+                stage_outputs: Callable[[str], Path | None] = lambda _: None) -> Dataset:
+    """One source as a Dataset: a stage's generated data, a local file, or a Hub dataset."""
+    produced = stage_outputs(source.path)
+    local = produced or resolve_local(source.path, recipe_path)
+    if local is not None:
+        if local.is_dir():
+            local = local / "data.jsonl"
+        dataset = read_local(local)
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(source.path, source.name, split=source.split)
+    if len(dataset) == 0:
+        raise DataError(f"{source.path}: empty dataset")
+    missing = [old for old in source.columns if old not in dataset.column_names]
+    if missing:
+        raise DataError(f"{source.path}: cannot rename missing column(s) {missing}; "
+                        f"columns are {dataset.column_names}")
+    if source.columns:
+        dataset = dataset.rename_columns(source.columns)
+    if source.max_samples is not None:
+        dataset = dataset.select(range(min(source.max_samples, len(dataset))))
+    return dataset
+
+
+def _take_fraction(dataset: Dataset, weight: float, seed: int) -> Dataset:
+    """`weight` of the rows: a shuffled subset below 1, whole repeats plus a subset above."""
+    if weight == 1.0:
+        return dataset
+    count = math.ceil(len(dataset) * weight)
+    repeats, rest = divmod(count, len(dataset))
+    parts = [dataset] * repeats + [dataset.shuffle(seed=seed).select(range(rest))]
+    return concatenate_datasets(parts)
+
+
+def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
+                stage_outputs: Callable[[str], Path | None] = lambda _: None) -> tuple[Dataset, Dataset]:
+    """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source."""
+    parts = []
+    for source in spec.sources:
+        dataset = load_source(source, recipe_path=recipe_path, stage_outputs=stage_outputs)
+        parts.append(_take_fraction(dataset, source.weight, seed))
+    columns = [sorted(p.column_names) for p in parts]
+    if any(c != columns[0] for c in columns):
+        listing = "; ".join(f"{s.path}: {c}" for s, c in zip(spec.sources, columns))
+        raise DataError(f"mixture sources have different columns ({listing}); rename columns so they match")
+    try:
+        train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    except ValueError as err:
+        raise DataError(f"mixture {[s.path for s in spec.sources]}: column types differ ({err})") from None
+    if spec.eval is not None:
+        held_out = load_source(spec.eval, recipe_path=recipe_path, stage_outputs=stage_outputs)
+        return train.shuffle(seed=seed), held_out
+    test_size = int(spec.test_size) if spec.test_size >= 1 else spec.test_size
+    if len(train) < 2:
+        raise DataError(f"{spec.sources[0].path}: {len(train)} row(s) is too few to hold out a split")
+    split = train.train_test_split(test_size=test_size, seed=seed)
+    return split["train"], split["test"]
+
+
+def require_columns(dataset: Dataset, formats: dict[str, tuple[str, ...]], where: str) -> str:
+    """Name of the first format whose columns the dataset has; a DataError listing the options otherwise."""
+    for name, columns in formats.items():
+        if all(c in dataset.column_names for c in columns):
+            return name
+    options = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in formats.items())
+    raise DataError(f"{where}: dataset has columns {dataset.column_names}; expected one of these formats: {options}")

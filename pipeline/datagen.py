@@ -1,0 +1,151 @@
+"""Generate the quickstart data set (pretraining text, SFT, preferences, RL prompts, eval).
+
+Usage: ``python -m pipeline.datagen [OUT_DIR] [--seed N]`` (default ``data/quickstart``).
+
+The task space of :mod:`pipeline.tasks` is split per kind into training and held-out
+questions. Held-out questions appear only in ``eval.jsonl``; the pretraining text may
+state them as facts ("7 plus 12 is 19.") but never as "Q: ... A: ..." pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.tasks import TASK_KINDS, Task, all_tasks, make_task, plausible_wrong_answer
+
+EVAL_FRACTION = 0.2  # share of each kind's distinct questions held out for eval
+PRETRAIN_ROWS = 3000
+SFT_ROWS = 1500
+PREF_ROWS = 1500
+PROMPT_ROWS = 500
+
+Pools = dict[str, list[Task]]
+Row = dict[str, Any]
+
+
+def split_tasks(seed: int) -> tuple[Pools, Pools]:
+    """Split every kind's distinct questions into (train, held-out) pools, deterministically per seed."""
+    rng = random.Random(f"quickstart:{seed}:split")
+    train: Pools = {}
+    held_out: Pools = {}
+    for kind in TASK_KINDS:
+        tasks = all_tasks(kind)
+        held = set(rng.sample(range(len(tasks)), round(len(tasks) * EVAL_FRACTION)))
+        held_out[kind] = [t for i, t in enumerate(tasks) if i in held]
+        train[kind] = [t for i, t in enumerate(tasks) if i not in held]
+    return train, held_out
+
+
+def _spread(rng: random.Random, pool: Sequence[Task], n: int) -> list[Task]:
+    """Take ``n`` tasks from successive shuffled passes over ``pool`` so repeats are even."""
+    out: list[Task] = []
+    while len(out) < n:
+        batch = list(pool)
+        rng.shuffle(batch)
+        out.extend(batch)
+    return out[:n]
+
+
+def _balanced(rng: random.Random, pools: Pools, n: int) -> list[Task]:
+    """``n`` tasks with the same count per kind (kinds differ wildly in size), shuffled."""
+    tasks = [t for kind in TASK_KINDS for t in _spread(rng, pools[kind], n // len(TASK_KINDS))]
+    rng.shuffle(tasks)
+    return tasks
+
+
+def fact(task: Task) -> str:
+    """State ``task`` as a plain-English sentence, e.g. "7 plus 12 is 19."."""
+    if task.kind == "letter":
+        return f"The letter after {task.question.rstrip('?').split()[-1]} is {task.answer}."
+    nums = re.findall(r"\d+", task.question)
+    if task.kind == "add":
+        return f"{nums[0]} plus {nums[1]} is {task.answer}."
+    if task.kind == "sub":
+        return f"{nums[0]} minus {nums[1]} is {task.answer}."
+    if task.kind == "next":
+        return f"After {nums[0]} comes {task.answer}."
+    if task.kind == "max":
+        smaller = next(n for n in nums if n != task.answer)
+        return f"{task.answer} is larger than {smaller}."
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def _pretrain_row(rng: random.Random, train: Pools) -> Row:
+    """A short document: a few facts from the whole task space, then Q/A pairs from training only."""
+    facts = " ".join(fact(make_task(rng)) for _ in range(rng.randint(3, 6)))
+    pairs = (rng.choice(train[rng.choice(TASK_KINDS)]) for _ in range(rng.randint(1, 3)))
+    qa = "\n".join(f"Q: {t.question} A: {t.answer}" for t in pairs)
+    return {"text": f"{facts}\n{qa}"}
+
+
+def _message(role: str, content: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": content}]
+
+
+def _sft_row(task: Task) -> Row:
+    messages = _message("user", task.question) + _message("assistant", task.answer)
+    return {"messages": messages, "answer": task.answer, "kind": task.kind}
+
+
+def _pref_row(task: Task, rng: random.Random) -> Row:
+    return {
+        "prompt": _message("user", task.question),
+        "chosen": _message("assistant", task.answer),
+        "rejected": _message("assistant", plausible_wrong_answer(task, rng)),
+        "kind": task.kind,
+    }
+
+
+def _prompt_row(task: Task) -> Row:
+    return {"prompt": _message("user", task.question), "answer": task.answer, "kind": task.kind}
+
+
+def _write_jsonl(path: Path, rows: Sequence[Row]) -> int:
+    """Write one JSON object per line (UTF-8, "\\n" endings) and return the row count."""
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def generate_quickstart(out_dir: Path, seed: int = 0) -> dict[str, int]:
+    """Write the quickstart JSONL files into ``out_dir`` and return ``{file name: row count}``.
+
+    The same seed gives byte-identical files. Each file draws from its own seed-derived
+    stream, so changing one file's size does not reshuffle the others.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, held_out = split_tasks(seed)
+
+    def rng(name: str) -> random.Random:
+        return random.Random(f"quickstart:{seed}:{name}")
+
+    pretrain_rng, pref_rng = rng("pretrain"), rng("prefs")
+    files = {
+        "pretrain.jsonl": [_pretrain_row(pretrain_rng, train) for _ in range(PRETRAIN_ROWS)],
+        "sft.jsonl": [_sft_row(t) for t in _balanced(rng("sft"), train, SFT_ROWS)],
+        "prefs.jsonl": [_pref_row(t, pref_rng) for t in _balanced(pref_rng, train, PREF_ROWS)],
+        "prompts.jsonl": [_prompt_row(t) for t in _balanced(rng("prompts"), train, PROMPT_ROWS)],
+        "eval.jsonl": [_prompt_row(t) for kind in TASK_KINDS for t in held_out[kind]],
+    }
+    return {name: _write_jsonl(out_dir / name, rows) for name, rows in files.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: ``python -m pipeline.datagen [OUT_DIR] [--seed N]``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.datagen", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", type=Path, default=Path("data/quickstart"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, count in generate_quickstart(args.out_dir, args.seed).items():
+        print(f"{args.out_dir / name}: {count} rows")
+
+
+if __name__ == "__main__":
+    main()

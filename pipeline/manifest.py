@@ -1,0 +1,72 @@
+"""`manifest.json`: everything needed to rerun a run and get the same numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("pipeline", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate",
+            "tokenizers", "bitsandbytes", "deepspeed", "huggingface_hub", "safetensors")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; for a folder, of its files' names and digests (model folders hashed once)."""
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    listing = sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(f"{p.relative_to(path)}:{file_digest(p)}\n" for p in listing).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state(where: Path) -> dict[str, object]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def hardware() -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {"platform": platform.platform(), "python": sys.version.split()[0],
+                               "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def write_manifest(run_dir: Path, recipe, fingerprints: dict[str, str], timings: dict[str, float]) -> None:
+    from pipeline.runner import input_files, write_json
+
+    inputs: dict[str, str] = {}
+    for stage in recipe.stages:
+        inputs.update(input_files(recipe, stage))
+    where = recipe.path.resolve().parent if recipe.path else Path.cwd()
+    write_json(run_dir / "manifest.json", {
+        "recipe": recipe.raw, "recipe_path": str(recipe.path), "seed": recipe.seed,
+        "argv": sys.argv, "packages": package_versions(), "git": git_state(where), "hardware": hardware(),
+        "inputs": inputs, "stage_fingerprints": fingerprints, "stage_seconds": timings,
+    })

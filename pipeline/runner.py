@@ -1,0 +1,181 @@
+"""`pipeline run`: execute a recipe's stages in order, skipping finished ones and resuming killed ones.
+
+Layout of a run directory:
+    summary.json  manifest.json  report.md
+    <stage>/fingerprint     what the stage's inputs hash to (written when it starts)
+    <stage>/checkpoints/    Trainer checkpoints, kept so a killed stage resumes
+    <stage>/output/         the stage's model/tokenizer/data; appears (by rename) only on success
+    <stage>/result.json     written last: a stage is complete iff this matches its fingerprint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.manifest import file_digest, write_manifest
+from pipeline.recipe import Recipe, resolve_local
+from pipeline.stages import runner_for
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def input_files(recipe: Recipe, stage) -> dict[str, str]:
+    """Local files and folders a stage reads, each with a digest of its content."""
+    paths: list[str] = [ref for _, ref in stage.refs()]
+    for _, spec in stage.data_specs():
+        paths += [s.path for s in spec.sources] + ([spec.eval.path] if spec.eval else [])
+    names = {s.name for s in recipe.stages}
+    digests = {}
+    for item in paths:
+        local = None if item in names else resolve_local(item, recipe.path)
+        if local is not None:
+            digests[str(local)] = file_digest(local)
+    return digests
+
+
+def upstream_stages(recipe: Recipe, stage) -> list[str]:
+    names = {s.name for s in recipe.stages}
+    used = [ref for _, ref in stage.refs()]
+    for _, spec in stage.data_specs():
+        used += [s.path for s in spec.sources] + ([spec.eval.path] if spec.eval else [])
+    return [u for u in dict.fromkeys(used) if u in names]
+
+
+def fingerprint(recipe: Recipe, stage, upstream: dict[str, str]) -> str:
+    """Hash of everything that determines a stage's result: its spec, args, seed, input files, upstream stages."""
+    payload = {
+        "spec": dataclasses.asdict(stage), "args": recipe.stage_args(stage), "seed": recipe.seed,
+        "inputs": input_files(recipe, stage), "upstream": upstream,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs one recipe into one run directory."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, selected: list[str] | None = None, log=print):
+        from accelerate import PartialState
+
+        self.recipe, self.run_dir, self.log = recipe, run_dir, log
+        self.selected = selected
+        self.state = PartialState()  # one process, or this rank under `accelerate launch`
+        self.summary: dict[str, Any] = {"recipe": recipe.name, "recipe_path": str(recipe.path),
+                                        "output_dir": str(run_dir), "stages": {}}
+        self.timings: dict[str, float] = {}
+        self.fingerprints: dict[str, str] = {}
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def stage_record(self, stage, status: str, metrics: dict[str, float] | None = None) -> None:
+        self.summary["stages"][stage.name] = {
+            "type": stage.type, "status": status, "output": str(self.run_dir / stage.name / "output"),
+            "metrics": metrics or {}, "fingerprint": self.fingerprints.get(stage.name),
+        }
+        if self.is_main:
+            write_json(self.run_dir / "summary.json", self.summary)
+
+    def run(self) -> dict[str, Any]:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state.wait_for_everyone()
+        for stage in self.recipe.stages:
+            self.fingerprints[stage.name] = fingerprint(
+                self.recipe, stage, {u: self.fingerprints[u] for u in upstream_stages(self.recipe, stage)})
+            self.stage_record(stage, "pending")
+        if self.is_main:
+            write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
+        for stage in self.recipe.stages:
+            self.run_stage(stage)
+        if self.is_main:
+            write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
+            from pipeline.report import write_report
+
+            write_report(self.run_dir)
+        self.state.wait_for_everyone()
+        return self.summary
+
+    def run_stage(self, stage) -> None:
+        stage_dir = self.run_dir / stage.name
+        expected = self.fingerprints[stage.name]
+        previous = read_json(stage_dir / "result.json")
+        if previous and previous.get("fingerprint") == expected and (stage_dir / "output").is_dir():
+            self.log(f"[{stage.name}] skipped: already completed with the same inputs")
+            self.stage_record(stage, "skipped", previous.get("metrics"))
+            return
+        if self.selected is not None and stage.name not in self.selected:
+            return  # stays "pending"; a selected stage that needs it fails its upstream check below
+        missing = [u for u in upstream_stages(self.recipe, stage)
+                   if self.summary["stages"][u]["status"] not in ("completed", "skipped")]
+        if missing:
+            raise RuntimeError(f"stage '{stage.name}' needs {missing}, which have not completed; "
+                               f"run them too (--stages {','.join(missing + [stage.name])})")
+
+        if self.is_main:
+            self.prepare_stage_dir(stage_dir, expected)
+        self.state.wait_for_everyone()
+        self.log(f"[{stage.name}] running ({stage.type})")
+        started = time.time()
+        ctx = StageContext(self.recipe, stage, self.run_dir, is_main_process=self.is_main)
+        from transformers import set_seed
+
+        set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
+        try:
+            metrics = runner_for(stage.type)(stage, ctx)
+        except BaseException:
+            self.stage_record(stage, "failed")
+            if self.is_main:
+                (stage_dir / "error.txt").write_text(traceback.format_exc())
+            raise
+        self.state.wait_for_everyone()
+        self.timings[stage.name] = round(time.time() - started, 2)
+        if self.is_main:
+            self.finish_stage(stage_dir, expected, metrics)
+        self.state.wait_for_everyone()
+        self.log(f"[{stage.name}] completed in {self.timings[stage.name]:.1f}s: "
+                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.stage_record(stage, "completed", metrics)
+
+    @staticmethod
+    def prepare_stage_dir(stage_dir: Path, expected: str) -> None:
+        """Keep checkpoints only if they were made from the same inputs; clear half-written output."""
+        marker = stage_dir / "fingerprint"
+        if stage_dir.exists() and (not marker.is_file() or marker.read_text().strip() != expected):
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "result.json").unlink(missing_ok=True)
+        for leftover in ("output.partial", "adapter.partial"):
+            shutil.rmtree(stage_dir / leftover, ignore_errors=True)
+        marker.write_text(expected)
+
+    def finish_stage(self, stage_dir: Path, expected: str, metrics: dict[str, float]) -> None:
+        """Publish the output by rename, then write result.json: the stage is complete only after both."""
+        final = stage_dir / "output"
+        (stage_dir / "output.partial").mkdir(exist_ok=True)  # stages that only measure still publish a folder
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage_dir / "output.partial", final)
+        write_json(stage_dir / "result.json", {"fingerprint": expected, "metrics": metrics,
+                                               "seconds": self.timings[stage_dir.name]})

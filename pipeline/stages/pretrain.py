@@ -1,0 +1,89 @@
+"""`pretrain` stage: a causal LM from a fresh config (or a loaded model) trained on packed text."""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import PretrainSpec
+
+# Small Llama-style defaults (RMSNorm, RoPE, grouped-query attention, SwiGLU); a recipe overrides any.
+FRESH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True),
+    "mixtral": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
+}
+
+
+def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
+    """A randomly initialised causal LM; `architecture` is any transformers `model_type`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(config_spec)
+    architecture = options.pop("architecture")
+    config = AutoConfig.for_model(
+        architecture,
+        **{**FRESH_DEFAULTS.get(architecture, {}),
+           "vocab_size": len(tokenizer), "max_position_embeddings": max(block_size, 512),
+           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, **options},
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def pack(dataset, tokenizer, text_column: str, block_size: int):
+    """Tokenize, join documents with EOS, and cut into `block_size` blocks (the remainder is dropped)."""
+    eos = [tokenizer.eos_token_id]
+
+    def tokenize(batch):
+        return {"ids": [ids + eos for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]}
+
+    def blocks(batch):
+        ids = list(chain.from_iterable(batch["ids"]))
+        usable = len(ids) // block_size * block_size
+        return {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
+
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+    return tokenized.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"])
+
+
+def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
+    from transformers import DataCollatorForLanguageModeling, Trainer
+
+    from pipeline import training
+    from pipeline.data import DataError, require_columns
+    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config
+
+    tokenizer_ref = spec.tokenizer or spec.model
+    tokenizer = load_tokenizer(ctx.resolve(tokenizer_ref), trust_remote_code=spec.trust_remote_code)
+    train, held_out = ctx.splits(spec.dataset)
+    require_columns(train, spec.formats(), f"stage '{spec.name}'")
+    train_blocks = pack(train, tokenizer, spec.text_column, spec.block_size)
+    eval_blocks = pack(held_out, tokenizer, spec.text_column, spec.block_size)
+    if len(train_blocks) == 0 or len(eval_blocks) == 0:
+        raise DataError(f"stage '{spec.name}': too little text for one {spec.block_size}-token block "
+                        "in the train or held-out split; lower block_size or add data")
+
+    if isinstance(spec.model, dict):
+        model = fresh_model(spec.model, tokenizer, spec.block_size)
+    else:
+        model = load_causal_lm(ctx.resolve(spec.model), quantization=spec.quantization,
+                               trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if spec.peft is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(spec.peft, "CAUSAL_LM"))
+
+    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      callbacks=[training.DivergenceGuard(spec.name)])
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
+    training.save(trainer, tokenizer, spec, ctx)
+    return metrics

@@ -1,0 +1,89 @@
+"""`sft` stage: supervised fine-tuning with `trl.SFTTrainer`, loss on completions only.
+
+Every input format becomes prompt/completion, which TRL trains with completion-only loss:
+- `messages`: the last (assistant) message is the completion, the turns before it the prompt;
+- `instruction`/`input`/`output` (Alpaca): the prompt is rendered through `prompt_template`;
+- `instruction`/`instances` (Self-Instruct): one Alpaca row per instance `{input, output}`;
+- `prompt`/`completion`: as given; `text`: plain language modelling on the whole text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.data import DataError, require_columns
+from pipeline.stages.specs import SFTSpec
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def to_prompt_completion(dataset, data_format: str, template: str | None, where: str):
+    """Rewrite rows of any supported format as prompt/completion (or leave `text` as is)."""
+    if data_format == "text":
+        return dataset.select_columns(["text"])
+    if data_format == "prompt-completion":
+        return dataset.select_columns(["prompt", "completion"])
+    if data_format == "self-instruct":
+        def flatten(batch: dict[str, list]) -> dict[str, list]:
+            rows = [(ins, inst.get("input", ""), inst["output"])
+                    for ins, instances in zip(batch["instruction"], batch["instances"]) for inst in instances]
+            return {"instruction": [r[0] for r in rows], "input": [r[1] for r in rows], "output": [r[2] for r in rows]}
+        dataset = dataset.map(flatten, batched=True, remove_columns=dataset.column_names)
+        data_format = "alpaca"
+    if data_format == "alpaca":
+        def render(row: dict[str, Any]) -> dict[str, str]:
+            extra = (row.get("input") or "").strip()
+            chosen = template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
+            return {"prompt": chosen.format(instruction=row["instruction"].strip(), input=extra),
+                    "completion": row["output"]}
+        return dataset.map(render, remove_columns=dataset.column_names)
+
+    def split_last_turn(row: dict[str, Any]) -> dict[str, list]:
+        messages = row["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise DataError(f"{where}: every `messages` row must end with an assistant message")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    return dataset.map(split_last_turn, remove_columns=dataset.column_names)
+
+
+def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
+    from trl import SFTTrainer
+
+    from pipeline import training
+    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config
+
+    where = f"stage '{spec.name}'"
+    train, held_out = ctx.splits(spec.dataset)
+    data_format = require_columns(train, spec.formats(), where)
+    train = to_prompt_completion(train, data_format, spec.prompt_template, where)
+    held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where)
+
+    model_path = ctx.resolve(spec.model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if data_format == "messages" and tokenizer.chat_template is None:
+        raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
+                        f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
+    model = load_causal_lm(model_path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                           revision=spec.revision)
+    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
+        peft_config=lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None,
+        callbacks=[training.DivergenceGuard(spec.name)],
+    )
+    # Held-out loss of the starting model, so the gain from SFT is measured, not assumed.
+    initial = trainer.evaluate()
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
+    metrics["initial_eval_loss"] = float(initial["eval_loss"])
+    training.save(trainer, tokenizer, spec, ctx)
+    return metrics

@@ -1,0 +1,58 @@
+"""`tokenizer` stage: train a byte-level BPE tokenizer with chat special tokens, or load one."""
+
+from __future__ import annotations
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import TokenizerSpec
+
+BOS, EOS, PAD, IM_START = "<|endoftext|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_bpe(texts, vocab_size: int, min_frequency: int):
+    """A byte-level BPE `tokenizers.Tokenizer`: every byte is in the alphabet, so nothing is unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=[PAD, BOS, EOS, IM_START], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def run(spec: TokenizerSpec, ctx: StageContext) -> dict[str, float]:
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.data import require_columns
+    from pipeline.modeling import load_tokenizer
+
+    if spec.load is not None:
+        tokenizer = load_tokenizer(ctx.resolve(spec.load), trust_remote_code=spec.trust_remote_code)
+        if spec.chat_template or tokenizer.chat_template is None:
+            tokenizer.chat_template = spec.chat_template or CHATML_TEMPLATE
+        held_out = None
+    else:
+        train, held_out = ctx.splits(spec.dataset)
+        require_columns(train, spec.formats(), f"stage '{spec.name}'")
+        texts = list(train[spec.text_column])
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=train_bpe(texts, spec.vocab_size, spec.min_frequency),
+            bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=spec.model_max_length,
+        )
+        tokenizer.chat_template = spec.chat_template or CHATML_TEMPLATE
+    if ctx.is_main_process:
+        tokenizer.save_pretrained(ctx.output_dir)
+    metrics = {"vocab_size": float(len(tokenizer))}
+    if held_out is not None:
+        # Compression on held-out text: characters per token (higher is better).
+        texts = list(held_out[spec.text_column])
+        tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+        metrics["eval_chars_per_token"] = sum(map(len, texts)) / max(tokens, 1)
+    return metrics

@@ -1,0 +1,45 @@
+"""Shared helpers: tiny recipes over the shipped quickstart data, run for real on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "quickstart"
+REALDATA = REPO.parent / "shared" / "realdata"
+
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not beside this checkout")
+
+TINY_MODEL = {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+def tiny_stages(pretrain_steps: int = 30, sft_steps: int = 30) -> list[dict[str, Any]]:
+    """tokenizer -> pretrain -> sft on small slices of the quickstart data (seconds on CPU)."""
+    return [
+        {"name": "tok", "type": "tokenizer", "dataset": str(DATA / "pretrain.jsonl"), "vocab_size": 300},
+        {"name": "base", "type": "pretrain", "tokenizer": "tok", "model": dict(TINY_MODEL), "block_size": 64,
+         "dataset": {"path": str(DATA / "pretrain.jsonl"), "max_samples": 600, "test_size": 0.1},
+         "args": {"max_steps": pretrain_steps, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+                  "save_steps": 10}},
+        {"name": "sft", "type": "sft", "model": "base",
+         "dataset": {"path": str(DATA / "sft.jsonl"), "max_samples": 400, "test_size": 0.1},
+         "args": {"max_steps": sft_steps, "learning_rate": 3e-3, "per_device_train_batch_size": 16,
+                  "max_length": 48, "save_steps": 10}},
+    ]
+
+
+def write_recipe(directory: Path, stages: list[dict[str, Any]], **top: Any) -> Path:
+    recipe = {"name": "tiny", "seed": 7, "output_dir": str(directory / "run"), **top, "stages": stages}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())

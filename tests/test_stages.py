@@ -1,0 +1,54 @@
+"""Stage options on tiny models: mixture-of-experts pretraining, LoRA (saved as adapter or merged), QLoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.cli import main
+from pipeline.modeling import is_adapter, load_causal_lm
+from tests.conftest import summary, tiny_stages, write_recipe
+
+
+def run(tmp_path, stages) -> dict:
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    return summary(tmp_path / "run")["stages"]
+
+
+def test_mixtral_moe_pretrain(tmp_path):
+    stages = tiny_stages(pretrain_steps=10)[:2]
+    stages[1]["model"] = {"architecture": "mixtral", "hidden_size": 32, "intermediate_size": 32,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                          "num_local_experts": 4, "num_experts_per_tok": 2}
+    out = run(tmp_path, stages)["base"]
+    config = json.loads((Path(out["output"]) / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+    assert out["metrics"]["eval_loss"] < out["metrics"]["train_loss"] + 1.0
+
+
+def test_lora_sft_adapter_and_merged(tmp_path):
+    stages = tiny_stages(pretrain_steps=20, sft_steps=20)
+    stages[2]["peft"] = {"r": 4, "lora_alpha": 8}
+    merged = dict(stages[2], name="sft_merged", peft={"r": 4, "lora_alpha": 8, "merge": True})
+    out = run(tmp_path, stages + [merged])
+    adapter, full = Path(out["sft"]["output"]), Path(out["sft_merged"]["output"])
+    assert is_adapter(adapter) and (adapter / "adapter_model.safetensors").is_file()
+    assert not is_adapter(full) and (full / "model.safetensors").is_file()
+    assert out["sft"]["metrics"]["eval_loss"] < out["sft"]["metrics"]["initial_eval_loss"]
+    # The adapter (merged on load) and the merged folder are the same model.
+    import torch
+
+    a, b = load_causal_lm(str(adapter)), load_causal_lm(str(full))
+    ids = torch.tensor([[1, 5, 9, 20]])
+    assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
+
+
+def test_qlora_4bit_sft_on_cpu(tmp_path):
+    stages = tiny_stages(pretrain_steps=20, sft_steps=15)
+    # bitsandbytes quantises in blocks of 64 values: rows narrower than that cannot be 4-bit.
+    stages[1]["model"].update(hidden_size=64, intermediate_size=128)
+    stages[2]["peft"] = {"r": 4, "lora_alpha": 8}
+    stages[2]["quantization"] = {"bits": 4}
+    out = run(tmp_path, stages)["sft"]
+    assert is_adapter(out["output"])
+    assert out["metrics"]["eval_loss"] < out["metrics"]["initial_eval_loss"]

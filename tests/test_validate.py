@@ -1,0 +1,138 @@
+"""`pipeline validate`: every kind of bad recipe gives a non-zero exit and a message naming file, stage and key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import DATA, REPO, tiny_stages, write_recipe
+
+
+def validate(tmp_path, capsys, stages, **top) -> tuple[int, str]:
+    path = write_recipe(tmp_path, stages, **top)
+    code = main(["validate", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_valid_recipe_passes(tmp_path, capsys):
+    code, out = validate(tmp_path, capsys, tiny_stages())
+    assert code == 0, out
+    assert "valid (3 stages" in out
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "smollm2-135m-sft-lora.yaml", "llama3-8b-qlora-sft.yaml"])
+def test_shipped_recipes_validate(recipe, capsys):
+    assert main(["validate", str(REPO / "recipes" / recipe)]) == 0, capsys.readouterr().err
+
+
+def mutate(edit):
+    stages = tiny_stages()
+    edit(stages)
+    return stages
+
+
+CASES = {
+    "unknown stage key with suggestion": (
+        lambda s: s[1].update(block_sise=64), ["stage 'base'", "unknown key 'block_sise'", "did you mean 'block_size'"]),
+    "wrong type": (
+        lambda s: s[1].update(block_size="long"), ["stage 'base'", "block_size", "expected int"]),
+    "args key not a config field": (
+        lambda s: s[2]["args"].update(learning_rat=1e-3),
+        ["stage 'sft'", "args.learning_rat", "not a field of SFTConfig", "did you mean 'learning_rate'"]),
+    "args value the config rejects": (
+        lambda s: s[2]["args"].update(lr_scheduler_type="sideways"), ["stage 'sft'", "SFTConfig rejects", "sideways"]),
+    "reference to a missing stage": (
+        lambda s: s[2].update(model="bsae"), ["stage 'sft'", "model", "unknown stage 'bsae'", "did you mean 'base'"]),
+    "reference to a later stage": (
+        lambda s: s[1].update(tokenizer="sft"), ["stage 'base'", "tokenizer", "runs later"]),
+    "missing dataset file": (
+        lambda s: s[2]["dataset"].update(path="data/nope.jsonl"), ["stage 'sft'", "dataset", "'data/nope.jsonl' not found"]),
+    "missing local model folder": (
+        lambda s: s[2].update(model="./no/such/folder"), ["stage 'sft'", "local folder './no/such/folder' does not exist"]),
+    "unknown stage type": (
+        lambda s: s[2].update(type="stf"), ["stage 'sft'", "unknown stage type 'stf'", "did you mean 'sft'"]),
+    "duplicate stage name": (
+        lambda s: s[2].update(name="base"), ["duplicate stage name"]),
+    "peft key not a LoraConfig field": (
+        lambda s: s[2].update(peft={"rank": 8}), ["stage 'sft'", "peft.rank", "not a field of LoraConfig"]),
+    "fresh model without tokenizer": (
+        lambda s: s[1].pop("tokenizer"), ["stage 'base'", "needs `tokenizer:`"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_recipe_is_reported(case, tmp_path, capsys):
+    edit, expected = CASES[case]
+    code, out = validate(tmp_path, capsys, mutate(edit))
+    assert code != 0
+    assert str(tmp_path / "recipe.yaml") in out
+    for fragment in expected:
+        assert fragment in out, f"{fragment!r} not in:\n{out}"
+
+
+def test_unknown_top_level_key_and_default(tmp_path, capsys):
+    code, out = validate(tmp_path, capsys, tiny_stages(), sead=1, defaults={"logging_stesp": 1})
+    assert code != 0
+    assert "unknown key 'sead'" in out and "did you mean 'seed'" in out
+    assert "defaults.logging_stesp" in out and "did you mean 'logging_steps'" in out
+
+
+def test_all_problems_reported_at_once(tmp_path, capsys):
+    def edit(s):
+        s[1].update(block_sise=1)
+        s[2]["args"].update(learning_rat=1)
+    code, out = validate(tmp_path, capsys, mutate(edit))
+    assert code != 0 and "block_sise" in out and "learning_rat" in out
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = (DATA / "sft.jsonl").read_text().splitlines()[:5]
+    lines[3] = lines[3][:-3]  # cut the closing braces of line 4
+    bad.write_text("\n".join(lines) + "\n")
+    code, out = validate(tmp_path, capsys, mutate(lambda s: s[2]["dataset"].update(path=str(bad))))
+    assert code != 0
+    assert f"{bad} line 4: invalid JSON" in out
+
+
+def test_wrong_columns_are_reported(tmp_path, capsys):
+    data = tmp_path / "cols.jsonl"
+    data.write_text('{"question": "a", "reply": "b"}\n' * 4)
+    code, out = validate(tmp_path, capsys, mutate(lambda s: s[2]["dataset"].update(path=str(data))))
+    assert code != 0
+    assert "stage 'sft'" in out and "['question', 'reply']" in out and "messages" in out
+
+
+def test_column_rename_fixes_columns(tmp_path, capsys):
+    data = tmp_path / "cols.jsonl"
+    data.write_text('{"question": "a", "reply": "b"}\n' * 4)
+    renamed = mutate(lambda s: s[2]["dataset"].update(path=str(data), columns={"question": "prompt", "reply": "completion"}))
+    code, out = validate(tmp_path, capsys, renamed)
+    assert code == 0, out
+
+
+def test_empty_dataset_is_reported(tmp_path, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    code, out = validate(tmp_path, capsys, mutate(lambda s: s[2]["dataset"].update(path=str(data))))
+    assert code != 0 and "empty dataset" in out
+
+
+def test_set_overrides_and_reports_unknown_stage(tmp_path, capsys):
+    path = write_recipe(tmp_path, tiny_stages())
+    assert main(["validate", str(path), "--set", "stages.sft.args.max_steps=3"]) == 0
+    assert main(["validate", str(path), "--set", "stages.sfft.args.max_steps=3"]) != 0
+    assert "no stage 'sfft'; did you mean 'sft'?" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "stages.sft.args.max_stesp=3"]) != 0
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+
+
+def test_override_value_is_typed(tmp_path):
+    from pipeline.recipe import load_recipe
+
+    stages = copy.deepcopy(tiny_stages())
+    recipe = load_recipe(write_recipe(tmp_path, stages), ["seed=3", "stages.base.block_size=32"])
+    assert recipe.seed == 3 and recipe.stage("base").block_size == 32
