@@ -32,6 +32,16 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def load_policy(path: str, spec) -> tuple[Any, Any]:
+    """(model, peft_config to hand the trainer) for a training stage starting from `path`.
+
+    An upstream LoRA adapter is merged into its base; `peft:` then stacks a fresh adapter on top.
+    """
+    model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                           revision=spec.revision)
+    return model, (lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None)
+
+
 def lora_config(peft: dict[str, Any], task_type: str):
     """A peft.LoraConfig from the recipe's `peft:` mapping, with small-model-friendly defaults."""
     from peft import LoraConfig
@@ -87,11 +97,19 @@ def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, t
 
     base = AutoModelForCausalLM.from_pretrained(base_model_path(path), **kwargs)
     model = PeftModel.from_pretrained(base, path, is_trainable=not merge_adapter)
-    return model.merge_and_unload() if merge_adapter else model
+    if not merge_adapter:
+        return model
+    return model.merge_and_unload().requires_grad_(True)  # peft froze the base weights while it held them
 
 
-def save_merged(adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> None:
+def save_merged(adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False, task: str = "causal-lm") -> None:
     """Merge a saved LoRA adapter into full-precision base weights and save those (with the tokenizer)."""
-    model = load_causal_lm(str(adapter_dir), trust_remote_code=trust_remote_code, merge_adapter=True)
+    if task == "causal-lm":
+        model = load_causal_lm(str(adapter_dir), trust_remote_code=trust_remote_code, merge_adapter=True)
+    else:
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            str(adapter_dir), num_labels=1, dtype=compute_dtype(), trust_remote_code=trust_remote_code).merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)

@@ -21,6 +21,22 @@ import yaml
 
 from pipeline.schema import RecipeError, build, suggest
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` (no dot) as a string; recipes mean a number, as YAML 1.2 and Python do."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)
+
+
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -142,7 +158,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         key, sep, text = item.partition("=")
         if not sep:
             raise RecipeError([f"--set {item}: expected dotted.key=value"])
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
         parts = key.split(".")
         node: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -163,18 +179,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
 
 
 def _normalise_dataset(value: Any) -> Any:
-    """Shorthands: `dataset: file.jsonl` and `dataset: {path: ..., split: ...}` mean one source."""
+    """Shorthands: `dataset: file.jsonl`, `dataset: {path: ..., split: ...}` (one source), `eval: file.jsonl`."""
     if isinstance(value, str):
         return {"sources": [{"path": value}]}
     if isinstance(value, list):
         return {"sources": value}
-    if isinstance(value, dict) and "sources" not in value and "path" in value:
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    if "sources" not in value and "path" in value:
         source_keys = {f.name for f in dataclasses.fields(SourceSpec)}
-        source = {k: v for k, v in value.items() if k in source_keys}
-        rest = {k: v for k, v in value.items() if k not in source_keys}
-        return {"sources": [source], **rest}
-    if isinstance(value, dict) and isinstance(value.get("eval"), str):
-        return {**value, "eval": {"path": value["eval"]}}
+        value["sources"] = [{k: value.pop(k) for k in list(value) if k in source_keys}]
+    if isinstance(value.get("eval"), str):
+        value["eval"] = {"path": value["eval"]}
     return value
 
 
@@ -200,7 +217,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError([f"{path}: not valid YAML: {err}"]) from err
     if not isinstance(data, dict):
@@ -326,6 +343,29 @@ def _check_source(source: SourceSpec, earlier: list[str], recipe_path: Path | No
     return []
 
 
+def _check_arg_types(dotted: str, args: dict[str, Any]) -> list[str]:
+    """Plain numbers and flags: the config classes do not check these types themselves."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(import_object(dotted))
+    except Exception:  # unresolvable annotations in a library class: leave values to the class itself
+        return []
+    problems = []
+    for key, value in args.items():
+        hint = hints.get(key)
+        allowed = set(typing.get_args(hint)) or {hint}
+        if value is None or not allowed & {int, float, bool} or allowed - {int, float, bool, type(None)}:
+            continue
+        ok = (isinstance(value, bool) if allowed & {bool} == allowed - {type(None)}
+              else isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (float in allowed or isinstance(value, int)))
+        if not ok:
+            names = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None)))
+            problems.append(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    return problems
+
+
 def _check_library_keys(recipe: Recipe, stage: StageSpec) -> list[str]:
     """`args` keys against the stage's config class (then build it, to catch bad values); `peft` against LoraConfig."""
     errors: list[str] = []
@@ -335,6 +375,7 @@ def _check_library_keys(recipe: Recipe, stage: StageSpec) -> list[str]:
         bad = [k for k in args if k not in valid]
         cls_name = stage.args_class.rpartition(".")[2]
         errors += [f"args.{k}: not a field of {cls_name}{suggest(k, valid)}" for k in bad]
+        errors += [f"args.{e}" for e in _check_arg_types(stage.args_class, args)]
         if not bad:
             from pipeline.training import make_config
 

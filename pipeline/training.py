@@ -76,17 +76,18 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path) -> dict[str, float]:
     return numeric(metrics)
 
 
-def save(trainer, tokenizer, spec, ctx) -> None:
+def save(trainer, tokenizer, spec, ctx, *, task: str = "causal-lm", merge_default: bool = False) -> None:
     """Write the trained model (or adapter, or adapter merged into its base) and tokenizer to the stage output."""
     import shutil
 
     from pipeline.modeling import save_merged
 
-    merge = bool((getattr(spec, "peft", None) or {}).get("merge", False))
+    peft = getattr(spec, "peft", None)
+    merge = peft is not None and bool(peft.get("merge", merge_default))
     target = ctx.stage_dir / "adapter.partial" if merge else ctx.output_dir
     trainer.save_model(str(target))  # gathers ZeRO-3/FSDP shards; main process writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(target)
         if merge:
-            save_merged(target, ctx.output_dir, trust_remote_code=spec.trust_remote_code)
+            save_merged(target, ctx.output_dir, trust_remote_code=spec.trust_remote_code, task=task)
             shutil.rmtree(target)

@@ -44,6 +44,8 @@ CASES = {
         ["stage 'sft'", "args.learning_rat", "not a field of SFTConfig", "did you mean 'learning_rate'"]),
     "args value the config rejects": (
         lambda s: s[2]["args"].update(lr_scheduler_type="sideways"), ["stage 'sft'", "SFTConfig rejects", "sideways"]),
+    "args value of the wrong type": (
+        lambda s: s[2]["args"].update(learning_rate="fast"), ["stage 'sft'", "args.learning_rate: expected float"]),
     "reference to a missing stage": (
         lambda s: s[2].update(model="bsae"), ["stage 'sft'", "model", "unknown stage 'bsae'", "did you mean 'base'"]),
     "reference to a later stage": (

@@ -59,7 +59,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     from trl import SFTTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config
+    from pipeline.modeling import load_policy, load_tokenizer
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -72,13 +72,12 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     if data_format == "messages" and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
-    model = load_causal_lm(model_path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
-                           revision=spec.revision)
+    model, peft_config = load_policy(model_path, spec)
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
-        peft_config=lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None,
+        peft_config=peft_config,
         callbacks=[training.DivergenceGuard(spec.name)],
     )
     # Held-out loss of the starting model, so the gain from SFT is measured, not assumed.

@@ -84,8 +84,83 @@ class SFTSpec(TrainStageSpec):
         return SFT_FORMATS
 
 
+PREFERENCE_FORMATS = {
+    "pairwise": ("chosen", "rejected"),
+    "pointwise": ("prompt", "response", "score"),
+    "listwise": ("prompt", "responses"),
+}
+PROMPT_FORMATS = {"prompts": ("prompt",)}
+
+
+@dataclass(kw_only=True)
+class RewardSpec(TrainStageSpec):
+    """Sequence-classification reward model (one score) trained with `trl.RewardTrainer` (Bradley-Terry)."""
+
+    args_class = "trl.RewardConfig"
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PREFERENCE_FORMATS
+
+
+@dataclass(kw_only=True)
+class DPOSpec(TrainStageSpec):
+    """Direct preference optimisation with `trl.DPOTrainer` against a frozen reference.
+
+    With `peft`, the reference is the same base with the adapter disabled (one copy of the
+    weights); without it, TRL keeps a frozen copy of the starting model.
+    """
+
+    args_class = "trl.DPOConfig"
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PREFERENCE_FORMATS
+
+
+@dataclass(kw_only=True)
+class RewardTermSpec:
+    """One weighted reward term. Give exactly one of `reward_model` or `function`."""
+
+    reward_model: str | None = None  # a reward stage, local folder or Hub id: its scalar score
+    function: str | None = None  # built-in (exact_match, format) or `package.module:function`
+    weight: float = 1.0
+
+    def check(self) -> list[str]:
+        if (self.reward_model is None) == (self.function is None):
+            return ["each reward needs exactly one of `reward_model` or `function`"]
+        return []
+
+
+@dataclass(kw_only=True)
+class GRPOSpec(TrainStageSpec):
+    """Group-relative policy optimisation with `trl.GRPOTrainer` on prompts (with `answer` for rule rewards)."""
+
+    rewards: list[RewardTermSpec]
+    max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
+
+    args_class = "trl.GRPOConfig"
+
+    def refs(self) -> list[tuple[str, str]]:
+        return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.rewards if r.reward_model]
+
+    def check(self) -> list[str]:
+        from pipeline.rewards import check_function
+
+        problems = [] if self.rewards else ["`rewards` must list at least one reward"]
+        for i, term in enumerate(self.rewards):
+            problems += [f"rewards[{i}]: {p}" for p in term.check()]
+            if term.function:
+                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
+
+
 STAGE_SPECS: dict[str, type[StageSpec]] = {
     "tokenizer": TokenizerSpec,
     "pretrain": PretrainSpec,
     "sft": SFTSpec,
+    "reward": RewardSpec,
+    "dpo": DPOSpec,
+    "grpo": GRPOSpec,
 }

@@ -1,0 +1,111 @@
+"""Reward functions for RL stages, all with TRL's reward-function signature `f(prompts, completions, **columns)`.
+
+- `exact_match`: 1 if the completion's answer equals the row's `answer` column, else 0;
+- `format`: 1 for a short one-line answer, else 0 (penalises rambling and missing EOS);
+- a reward model: its scalar score of prompt + completion (`RewardModelScorer`);
+- any user function named `package.module:function`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from pipeline.tasks import exact_match
+
+RewardFn = Callable[..., list[float]]
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as a list of chat messages."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion)
+    return completion
+
+
+def exact_match_reward(prompts: list, completions: list, answer: list[str], **_: Any) -> list[float]:
+    return [float(exact_match(completion_text(c), a)) for c, a in zip(completions, answer)]
+
+
+def format_reward(prompts: list, completions: list, **_: Any) -> list[float]:
+    """1.0 for a non-empty single-line answer of at most three words."""
+    scores = []
+    for completion in completions:
+        text = completion_text(completion).strip()
+        scores.append(float(bool(text) and "\n" not in text and len(text.split()) <= 3))
+    return scores
+
+
+BUILTIN: dict[str, RewardFn] = {"exact_match": exact_match_reward, "format": format_reward}
+
+
+def resolve_function(name: str) -> RewardFn:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    from pipeline.recipe import import_object
+
+    return import_object(name)
+
+
+def check_function(name: str) -> list[str]:
+    """Problems with a `function:` reference, for `pipeline validate`."""
+    if name in BUILTIN:
+        return []
+    if ":" not in name:
+        from pipeline.schema import suggest
+
+        return [f"'{name}' is not a built-in ({', '.join(BUILTIN)}){suggest(name, BUILTIN)} "
+                "nor a `package.module:function` path"]
+    try:
+        function = resolve_function(name)
+    except (ImportError, AttributeError) as err:
+        return [f"cannot import '{name}': {err}"]
+    return [] if callable(function) else [f"'{name}' is not callable"]
+
+
+class RewardModelScorer:
+    """A sequence-classification reward model as a reward function (prompt + completion -> score)."""
+
+    def __init__(self, path: str, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification
+
+        from pipeline.modeling import compute_dtype, load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=compute_dtype(),
+                                                                        use_safetensors=True).eval()
+        self.batch_size = batch_size
+        self.__name__ = f"reward_model:{path}"  # TRL names logged reward columns after this
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
+        encoded = [encode(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(encoded), self.batch_size):
+            batch = self.tokenizer.pad({"input_ids": encoded[start:start + self.batch_size]}, return_tensors="pt")
+            scores += self.model(**batch.to(device)).logits[:, 0].float().tolist()
+        return scores
+
+
+def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = None) -> list[int]:
+    """Token ids of prompt + completion exactly as the reward model is trained on and scores them.
+
+    Chat data goes through the chat template (which carries its own special tokens); plain text
+    gets the tokenizer's special tokens ([CLS] ... [SEP] for BERT-like encoders) and an EOS where
+    the tokenizer has one. Over-long sequences are cut from the left, so the final replies, the
+    part that differs between chosen and rejected, are kept (TRL's RewardTrainer would drop them).
+    """
+    if isinstance(prompt, list):
+        messages = prompt + (completion if isinstance(completion, list)
+                             else [{"role": "assistant", "content": completion}])
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt + completion_text(completion), add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+            ids.append(tokenizer.eos_token_id)
+    if max_length is not None and len(ids) > max_length:
+        keep_first = 1 if ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) else 0
+        ids = ids[:keep_first] + ids[len(ids) - (max_length - keep_first):]
+    return ids

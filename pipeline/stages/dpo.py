@@ -1,0 +1,37 @@
+"""`dpo` stage: direct preference optimisation with `trl.DPOTrainer`.
+
+The reference is frozen: with `peft` it is the base with the adapter disabled (no second copy
+of the weights); without, TRL keeps a copy of the starting model. `beta` and `loss_type` come
+through `args`. Over-long pairs keep their end (`truncation_mode: keep_end`) unless `args` say
+otherwise, so the replies being compared are not the part cut away.
+"""
+
+from __future__ import annotations
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import DPOSpec
+
+
+def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
+    from trl import DPOTrainer
+
+    from pipeline import training
+    from pipeline.modeling import load_policy, load_tokenizer
+    from pipeline.preferences import to_pairwise
+
+    where = f"stage '{spec.name}'"
+    train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
+    path = ctx.resolve(spec.model)
+    tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    model, peft_config = load_policy(path, spec)
+    args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[training.DivergenceGuard(spec.name)])
+    initial = trainer.evaluate()
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
+    metrics.update({f"initial_{k}": float(v) for k, v in initial.items()
+                    if k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")})
+    training.save(trainer, tokenizer, spec, ctx)
+    return metrics

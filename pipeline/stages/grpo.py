@@ -1,0 +1,62 @@
+"""`grpo` stage: group-relative policy optimisation with `trl.GRPOTrainer`.
+
+Rewards are a weighted list of reward-model stages, built-in rule rewards and user functions
+(see `pipeline.rewards`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
+(`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
+training, since a rising sampled reward alone can hide a worse policy.
+"""
+
+from __future__ import annotations
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import GRPOSpec
+
+
+def build_rewards(spec: GRPOSpec, ctx: StageContext) -> tuple[list, list[float]]:
+    from pipeline.rewards import RewardModelScorer, resolve_function
+
+    functions = [RewardModelScorer(ctx.resolve(term.reward_model)) if term.reward_model
+                 else resolve_function(term.function) for term in spec.rewards]
+    return functions, [term.weight for term in spec.rewards]
+
+
+def reward_trend(history: list[dict]) -> dict[str, float]:
+    """Mean logged training reward over the first and last quarter of logging steps."""
+    rewards = [row["reward"] for row in history if "reward" in row]
+    if not rewards:
+        return {}
+    quarter = max(len(rewards) // 4, 1)
+    return {"train_reward_first": sum(rewards[:quarter]) / quarter, "train_reward_last": sum(rewards[-quarter:]) / quarter}
+
+
+def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
+    from trl import GRPOTrainer
+
+    from pipeline import training
+    from pipeline.data import DataError, require_columns
+    from pipeline.generation import held_out_accuracy
+    from pipeline.modeling import load_policy, load_tokenizer
+
+    where = f"stage '{spec.name}'"
+    train, held_out = ctx.splits(spec.dataset)
+    require_columns(train, spec.formats(), where)
+    if any(t.function == "exact_match" for t in spec.rewards) and "answer" not in train.column_names:
+        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
+    path = ctx.resolve(spec.model)
+    tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    model, peft_config = load_policy(path, spec)
+    functions, weights = build_rewards(spec, ctx)
+    args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
+                          processing_class=tokenizer, peft_config=peft_config,
+                          callbacks=[training.DivergenceGuard(spec.name)])
+    measure = "answer" in held_out.column_names
+    initial = held_out_accuracy(trainer.model, tokenizer, held_out, spec.max_new_tokens_eval) if measure else None
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
+    metrics.update(reward_trend(trainer.state.log_history))
+    if measure:
+        metrics.update(initial_eval_accuracy=initial,
+                       eval_accuracy=held_out_accuracy(trainer.model, tokenizer, held_out, spec.max_new_tokens_eval))
+    training.save(trainer, tokenizer, spec, ctx)
+    return metrics

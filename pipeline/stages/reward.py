@@ -1,0 +1,84 @@
+"""`reward` stage: a one-score sequence-classification model trained with `trl.RewardTrainer`.
+
+Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized here (see
+`rewards.encode`) so over-long pairs are truncated from the left instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import RewardSpec
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int | None):
+    """chosen_ids/rejected_ids columns (TRL's pre-tokenized format) and how many pairs were truncated."""
+    from pipeline.rewards import encode
+
+    def tokenize(row):
+        full = [encode(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
+        cut = [encode(tokenizer, row["prompt"], row[k], max_length) for k in ("chosen", "rejected")]
+        return {"chosen_ids": cut[0], "rejected_ids": cut[1], "truncated": full != cut}
+
+    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names)
+    truncated = sum(tokenized["truncated"])
+    return tokenized.remove_columns("truncated"), truncated
+
+
+def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer):
+    """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.modeling import compute_dtype, is_adapter, quantization_config, save_merged
+
+    if is_adapter(path):  # merge the upstream adapter once; the score head is built on the merged model
+        merged = ctx.stage_dir / "merged-init"
+        if not merged.is_dir():
+            save_merged(path, merged, trust_remote_code=spec.trust_remote_code)
+        path = str(merged)
+    kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=compute_dtype(), use_safetensors=True, revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id  # marks where each sequence ends for pooling
+    return model
+
+
+def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
+    from trl import RewardTrainer
+
+    from pipeline import training
+    from pipeline.data import DataError
+    from pipeline.modeling import load_tokenizer, lora_config
+    from pipeline.preferences import to_pairwise
+
+    where = f"stage '{spec.name}'"
+    train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
+    path = ctx.resolve(spec.model)
+    tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if tokenizer.pad_token is None:  # encoders without EOS or PAD: add one rather than fail
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if isinstance(train[0]["prompt"], list) and tokenizer.chat_template is None:
+        raise DataError(f"{where}: conversational pairs need a chat template; the tokenizer of '{spec.model}' has none")
+    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    train_ids, truncated_train = tokenize_pairs(train, tokenizer, args.max_length)
+    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, args.max_length)
+    if truncated_train or truncated_eval:
+        print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
+              f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
+
+    model = load_reward_model(path, spec, ctx, tokenizer)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=train_ids, eval_dataset=eval_ids, processing_class=tokenizer,
+        peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
+        callbacks=[training.DivergenceGuard(spec.name)],
+    )
+    initial = trainer.evaluate()  # untrained score head: accuracy near chance, measured not assumed
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
+    metrics.update(initial_eval_accuracy=float(initial["eval_accuracy"]),
+                   truncated_pairs=float(truncated_train + truncated_eval))
+    # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
+    training.save(trainer, tokenizer, spec, ctx, task="seq-cls", merge_default=True)
+    return metrics
