@@ -52,3 +52,17 @@ def test_qlora_4bit_sft_on_cpu(tmp_path):
     out = run(tmp_path, stages)["sft"]
     assert is_adapter(out["output"])
     assert out["metrics"]["eval_loss"] < out["metrics"]["initial_eval_loss"]
+
+
+def test_tokenizer_stage_loads_an_existing_tokenizer(tmp_path):
+    trained = tiny_stages()[0]
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    first = run(tmp_path, [trained])["tok"]["output"]
+    loaded_dir = tmp_path / "second"
+    loaded_dir.mkdir()
+    out = run(loaded_dir, [{"name": "tok", "type": "tokenizer", "load": first, "chat_template": template}])["tok"]
+    from transformers import AutoTokenizer
+
+    original, loaded = AutoTokenizer.from_pretrained(first), AutoTokenizer.from_pretrained(out["output"])
+    assert loaded.get_vocab() == original.get_vocab() and out["metrics"]["vocab_size"] == len(original)
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n"
