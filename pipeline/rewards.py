@@ -73,8 +73,11 @@ class RewardModelScorer:
         from pipeline.modeling import compute_dtype, load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
+        from accelerate import PartialState
+
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=compute_dtype(),
                                                                         use_safetensors=True).eval()
+        self.model.to(PartialState().device)  # this rank's GPU, or the CPU
         self.batch_size = batch_size
         self.__name__ = f"reward_model:{path}"  # TRL names logged reward columns after this
 
@@ -109,3 +112,17 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = Non
         keep_first = 1 if ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) else 0
         ids = ids[:keep_first] + ids[len(ids) - (max_length - keep_first):]
     return ids
+
+
+def build_reward_terms(terms, resolve: Callable[[str], str]) -> tuple[list[RewardFn], list[float], list[str]]:
+    """(functions, weights, names) for a stage's reward terms; `resolve` maps a stage name to its output folder."""
+    functions, weights, names = [], [], []
+    for term in terms:
+        if term.reward_model:
+            functions.append(RewardModelScorer(resolve(term.reward_model)))
+            names.append(term.reward_model.rstrip("/").rsplit("/", 1)[-1])
+        else:
+            functions.append(resolve_function(term.function))
+            names.append(term.function.rsplit(":", 1)[-1])
+        weights.append(term.weight)
+    return functions, weights, names

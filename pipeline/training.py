@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,7 +32,10 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
         logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
         seed=seed, data_seed=seed, eval_strategy="no",
     )
-    return import_object(dotted)(output_dir=output_dir, **{**defaults, **args})
+    cls = import_object(dotted)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
+    return cls(output_dir=output_dir, **{**defaults, **args})
 
 
 class DivergenceGuard(TrainerCallback):

@@ -6,7 +6,7 @@ library class named by `args_class`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.recipe import DatasetSpec, StageSpec, TrainStageSpec
@@ -156,6 +156,167 @@ class GRPOSpec(TrainStageSpec):
         return PROMPT_FORMATS
 
 
+@dataclass(kw_only=True)
+class PPOSpec(TrainStageSpec):
+    """RLHF with the project's own PPO (`pipeline.ppo`): critic, GAE, clipping, KL to the reference."""
+
+    reward_model: str | None = None  # shorthand for `rewards: [{reward_model: NAME}]`
+    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted terms, as in `grpo`
+
+    args_class = "pipeline.ppo.PPOConfig"
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []
+        return own + list(self.rewards)
+
+    def refs(self) -> list[tuple[str, str]]:
+        return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.reward_terms() if r.reward_model]
+
+    def check(self) -> list[str]:
+        from pipeline.rewards import check_function
+
+        problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
+        for i, term in enumerate(self.rewards):
+            problems += [f"rewards[{i}]: {p}" for p in term.check()]
+            if term.function:
+                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
+
+
+
+@dataclass(kw_only=True)
+class BestOfNSpec:
+    """Best-of-N reranking: sample `n` responses per prompt and keep the one the reward model scores highest."""
+
+    n: int = 4
+    temperature: float = 1.0  # sampling temperature of the N candidates
+
+    def check(self) -> list[str]:
+        problems = [] if self.n >= 2 else [f"best_of_n.n: must be at least 2, got {self.n}"]
+        return problems + ([] if self.temperature > 0 else [f"best_of_n.temperature: must be > 0, got {self.temperature}"])
+
+
+@dataclass(kw_only=True)
+class EvalSpec(StageSpec):
+    """Score models on held-out prompts: accuracy, reward, win rate, KL, perplexity, best-of-N, sample responses.
+
+    Metrics are named `<metric>/<model>`, with the model as written in `models`.
+    """
+
+    models: list[str]  # stage names, local folders or Hub ids; a LoRA adapter folder is merged into its base
+    dataset: DatasetSpec  # every row is scored (no split): `prompt` and the checkable `answer`
+    reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
+    baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
+    reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
+    best_of_n: BestOfNSpec | None = None  # accuracy/<model>@bon<N> and reward/<model>@bon<N> (needs reward_model)
+    reference_column: str | None = None  # reference completions for perplexity/<model>; default `completion` if present
+    max_new_tokens: int = 16
+    batch_size: int = 64  # prompts per generation/scoring batch
+    num_samples_table: int = 8  # prompts whose responses are saved to samples.json and shown in the report
+    trust_remote_code: bool = False
+
+    ref_fields = ("models", "reward_model", "baseline", "reference")
+
+    def check(self) -> list[str]:
+        problems = [] if self.models else ["`models` must list at least one model"]
+        problems += [f"models: '{m}' is listed twice" for m in sorted({m for m in self.models if self.models.count(m) > 1})]
+        for key in ("baseline", "best_of_n"):
+            if getattr(self, key) is not None and self.reward_model is None:
+                problems.append(f"{key}: needs `reward_model` (it judges the responses)")
+        if self.best_of_n is not None:
+            problems += self.best_of_n.check()
+        if self.dataset.eval is not None:
+            problems.append("dataset.eval: an eval stage scores every row of `dataset`; list held-out files as its sources")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return {"prompts with answers": ("prompt", "answer") + ((self.reference_column,) if self.reference_column else ())}
+
+
+JUDGE_TEMPLATE = ("Rate the answer to the question from 1 (wrong or unhelpful) to {scale} (correct and helpful).\n\n"
+                  "Question: {prompt}\nAnswer: {response}\n\nReply with one digit.")
+
+
+@dataclass(kw_only=True)
+class JudgeSpec:
+    """LLM-as-a-judge: a causal LM prompted (through its chat template, if it has one) to rate a response.
+
+    The score is the expected rating under the judge's next-token distribution over the digits 1..scale
+    (as in G-Eval): smoother than one sampled rating, and it never fails to parse.
+    """
+
+    model: str  # a stage, local folder or Hub id
+    template: str = JUDGE_TEMPLATE  # `{prompt}`, `{response}` and `{scale}` are filled in
+    scale: int = 5  # ratings 1..scale; single digits, so at most 9
+    weight: float = 1.0  # added to the `rewards` terms with this weight
+
+    def check(self) -> list[str]:
+        problems = [] if 2 <= self.scale <= 9 else [f"judge.scale: must be 2..9 (single-digit ratings), got {self.scale}"]
+        try:
+            filled = self.template.format(prompt="\0p", response="\0r", scale=self.scale)
+            if "\0p" not in filled or "\0r" not in filled:
+                problems.append("judge.template: must contain {prompt} and {response}")
+        except (KeyError, IndexError, ValueError) as err:
+            problems.append(f"judge.template: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
+                            "write literal braces as {{ and }}")
+        return problems
+
+
+@dataclass(kw_only=True)
+class GenerateSpec(StageSpec):
+    """Collect preference data (RLAIF): sample responses from a policy, score them, write preference pairs.
+
+    The output folder's `data.jsonl` (pairwise by default) is read by any `reward` or `dpo` stage that
+    names this stage as its dataset `path`; `pairwise.jsonl` and `listwise.jsonl` are always written too.
+    """
+
+    model: str  # the policy: a stage, local folder or Hub id; a LoRA adapter folder is merged into its base
+    dataset: DatasetSpec  # prompts (`prompt`; `answer` for the exact_match reward); every row is used
+    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted reward models and rule functions
+    judge: JudgeSpec | None = None  # LLM-as-a-judge, added to `rewards` with its weight
+    num_samples: int = 4  # k responses per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    pairs: str = "best_worst"  # best_worst: one pair per prompt, top vs bottom score; all: every pair with a margin
+    min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
+    output_format: str = "pairwise"  # what data.jsonl holds: pairwise or listwise (all responses, best first)
+    batch_size: int = 64  # prompts per generation batch
+    trust_remote_code: bool = False
+
+    ref_fields = ("model",)
+
+    def refs(self) -> list[tuple[str, str]]:
+        judge = [("judge.model", self.judge.model)] if self.judge else []
+        return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.rewards if r.reward_model] + judge
+
+    def check(self) -> list[str]:
+        from pipeline.rewards import check_function
+
+        problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
+        for i, term in enumerate(self.rewards):
+            problems += [f"rewards[{i}]: {p}" for p in term.check()]
+            if term.function:
+                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
+        problems += self.judge.check() if self.judge else []
+        if self.num_samples < 2:
+            problems.append(f"num_samples: must be at least 2 to make a pair, got {self.num_samples}")
+        if self.temperature <= 0:
+            problems.append(f"temperature: must be > 0 (identical greedy samples make no pairs), got {self.temperature}")
+        for key, allowed in (("pairs", ("best_worst", "all")), ("output_format", ("pairwise", "listwise"))):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key}: must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        if self.dataset.eval is not None:
+            problems.append("dataset.eval: a generate stage samples for every row of `dataset`; list files as its sources")
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
+
 STAGE_SPECS: dict[str, type[StageSpec]] = {
     "tokenizer": TokenizerSpec,
     "pretrain": PretrainSpec,
@@ -163,4 +324,5 @@ STAGE_SPECS: dict[str, type[StageSpec]] = {
     "reward": RewardSpec,
     "dpo": DPOSpec,
     "grpo": GRPOSpec,
+    "ppo": PPOSpec,
 }

@@ -1,0 +1,89 @@
+"""`ppo` stage: RLHF with the project's PPO trainer (`pipeline.ppo`), from an SFT stage, rewarded by a reward model.
+
+With `peft`, policy and critic are two LoRA adapters on one base, and the reference is the base
+with adapters disabled; without, the critic trunk and the reference are copies of the policy.
+The stage reports held-out greedy scores, accuracy and KL to the reference before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import PPOSpec
+
+
+def build_models(spec: PPOSpec, path: str, init_std: float):
+    """(ActorCritic, frozen reference or None when the reference is the adapter-free base)."""
+    from peft import get_peft_model
+
+    from pipeline.modeling import load_causal_lm, lora_config
+    from pipeline.ppo import ActorCritic
+
+    policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                            revision=spec.revision)
+    hidden_size = policy.config.get_text_config().hidden_size
+    if spec.peft is not None:
+        model = get_peft_model(policy, lora_config(spec.peft, "CAUSAL_LM"), adapter_name="policy")
+        model.add_adapter("value", lora_config(spec.peft, "CAUSAL_LM"))
+        return ActorCritic(model, None, hidden_size, init_std), None
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic_trunk = copy.deepcopy(policy.base_model)  # the transformer without its LM head
+    return ActorCritic(policy, critic_trunk, hidden_size, init_std), reference
+
+
+def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
+    """The policy alone: its LoRA adapter (or merged weights), or full weights."""
+    out = ctx.output_dir
+    policy = model.policy
+    if spec.peft is None:
+        policy.save_pretrained(out, safe_serialization=True)
+    elif spec.peft.get("merge", False):
+        policy.set_adapter("policy")
+        policy.delete_adapter("value")
+        policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    else:
+        policy.save_pretrained(out, selected_adapters=["policy"], safe_serialization=True)
+        for item in (out / "policy").iterdir():  # peft nests non-"default" adapters in a subfolder
+            shutil.move(str(item), out / item.name)
+        (out / "policy").rmdir()
+    tokenizer.save_pretrained(out)
+
+
+def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
+    from pipeline.data import DataError, require_columns
+    from pipeline.modeling import load_tokenizer
+    from pipeline.ppo import PPOConfig, PPOTrainer
+    from pipeline.rewards import build_reward_terms
+    from pipeline.training import make_config
+
+    where = f"stage '{spec.name}'"
+    train, held_out = ctx.splits(spec.dataset)
+    require_columns(train, spec.formats(), where)
+    terms = spec.reward_terms()
+    if any(t.function == "exact_match" for t in terms) and "answer" not in train.column_names:
+        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
+    # Every PPO step is a whole rollout: log each one unless the recipe says otherwise.
+    config: PPOConfig = make_config(spec.args_class, {"logging_steps": 1, **ctx.recipe.stage_args(spec)},
+                                    output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    path = ctx.resolve(spec.model)
+    tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    model, reference = build_models(spec, path, config.value_head_init_std)
+    functions, weights, names = build_reward_terms(terms, ctx.resolve)
+    trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
+
+    initial = trainer.evaluate(held_out)  # policy == reference here: the SFT model's numbers
+    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    history = trainer.train(ctx.checkpoint_dir)
+    final = trainer.evaluate(held_out)
+    metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()}}
+    quarter = max(len(history) // 4, 1)
+    for key in ("reward", "kl"):
+        metrics[f"train_{key}_first"] = sum(h[key] for h in history[:quarter]) / quarter
+        metrics[f"train_{key}_last"] = sum(h[key] for h in history[-quarter:]) / quarter
+    if ctx.is_main_process:
+        (ctx.stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        save_policy(trainer.unwrapped, tokenizer, spec, ctx)
+    return metrics
