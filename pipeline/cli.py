@@ -1,4 +1,4 @@
-"""Command line: `pipeline validate|run|report|make-data`."""
+"""Command line: `pipeline validate|run|report|push|make-data|bench`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.distributed import rank_label
 from pipeline.recipe import RecipeError, load_recipe
 
 
@@ -37,9 +38,10 @@ def cmd_run(args) -> int:
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
     check_data(recipe, selected)
-    summary = Runner(recipe, run_dir, selected).run()
+    runner = Runner(recipe, run_dir, selected)
+    summary = runner.run()
     statuses = ", ".join(f"{n}: {s['status']}" for n, s in summary["stages"].items())
-    print(f"run finished in {run_dir} ({statuses})")
+    runner.log(f"run finished in {run_dir} ({statuses})")
     return 0
 
 
@@ -50,11 +52,54 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from pipeline.hub import push_stage
+    from pipeline.recipe import PushSpec
+
+    push = PushSpec(repo_id=args.repo_id, private=args.private, revision=args.revision, merge_adapter=args.merge_adapter)
+    try:
+        push_stage(Path(args.run_dir), args.stage, push)
+    except (ValueError, OSError) as err:  # bad stage or repo id, missing run; HfHubHTTPError is an OSError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_make_data(args) -> int:
     from pipeline.datagen import generate_quickstart
 
     counts = generate_quickstart(Path(args.out_dir), seed=args.seed)
     print(", ".join(f"{name}: {n} rows" for name, n in counts.items()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from pipeline.bench.suite import check_finite, run_bench, table
+    from pipeline.bench.workloads import SIZES, WORKLOADS
+
+    stages = [s.strip() for s in args.stages.split(",")]
+    unknown = [s for s in stages if s not in WORKLOADS]
+    if unknown:
+        print(f"error: --stages: unknown stage type(s) {unknown}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+
+    def log(message: str) -> None:  # progress to stderr, so --json leaves stdout one JSON object
+        print(message, file=sys.stderr, flush=True)
+
+    if args.scaling:
+        from pipeline.bench.scaling import run_scaling
+
+        print(run_scaling(args.model_size, args.steps, log))
+        return 0
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time chatter (DeepSpeed's) must not reach stdout
+        results = run_bench(stages, args.model_size, args.steps, args.repeats, log)
+    check_finite(results)
+    print(json.dumps(results) if args.json else f"model {args.model_size} {SIZES[args.model_size]}, "
+          f"{args.steps} steps, median of {args.repeats}\n{table(results)}")
     return 0
 
 
@@ -79,23 +124,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("push", help="upload a finished stage's output and a model card to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("stage")
+    p.add_argument("--repo-id", required=True, help="owner/name; the token comes from HF_TOKEN or `hf auth login`")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--merge-adapter", action="store_true", help="upload a LoRA adapter merged into its base")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("make-data", help="regenerate the quickstart datasets")
     p.add_argument("out_dir", nargs="?", default="data/quickstart")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)
 
+    p = sub.add_parser("bench", help="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
+    p.add_argument("--stages", default="pretrain,sft,reward,dpo,grpo,ppo", help="comma-separated stage types")
+    p.add_argument("--model-size", default="small", choices=["tiny", "small", "medium", "base"],
+                   help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="pipeline/direct pairs per stage, interleaved; medians reported")
+    p.add_argument("--json", action="store_true", help="print one JSON object {STAGE_TYPE: {metric: number}}")
+    p.add_argument("--scaling", action="store_true",
+                   help="step time vs sequence length, batch size and model size; full vs LoRA vs QLoRA memory")
+    p.set_defaults(func=cmd_bench)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except RecipeError as err:
-        print("recipe error:\n  " + "\n  ".join(err.problems), file=sys.stderr)
+        print(f"{rank_label()}recipe error:\n  " + "\n  ".join(err.problems), file=sys.stderr)
         return 2
     except Exception as err:
         from pipeline.data import DataError
+        from pipeline.distributed import MainProcessFailed
         from pipeline.training import TrainingDiverged
 
-        if isinstance(err, (DataError, TrainingDiverged)):
-            print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, (DataError, TrainingDiverged, MainProcessFailed)):
+            print(f"{rank_label()}error: {err}", file=sys.stderr)
             return 1
         raise
 

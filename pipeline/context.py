@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from pipeline.data import load_splits
+from pipeline.data import load_mixture, load_splits
 from pipeline.recipe import DatasetSpec, Recipe, StageSpec, resolve_local
 
 
@@ -52,3 +52,7 @@ class StageContext:
 
     def splits(self, spec: DatasetSpec) -> tuple[Dataset, Dataset]:
         return load_splits(spec, seed=self.seed, recipe_path=self.recipe.path, stage_outputs=self.stage_output)
+
+    def rows(self, spec: DatasetSpec) -> Dataset:
+        """Every row of a dataset spec, unsplit: for stages that only read (eval, generate)."""
+        return load_mixture(spec, seed=self.seed, recipe_path=self.recipe.path, stage_outputs=self.stage_output)

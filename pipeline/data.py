@@ -100,9 +100,9 @@ def _take_fraction(dataset: Dataset, weight: float, seed: int) -> Dataset:
     return concatenate_datasets(parts)
 
 
-def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
-                stage_outputs: Callable[[str], Path | None] = lambda _: None) -> tuple[Dataset, Dataset]:
-    """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source."""
+def load_mixture(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
+                 stage_outputs: Callable[[str], Path | None] = lambda _: None) -> Dataset:
+    """All rows of a dataset spec's weighted mixture of sources, unsplit (what `eval` and `generate` read)."""
     parts = []
     for source in spec.sources:
         dataset = load_source(source, recipe_path=recipe_path, stage_outputs=stage_outputs)
@@ -112,9 +112,15 @@ def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
         listing = "; ".join(f"{s.path}: {c}" for s, c in zip(spec.sources, columns))
         raise DataError(f"mixture sources have different columns ({listing}); rename columns so they match")
     try:
-        train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     except ValueError as err:
         raise DataError(f"mixture {[s.path for s in spec.sources]}: column types differ ({err})") from None
+
+
+def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
+                stage_outputs: Callable[[str], Path | None] = lambda _: None) -> tuple[Dataset, Dataset]:
+    """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source."""
+    train = load_mixture(spec, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs)
     if spec.eval is not None:
         held_out = load_source(spec.eval, recipe_path=recipe_path, stage_outputs=stage_outputs)
         return train.shuffle(seed=seed), held_out

@@ -58,6 +58,17 @@ def hardware() -> dict[str, object]:
     return info
 
 
+def launch() -> dict[str, object]:
+    """How the run was launched: process count and the launcher's settings (accelerate passes its config
+    to each process as ACCELERATE_*/FSDP_* variables; the launch command itself is not visible here)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("ACCELERATE_", "FSDP_", "DS_"))}
+    return {"num_processes": state.num_processes, "distributed_type": str(state.distributed_type),
+            "environment": settings}
+
+
 def write_manifest(run_dir: Path, recipe, fingerprints: dict[str, str], timings: dict[str, float]) -> None:
     from pipeline.runner import input_files, write_json
 
@@ -68,5 +79,6 @@ def write_manifest(run_dir: Path, recipe, fingerprints: dict[str, str], timings:
     write_json(run_dir / "manifest.json", {
         "recipe": recipe.raw, "recipe_path": str(recipe.path), "seed": recipe.seed,
         "argv": sys.argv, "packages": package_versions(), "git": git_state(where), "hardware": hardware(),
+        "launch": launch(),
         "inputs": inputs, "stage_fingerprints": fingerprints, "stage_seconds": timings,
     })

@@ -15,13 +15,36 @@ import torch
 from pipeline.recipe import QuantizationSpec
 
 # Keys a recipe's `peft:` takes beyond peft.LoraConfig's own fields.
-PEFT_EXTRA_KEYS = ("merge",)
+PEFT_EXTRA_KEYS = ("merge", "adapter")
+# `peft.adapter`: what a stage starting from an upstream LoRA adapter does with it. "stack" merges it
+# into its base and trains a fresh adapter on top; "continue" trains that same adapter further.
+ADAPTER_MODES = ("stack", "continue")
+CONTINUE_STAGE_TYPES = ("sft", "dpo", "grpo")  # stages whose model comes from `load_policy`
 LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
 def use_bf16() -> bool:
     """bf16 where a GPU supports it; fp32 on CPU, where bf16 matmul is ~200x slower."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def process_defaults() -> dict[str, Any]:
+    """`use_cpu` and `ddp_backend` for TrainingArguments (and the runner's PartialState) on this hardware.
+
+    accelerate sets up data parallelism between CPU processes only when told it is on CPU;
+    otherwise each process of a CPU-only `accelerate launch` trains alone as "the main process".
+    Under DeepSpeed (DS_ACCELERATOR=cpu) it must not be told that, but needs the gloo backend
+    named, or it again counts one process.
+    """
+    import os
+
+    # torch.accelerator (CUDA, XPU, MPS, ...) exists from torch 2.6; the package allows 2.4
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if accelerator:
+        return {"use_cpu": False, "ddp_backend": None}
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    return {"use_cpu": not deepspeed, "ddp_backend": "gloo" if deepspeed and launched else None}
 
 
 def compute_dtype() -> torch.dtype:
@@ -35,8 +58,19 @@ def is_adapter(path: str | Path) -> bool:
 def load_policy(path: str, spec) -> tuple[Any, Any]:
     """(model, peft_config to hand the trainer) for a training stage starting from `path`.
 
-    An upstream LoRA adapter is merged into its base; `peft:` then stacks a fresh adapter on top.
+    By default an upstream LoRA adapter is merged into its base and `peft:` stacks a fresh adapter
+    on top. With `peft: {adapter: continue}` the upstream adapter itself is trained further, on its
+    own base and with its own LoraConfig: the trainer gets the PeftModel and no new config, and DPO
+    and GRPO keep a frozen copy of the adapter (TRL's "ref" adapter) as the reference.
     """
+    peft = spec.peft or {}
+    if peft.get("adapter", "stack") == "continue":
+        if not is_adapter(path):
+            raise ValueError(f"stage '{spec.name}': peft.adapter: continue needs `model` to be a LoRA adapter "
+                             f"(a stage trained with `peft` and no `merge: true`); {path} holds full weights")
+        model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                               merge_adapter=False)
+        return model, None
     model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                            revision=spec.revision)
     return model, (lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None)
@@ -50,18 +84,38 @@ def lora_config(peft: dict[str, Any], task_type: str):
     return LoraConfig(task_type=task_type, **options)
 
 
+def quantized_compute_dtype(spec: QuantizationSpec) -> torch.dtype:
+    """The dtype k-bit layers compute in: the recipe's `compute_dtype`, else the hardware's."""
+    return getattr(torch, spec.compute_dtype) if spec.compute_dtype else compute_dtype()
+
+
 def quantization_config(spec: QuantizationSpec | None):
     """bitsandbytes settings for k-bit loading, or None."""
     if spec is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    dtype = getattr(torch, spec.compute_dtype) if spec.compute_dtype else compute_dtype()
+    dtype = quantized_compute_dtype(spec)
     if spec.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
                               bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=dtype,
                               bnb_4bit_quant_storage=dtype)
+
+
+def match_trainable_dtype(model, spec: QuantizationSpec | None) -> None:
+    """Give a k-bit model's trainable parameters the compute dtype again, after TRL made them bf16.
+
+    TRL casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's recipe for
+    GPUs). With fp32 compute, as on CPU, a plain layer such as a reward model's score head then
+    fails ("expected m1 and m2 to have the same dtype"), and bf16 LoRA matmuls are ~200x slower.
+    """
+    if spec is None or quantized_compute_dtype(spec) == torch.bfloat16:
+        return  # not quantized, or TRL's bf16 already is the compute dtype
+    dtype = quantized_compute_dtype(spec)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(dtype)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):

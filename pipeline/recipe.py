@@ -101,16 +101,33 @@ class QuantizationSpec:
 
 
 @dataclass(kw_only=True)
+class PushSpec:
+    """Upload a finished stage's output and a model card to the Hugging Face Hub (see `pipeline.hub`)."""
+
+    repo_id: str  # owner/name; the token comes from HF_TOKEN or the saved login, never from the recipe
+    private: bool = False  # create the repo as private (an existing repo keeps its visibility)
+    revision: str | None = None  # branch to commit to, created if missing; default: the main branch
+    merge_adapter: bool = False  # upload a LoRA adapter output merged into its base, as full weights
+
+    def check(self) -> list[str]:
+        problems = [] if HUB_ID.match(self.repo_id) else [f"repo_id: '{self.repo_id}' is not a Hub repo id (owner/name)"]
+        return problems + ([] if self.revision != "" else ["revision: must be a branch name or left out"])
+
+
+@dataclass(kw_only=True)
 class TrainStageSpec(StageSpec):
     """Keys every model-training stage has."""
 
     model: str  # a previous stage's name, a local folder, or a Hub id
     dataset: DatasetSpec
     args: dict[str, Any] = field(default_factory=dict)  # fields of the stage's TRL/transformers config
-    peft: dict[str, Any] | None = None  # peft.LoraConfig fields, plus `merge: true` to save merged weights
+    # peft.LoraConfig fields, plus `merge: true` to save merged weights and `adapter: stack|continue`
+    # (what to do with an upstream LoRA adapter: merge it and add a new one, or train it further)
+    peft: dict[str, Any] | None = None
     quantization: QuantizationSpec | None = None
     trust_remote_code: bool = False
     revision: str | None = None  # Hub revision of `model`
+    push_to_hub: PushSpec | None = None  # publishing only: not part of the stage's fingerprint
 
     ref_fields = ("model",)
 
@@ -296,6 +313,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
             if spec.test_size <= 0 and spec.eval is None:
                 errors.append(f"{at}: {key}.test_size: must be > 0 (a held-out split is always measured)")
         errors += [f"{at}: {e}" for e in _check_library_keys(recipe, stage)]
+        push = getattr(stage, "push_to_hub", None)
+        errors += [f"{at}: push_to_hub.{e}" for e in (push.check() if push else [])]
         errors += [f"{at}: {e}" for e in stage_specific_errors(stage)]
         seen.append(stage.name)
 
@@ -390,7 +409,34 @@ def _check_library_keys(recipe: Recipe, stage: StageSpec) -> list[str]:
 
         valid = {f.name for f in dataclasses.fields(import_object("peft.LoraConfig")) if f.init} | set(PEFT_EXTRA_KEYS)
         errors += [f"peft.{k}: not a field of LoraConfig{suggest(k, valid)}" for k in peft if k not in valid]
+        errors += _check_adapter_mode(recipe, stage, peft)
     quant = getattr(stage, "quantization", None)
     if quant is not None and quant.bits not in (4, 8):
         errors.append(f"quantization.bits: must be 4 or 8, got {quant.bits}")
+    return errors
+
+
+def _check_adapter_mode(recipe: Recipe, stage: StageSpec, peft: dict[str, Any]) -> list[str]:
+    """`peft.adapter: continue` needs a stage type that supports it and an upstream LoRA adapter to continue."""
+    from pipeline.modeling import ADAPTER_MODES, CONTINUE_STAGE_TYPES, PEFT_EXTRA_KEYS, is_adapter
+
+    mode = peft.get("adapter", "stack")
+    if mode not in ADAPTER_MODES:
+        return [f"peft.adapter: must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}"]
+    if mode == "stack":
+        return []
+    if stage.type not in CONTINUE_STAGE_TYPES:
+        return [f"peft.adapter: continue works in {', '.join(CONTINUE_STAGE_TYPES)} stages, not in {stage.type}"]
+    errors = [f"peft.{k}: a continued adapter keeps its own LoraConfig; remove this key"
+              for k in peft if k not in PEFT_EXTRA_KEYS]
+    upstream = next((s for s in recipe.stages if s.name == stage.model), None)
+    if upstream is not None:
+        upstream_peft = getattr(upstream, "peft", None)
+        if upstream_peft is None or upstream_peft.get("merge", False):
+            errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; stage '{upstream.name}' "
+                          "saves full weights (give it `peft:` without `merge: true`)")
+    else:
+        local = resolve_local(stage.model, recipe.path)
+        if local is not None and not is_adapter(local):
+            errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; {stage.model} holds full weights")
     return errors

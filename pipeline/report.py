@@ -1,58 +1,193 @@
-"""`report.md`: the recipe, per-stage status, timings and metrics, and a plot of each stage's curves."""
+"""`report.md`: the recipe, per-stage status, timings and metrics, training curves, eval results and samples.
+
+Everything is rebuilt from the run directory (summary.json, manifest.json, each stage's log_history.json,
+result.json and an eval stage's samples.json), so `pipeline report RUN_DIR` works on any run, finished or not.
+Plots are PNGs in `plots/`; the plotting functions return the data they drew, read back from the figure.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
-CURVE_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate")
+# Logged quantities worth a curve, by their last name part (an `eval_` prefix shares the train panel):
+# losses, reward-model and DPO accuracies/margins, RL rewards, KL, and response length (reward hacking shows there).
+CURVE_NAMES = ("loss", "accuracy", "accuracies", "margin", "margins", "reward", "kl", "mean_length")
+EVAL_FAMILIES = ("accuracy", "reward", "win_rate", "kl", "perplexity")
+PANEL_INCHES, DPI = (4.0, 3.0), 80
+Series = dict[str, list[tuple[float, float]]]
 
 
-def plot_curves(history: list[dict], out: Path, title: str) -> bool:
-    """One PNG with a panel per logged quantity; False if nothing was logged."""
+def curve_keys(history: list[dict]) -> dict[str, list[str]]:
+    """Panels (train/eval pairs grouped) of the numeric logged keys worth plotting, in first-logged order."""
+    panels: dict[str, list[str]] = {}
+    for row in history:
+        for key, value in row.items():
+            if not isinstance(value, (int, float)) or key.startswith("train_"):  # train_*: one end-of-run number
+                continue
+            base = key.removeprefix("eval_")
+            if base.split("/")[-1] in CURVE_NAMES or (base.startswith("rewards/") and base.endswith("/mean")):
+                panels.setdefault(base, [])
+                if key not in panels[base]:
+                    panels[base].append(key)
+    return panels
+
+
+def _figure(panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in CURVE_KEYS if any(k in row for row in history)]
-    keys += sorted({k for row in history for k in row
-                    if k.startswith(("rewards/", "reward", "kl", "objective/", "eval_accuracy")) and k not in keys})
-    if not keys:
-        return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(row["step"], row[key]) for row in history if key in row and "step" in row]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+    cols = min(panels, 4)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), squeeze=False)
+    for ax in axes.flat[panels:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:panels])
+
+
+def _save(plt, fig, out: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=DPI, metadata={"Software": None})  # no version stamp: same data, same bytes
     plt.close(fig)
-    return True
+
+
+def plot_curves(history: list[dict], out: Path, title: str) -> Series:
+    """One PNG, a panel per logged quantity (train and eval lines together); the series drawn, by logged key."""
+    panels = curve_keys(history)
+    if not panels:
+        return {}
+    plt, fig, axes = _figure(len(panels))
+    drawn: Series = {}
+    for ax, (base, keys) in zip(axes, panels.items()):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in history if key in row and "step" in row]
+            (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None,
+                              label="eval" if key.startswith("eval_") else "train")
+            drawn[key] = [tuple(map(float, xy)) for xy in line.get_xydata()]
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
+        ax.set_title(base)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    _save(plt, fig, out, title)
+    return drawn
+
+
+def eval_table(metrics: dict[str, float], models: list[str]) -> dict[str, dict[str, float]]:
+    """{family: {model or model@bonN: value}} from an eval stage's `family/model[@bonN]` metrics."""
+    table: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        family, _, label = key.partition("/")
+        if family in EVAL_FAMILIES and label.split("@bon")[0] in models:
+            table.setdefault(family, {})[label] = value
+    return table
+
+
+def plot_eval(table: dict[str, dict[str, float]], out: Path, title: str) -> dict[str, dict[str, float]]:
+    """Bar chart, a panel per metric family and a bar per model; the bar heights drawn, by family and label."""
+    plt, fig, axes = _figure(len(table))
+    drawn: dict[str, dict[str, float]] = {}
+    for ax, (family, values) in zip(axes, table.items()):
+        bars = ax.bar(range(len(values)), list(values.values()), color=[
+            "tab:orange" if "@bon" in label else "tab:blue" for label in values])
+        ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right", fontsize="small")
+        ax.bar_label(bars, fmt="%.3g", fontsize="small")
+        ax.set_title(family)
+        ax.grid(alpha=0.3, axis="y")
+        drawn[family] = {label: float(bar.get_height()) for label, bar in zip(values, bars)}
+    _save(plt, fig, out, title)
+    return drawn
+
+
+def cell(value: Any) -> str:
+    """A value made safe for a one-line markdown table cell."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # newlines, escapes: shown, not acted on
+    return text.replace("|", "\\|") or " "
+
+
+def samples_table(samples: dict[str, Any]) -> list[str]:
+    models = samples["models"]
+    lines = ["| prompt | answer | " + " | ".join(cell(m) for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    for row in samples["rows"]:
+        shown = []
+        for model in models:
+            response = row["responses"][model]
+            mark = "✓" if response["correct"] else "✗"
+            reward = f" ({response['reward']:.2f})" if response.get("reward") is not None else ""
+            shown.append(f"{mark} `{cell(response['response'])}`{reward}")
+        lines.append(f"| {cell(row['prompt'])} | {cell(row['answer'])} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def write_report(run_dir: Path) -> Path:
     """Rebuild `report.md` (and `plots/`) from what the run directory holds."""
+    import yaml
+
+    run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = _read(run_dir / "manifest.json") or {}
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    lines = [f"# Run report: {summary['recipe']}", "", f"Recipe: `{summary['recipe_path']}`, seed {manifest['seed']}.",
-             "", "| stage | type | status | seconds | key metrics |", "|---|---|---|---|---|"]
-    for name, stage in summary["stages"].items():
-        seconds = manifest["stage_seconds"].get(name, "")
+    stages = summary["stages"]
+    seconds = {name: (manifest.get("stage_seconds") or {}).get(name)
+               or (_read(run_dir / name / "result.json") or {}).get("seconds") for name in stages}
+    commit = (manifest.get("git") or {}).get("commit")
+    lines = [f"# Run report: {summary['recipe']}", "",
+             f"Recipe `{summary.get('recipe_path')}`, seed {manifest.get('seed')}"
+             + (f", git commit `{commit[:12]}`" if commit else "") + ".", "",
+             "## Stages", "", "| stage | type | status | seconds | key metrics |", "|---|---|---|---|---|"]
+    for name, stage in stages.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(stage["metrics"].items())[:6])
-        lines.append(f"| {name} | {stage['type']} | {stage['status']} | {seconds} | {shown} |")
-    for name, stage in summary["stages"].items():
-        history_file = run_dir / name / "log_history.json"
-        if not history_file.is_file():
-            continue
-        png = plots / f"{name}.png"
-        if plot_curves(json.loads(history_file.read_text()), png, f"{name} ({stage['type']})"):
-            lines += ["", f"## {name}", "", f"![{name} curves](plots/{png.name})"]
+        lines.append(f"| {name} | {stage['type']} | {stage['status']} | {cell(seconds[name] or '')} | {cell(shown)} |")
+
+    for name, stage in stages.items():
+        lines += ["", f"## {name} ({stage['type']})", ""]
+        if stage["type"] == "eval":
+            lines += _eval_section(run_dir, name, stage, plots)
+        elif stage["metrics"]:
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in stage["metrics"].items()]
+        history = _read(run_dir / name / "log_history.json")
+        if history and plot_curves(history, plots / f"{name}.png", f"{name} ({stage['type']})"):
+            lines += ["", f"![{name} curves](plots/{name}.png)"]
+
+    if manifest.get("recipe"):
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip(), "```"]
+    if manifest.get("packages"):
+        lines += ["", "## Environment", "", "| package | version |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in manifest["packages"].items()]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) -> list[str]:
+    """Metric table (model x metric), bar chart and sample responses of one eval stage."""
+    samples = _read(run_dir / name / "output" / "samples.json")
+    models = samples["models"] if samples else sorted({k.partition("/")[2].split("@bon")[0] for k in stage["metrics"]})
+    table = eval_table(stage["metrics"], models)
+    if not table:
+        return ["No eval metrics yet."]
+    labels = list(dict.fromkeys(label for values in table.values() for label in values))
+    lines = ["| model | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
+    lines += [f"| {cell(label)} | " + " | ".join(cell(table[f].get(label, "")) for f in table) + " |" for label in labels]
+    plot_eval(table, plots / f"{name}.png", f"{name}: held-out evaluation")
+    lines += ["", f"![{name} results](plots/{name}.png)"]
+    if samples and samples["rows"]:
+        lines += ["", "Sample greedy responses (✓ correct; reward-model score in brackets):", ""] + samples_table(samples)
+    return lines

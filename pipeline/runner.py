@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.context import StageContext
+from pipeline.distributed import on_main
+from pipeline.hub import push_if_configured
 from pipeline.manifest import file_digest, write_manifest
 from pipeline.recipe import Recipe, resolve_local
 from pipeline.stages import runner_for
@@ -65,7 +67,8 @@ def upstream_stages(recipe: Recipe, stage) -> list[str]:
 def fingerprint(recipe: Recipe, stage, upstream: dict[str, str]) -> str:
     """Hash of everything that determines a stage's result: its spec, args, seed, input files, upstream stages."""
     payload = {
-        "spec": dataclasses.asdict(stage), "args": recipe.stage_args(stage), "seed": recipe.seed,
+        "spec": {k: v for k, v in dataclasses.asdict(stage).items() if k != "push_to_hub"},  # publishing, not an input
+        "args": recipe.stage_args(stage), "seed": recipe.seed,
         "inputs": input_files(recipe, stage), "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -77,9 +80,16 @@ class Runner:
     def __init__(self, recipe: Recipe, run_dir: Path, selected: list[str] | None = None, log=print):
         from accelerate import PartialState
 
-        self.recipe, self.run_dir, self.log = recipe, run_dir, log
+        from pipeline.modeling import process_defaults
+
+        self.recipe, self.run_dir = recipe, run_dir
         self.selected = selected
-        self.state = PartialState()  # one process, or this rank under `accelerate launch`
+        # One process, or this rank under `accelerate launch`, set up as the Trainers will see it.
+        defaults = process_defaults()
+        self.state = PartialState(cpu=defaults["use_cpu"], backend=defaults["ddp_backend"])
+        self.log = log if self.state.is_main_process else (lambda *_: None)  # each line once, not once per rank
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and defaults["use_cpu"]:
+            self.log("warning: accelerate shards with FSDP only on GPUs; these CPU processes run plain DDP")
         self.summary: dict[str, Any] = {"recipe": recipe.name, "recipe_path": str(recipe.path),
                                         "output_dir": str(run_dir), "stages": {}}
         self.timings: dict[str, float] = {}
@@ -98,44 +108,61 @@ class Runner:
             write_json(self.run_dir / "summary.json", self.summary)
 
     def run(self) -> dict[str, Any]:
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state.wait_for_everyone()
+        # The main process hashes the inputs once (model folders can be large); every rank uses its fingerprints.
+        self.fingerprints = on_main(self.state, self.hash_inputs, "hashing the run's inputs")
         for stage in self.recipe.stages:
-            self.fingerprints[stage.name] = fingerprint(
-                self.recipe, stage, {u: self.fingerprints[u] for u in upstream_stages(self.recipe, stage)})
             self.stage_record(stage, "pending")
         if self.is_main:
             write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
         for stage in self.recipe.stages:
             self.run_stage(stage)
-        if self.is_main:
-            write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
-            from pipeline.report import write_report
-
-            write_report(self.run_dir)
-        self.state.wait_for_everyone()
+            if getattr(stage, "push_to_hub", None):  # upload once when finished (pipeline.hub); failures reach all ranks
+                status = self.summary["stages"][stage.name]["status"]
+                on_main(self.state, lambda: push_if_configured(self.run_dir, stage, status, self.log), "pushing to the Hub")
+        on_main(self.state, self.write_run_files, "writing the manifest and report")
         return self.summary
 
-    def run_stage(self, stage) -> None:
-        stage_dir = self.run_dir / stage.name
-        expected = self.fingerprints[stage.name]
+    def hash_inputs(self) -> dict[str, str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fingerprints: dict[str, str] = {}
+        for stage in self.recipe.stages:
+            fingerprints[stage.name] = fingerprint(
+                self.recipe, stage, {u: fingerprints[u] for u in upstream_stages(self.recipe, stage)})
+        return fingerprints
+
+    def write_run_files(self) -> None:
+        from pipeline.report import write_report
+
+        write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
+        write_report(self.run_dir)
+
+    def decide(self, stage, stage_dir: Path, expected: str) -> tuple[str, dict[str, float] | None]:
+        """("skip", metrics) if done with the same inputs, ("pending", None) if not selected, else ("run", None)."""
         previous = read_json(stage_dir / "result.json")
         if previous and previous.get("fingerprint") == expected and (stage_dir / "output").is_dir():
-            self.log(f"[{stage.name}] skipped: already completed with the same inputs")
-            self.stage_record(stage, "skipped", previous.get("metrics"))
-            return
+            return "skip", previous.get("metrics")
         if self.selected is not None and stage.name not in self.selected:
-            return  # stays "pending"; a selected stage that needs it fails its upstream check below
+            return "pending", None  # a selected stage that needs it fails its upstream check below
         missing = [u for u in upstream_stages(self.recipe, stage)
                    if self.summary["stages"][u]["status"] not in ("completed", "skipped")]
         if missing:
             raise RuntimeError(f"stage '{stage.name}' needs {missing}, which have not completed; "
                                f"run them too (--stages {','.join(missing + [stage.name])})")
+        self.prepare_stage_dir(stage_dir, expected)
+        return "run", None
 
-        if self.is_main:
-            self.prepare_stage_dir(stage_dir, expected)
-        self.state.wait_for_everyone()
+    def run_stage(self, stage) -> None:
+        stage_dir = self.run_dir / stage.name
+        expected = self.fingerprints[stage.name]
+        # The main process reads the run directory and decides; every rank follows the same decision.
+        decision, previous = on_main(self.state, lambda: self.decide(stage, stage_dir, expected),
+                                     f"stage '{stage.name}': deciding whether to run")
+        if decision == "skip":
+            self.log(f"[{stage.name}] skipped: already completed with the same inputs")
+            self.stage_record(stage, "skipped", previous)
+            return
+        if decision == "pending":
+            return
         self.log(f"[{stage.name}] running ({stage.type})")
         started = time.time()
         ctx = StageContext(self.recipe, stage, self.run_dir, is_main_process=self.is_main)
@@ -145,15 +172,17 @@ class Runner:
         try:
             metrics = runner_for(stage.type)(stage, ctx)
         except BaseException:
+            # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
+            # (pipeline.distributed); the launcher stops them when this process exits.
             self.stage_record(stage, "failed")
             if self.is_main:
-                (stage_dir / "error.txt").write_text(traceback.format_exc())
+                note = ("" if self.state.num_processes == 1 else "On the main process. A communication error here "
+                        "usually means another rank failed first: the launcher's output names it.\n")
+                (stage_dir / "error.txt").write_text(note + traceback.format_exc())
             raise
-        self.state.wait_for_everyone()
         self.timings[stage.name] = round(time.time() - started, 2)
-        if self.is_main:
-            self.finish_stage(stage_dir, expected, metrics)
-        self.state.wait_for_everyone()
+        on_main(self.state, lambda: self.finish_stage(stage_dir, expected, metrics),
+                f"stage '{stage.name}': publishing its output")
         self.log(f"[{stage.name}] completed in {self.timings[stage.name]:.1f}s: "
                  + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         self.stage_record(stage, "completed", metrics)

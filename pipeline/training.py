@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.modeling import use_bf16
+from pipeline.modeling import process_defaults, use_bf16
 from pipeline.recipe import import_object
 
 
@@ -22,7 +23,8 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
 
     TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
-    models); both are chosen here from the hardware unless the recipe sets them.
+    models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
+    and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone.
     """
     args = dict(args)
     if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
@@ -30,7 +32,8 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     defaults: dict[str, Any] = dict(
         bf16=use_bf16(), fp16=False, activation_checkpointing=False, report_to="none",
         logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
-        seed=seed, data_seed=seed, eval_strategy="no",
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
+        seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(),
     )
     cls = import_object(dotted)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -51,29 +54,82 @@ class DivergenceGuard(TrainerCallback):
                                        "lower the learning rate or check the data")
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """Also log at every checkpoint and at the last step, so the logged windows tile the run and end
+    where checkpoints do: a resumed run's log, restored from its checkpoint, then holds every step's loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:  # set by DefaultFlowCallback, called first
+            control.should_log = True
+        return control
+
+
+def mean_train_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step, from the logged window means (a window ends at its row's step).
+
+    The Trainer's own `train_loss` covers only the steps of the last `train()` call, so after a
+    resume it would differ from an uninterrupted run's.
+    """
+    total, previous = 0.0, 0
+    for row in history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - previous)
+            previous = row["step"]
+    return total / previous if previous else None
+
+
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete Trainer checkpoint to resume from, or None.
 
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    Passed over: a checkpoint a kill cut short (the Trainer writes its files in place,
+    trainer_state.json last; transformers' get_last_checkpoint would pick it), and the one taken
+    at max_steps, from which transformers 5.23 trains one step past the end. Resuming from the
+    one before it redoes those steps, deterministically.
+    """
+    steps = {int(m[1]): path for path in checkpoint_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", path.name))}
+    for step in sorted(steps, reverse=True):
+        try:
+            state = json.loads((steps[step] / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+            return str(steps[step])
+    return None
 
 
-TIMING_KEYS = ("runtime", "per_second", "total_flos", "_time")
+# Left out of metrics: timings (they go to the manifest), and TRL's `num_tokens`, which counts the
+# tokens this trainer object saw, so after a resume only those since the checkpoint.
+UNREPRODUCIBLE_KEYS = ("runtime", "per_second", "total_flos", "_time", "num_tokens")
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numbers only, timings left out: timings go to the manifest, metrics must reproduce exactly."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not any(t in k for t in TIMING_KEYS)}
+    """Numbers only, and only those that reproduce exactly (see UNREPRODUCIBLE_KEYS)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not any(t in k for t in UNREPRODUCIBLE_KEYS)}
 
 
-def train(trainer, checkpoint_dir: Path, stage_dir: Path) -> dict[str, float]:
-    """Train (resuming from the newest checkpoint if one exists), evaluate, keep the log history."""
+def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str, ...] = ()) -> dict[str, float]:
+    """Train (resuming from the newest checkpoint if one exists), evaluate, keep the log history.
+
+    `initial` names held-out metrics of the starting model, returned as `initial_<name>`. The
+    Trainer measures them at step 0 (`eval_on_start`): `evaluate()` before `train()` is refused
+    under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
+    """
     resume = last_checkpoint(checkpoint_dir)
     if resume:
         print(f"resuming from {resume}", flush=True)
+    trainer.args.eval_on_start = bool(initial)
+    trainer.add_callback(LogAtCheckpoints())
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+    whole_run = mean_train_loss(trainer.state.log_history)
+    if whole_run is not None:  # over every step, also after a resume
+        metrics["train_loss"] = whole_run
     metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
+    if initial:
+        first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
+        metrics.update({f"initial_{k}": first[k] for k in initial})
     if trainer.is_world_process_zero():
         history = trainer.state.log_history
         (stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
@@ -89,6 +145,9 @@ def save(trainer, tokenizer, spec, ctx, *, task: str = "causal-lm", merge_defaul
     peft = getattr(spec, "peft", None)
     merge = peft is not None and bool(peft.get("merge", merge_default))
     target = ctx.stage_dir / "adapter.partial" if merge else ctx.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):  # TRL's frozen reference copy of a continued adapter
+        model.delete_adapter("ref")
     trainer.save_model(str(target))  # gathers ZeRO-3/FSDP shards; main process writes
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(target)

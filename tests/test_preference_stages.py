@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main
-from pipeline.modeling import is_adapter
+from pipeline.modeling import base_model_path, is_adapter
+from pipeline.rewards import RewardModelScorer
 from tests.conftest import DATA, REALDATA, needs_realdata, summary, tiny_stages, write_recipe
 
 PREFS = {"path": str(DATA / "prefs.jsonl"), "max_samples": 600, "test_size": 0.15}
@@ -43,8 +46,8 @@ def chain(tmp_path_factory):
 def test_reward_model_ranks_held_out_pairs(chain):
     metrics = chain["rm"]["metrics"]
     assert 0.3 <= metrics["initial_eval_accuracy"] <= 0.7  # untrained head: chance
-    # Observed 0.57 with this 28k-parameter model (0.73 with the quickstart's 0.8M); the bound is
-    # measured, with margin, and the 0.85 target is not met yet (see the closing note).
+    # Observed 0.57 with this 28k-parameter model; the bound is measured, with margin. The quickstart's
+    # own reward model is held to its bound in test_quickstart.
     assert metrics["eval_accuracy"] >= 0.53
     assert metrics["eval_loss"] < 0.693  # below the Bradley-Terry loss of a constant scorer, log 2
 
@@ -78,20 +81,63 @@ def test_later_stage_stacks_on_an_sft_adapter(tmp_path):
     assert not is_adapter(out["dpo_stacked"]["output"]) and not is_adapter(out["dpo_full"]["output"])
 
 
-def test_lora_reward_and_qlora_dpo_on_cpu(tmp_path):
+def adapter_weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def test_later_stages_continue_the_sft_adapter(tmp_path):
+    stages = tiny_stages(pretrain_steps=10, sft_steps=10)
+    stages[2]["peft"] = {"r": 4, "lora_alpha": 8}
+    sft_data = dict(stages[2]["dataset"], max_samples=100)
+    prompts = {"path": str(DATA / "prompts.jsonl"), "max_samples": 40, "test_size": 8}
+    small = {"max_steps": 3, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "max_length": 48}
+    grpo_args = {"max_steps": 2, "learning_rate": 1e-2, "num_generations": 4, "per_device_train_batch_size": 8,
+                 "max_completion_length": 4, "beta": 0.1}  # beta > 0: the frozen "ref" copy of the adapter is used
+    stages += [
+        {"name": "sft_more", "type": "sft", "model": "sft", "dataset": sft_data, "peft": {"adapter": "continue"},
+         "args": small},
+        {"name": "dpo", "type": "dpo", "model": "sft", "dataset": dict(PREFS, max_samples=100),
+         "peft": {"adapter": "continue"}, "args": small},
+        {"name": "grpo", "type": "grpo", "model": "sft", "dataset": prompts, "rewards": [{"function": "exact_match"}],
+         "peft": {"adapter": "continue"}, "args": grpo_args},
+    ]
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    out = summary(tmp_path / "run")["stages"]
+    sft = out["sft"]["output"]
+    before = adapter_weights(sft)
+    for name in ("sft_more", "dpo", "grpo"):
+        folder = out[name]["output"]
+        assert is_adapter(folder) and base_model_path(folder) == base_model_path(sft), name
+        after = adapter_weights(folder)
+        assert after.keys() == before.keys(), name  # the same adapter (no stacked one, no "ref" copy saved)
+        assert any(not torch.equal(after[k], before[k]) for k in before), f"{name}: adapter weights did not change"
+        assert not (Path(folder) / "ref").exists(), name
+    # DPO's reference is the SFT adapter itself (a frozen copy), so the policy starts with margin exactly 0;
+    # with the bare base as reference (adapter disabled) it would not.
+    assert out["dpo"]["metrics"]["initial_eval_rewards/margins"] == 0.0
+
+
+def test_qlora_reward_and_dpo_on_cpu(tmp_path):
     stages = tiny_stages(pretrain_steps=10, sft_steps=10)
     stages[1]["model"].update(hidden_size=64, intermediate_size=128)  # bitsandbytes 4-bit blocks are 64 wide
     prefs = dict(PREFS, max_samples=120)
     quant, lora = {"bits": 4}, {"r": 4, "lora_alpha": 8}
+    args = {"max_steps": 6, "per_device_train_batch_size": 8, "max_length": 48}
     stages += [
-        {"name": "rm", "type": "reward", "model": "sft", "dataset": prefs, "peft": lora,
-         "args": {"max_steps": 6, "per_device_train_batch_size": 8, "max_length": 48}},
+        {"name": "rm", "type": "reward", "model": "sft", "dataset": prefs, "quantization": quant, "peft": lora,
+         "args": args},
         {"name": "dpo", "type": "dpo", "model": "sft", "dataset": prefs, "quantization": quant, "peft": lora,
-         "args": {"max_steps": 6, "per_device_train_batch_size": 8, "max_length": 48}},
+         "args": args},
     ]
     assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
     out = summary(tmp_path / "run")["stages"]
-    assert not is_adapter(out["rm"]["output"])  # merged: later stages score with a plain model
+    assert not is_adapter(out["rm"]["output"])  # merged into full-precision weights: later stages score with it
+    assert math.isfinite(out["rm"]["metrics"]["train_loss"]) and 0.0 <= out["rm"]["metrics"]["eval_accuracy"] <= 1.0
+    scores = RewardModelScorer(out["rm"]["output"])([[{"role": "user", "content": "What is 2 + 2?"}]],
+                                                   [[{"role": "assistant", "content": "4"}]])
+    assert math.isfinite(scores[0])
     assert is_adapter(out["dpo"]["output"])
 
 

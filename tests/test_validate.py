@@ -60,6 +60,16 @@ CASES = {
         lambda s: s[2].update(name="base"), ["duplicate stage name"]),
     "peft key not a LoraConfig field": (
         lambda s: s[2].update(peft={"rank": 8}), ["stage 'sft'", "peft.rank", "not a field of LoraConfig"]),
+    "unknown adapter mode": (
+        lambda s: s[2].update(peft={"adapter": "resume"}), ["stage 'sft'", "peft.adapter: must be one of stack, continue"]),
+    "continuing an adapter from full weights": (
+        lambda s: s[2].update(peft={"adapter": "continue"}),
+        ["stage 'sft'", "needs `model` to be a LoRA adapter", "stage 'base' saves full weights"]),
+    "continued adapter given new LoRA settings": (
+        lambda s: (s[1].update(peft={"r": 4}), s[2].update(peft={"adapter": "continue", "r": 8})),
+        ["stage 'sft'", "peft.r: a continued adapter keeps its own LoraConfig"]),
+    "continuing an adapter in a stage that cannot": (
+        lambda s: s[1].update(peft={"adapter": "continue"}), ["stage 'base'", "continue works in sft, dpo, grpo"]),
     "fresh model without tokenizer": (
         lambda s: s[1].pop("tokenizer"), ["stage 'base'", "needs `tokenizer:`"]),
 }

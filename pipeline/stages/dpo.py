@@ -16,8 +16,9 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     from trl import DPOTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
     from pipeline.preferences import to_pairwise
+    from pipeline.preflight import check_dpo_lengths
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
@@ -29,9 +30,10 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[training.DivergenceGuard(spec.name)])
-    initial = trainer.evaluate()
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    metrics.update({f"initial_{k}": float(v) for k, v in initial.items()
-                    if k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")})
+    match_trainable_dtype(trainer.model, spec.quantization)
+    lengths = check_dpo_lengths(trainer, (len(train), len(held_out)), where)  # over-long pairs, before training
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
+                             initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"))
+    metrics.update(lengths)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics

@@ -35,7 +35,8 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline import training
     from pipeline.data import DataError, require_columns
     from pipeline.generation import held_out_accuracy
-    from pipeline.modeling import load_policy, load_tokenizer
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.preflight import check_prompt_lengths
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -51,6 +52,8 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config,
                           callbacks=[training.DivergenceGuard(spec.name)])
+    match_trainable_dtype(trainer.model, spec.quantization)
+    check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names
     initial = held_out_accuracy(trainer.model, tokenizer, held_out, spec.max_new_tokens_eval) if measure else None
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)

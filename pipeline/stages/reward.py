@@ -6,6 +6,8 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
+import os
+
 from pipeline.context import StageContext
 from pipeline.stages.specs import RewardSpec
 
@@ -28,12 +30,17 @@ def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer)
     """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
     from transformers import AutoModelForSequenceClassification
 
+    from accelerate import PartialState
+
     from pipeline.modeling import compute_dtype, is_adapter, quantization_config, save_merged
 
     if is_adapter(path):  # merge the upstream adapter once; the score head is built on the merged model
         merged = ctx.stage_dir / "merged-init"
-        if not merged.is_dir():
-            save_merged(path, merged, trust_remote_code=spec.trust_remote_code)
+        with PartialState().main_process_first():  # the main process writes it; the other ranks then find it
+            if not merged.is_dir():
+                partial = ctx.stage_dir / "merged-init.partial"  # renamed once whole, so a killed merge is redone
+                save_merged(path, partial, trust_remote_code=spec.trust_remote_code)
+                os.replace(partial, merged)
         path = str(merged)
     kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -48,7 +55,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
 
     from pipeline import training
     from pipeline.data import DataError
-    from pipeline.modeling import load_tokenizer, lora_config
+    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype
     from pipeline.preferences import to_pairwise
 
     where = f"stage '{spec.name}'"
@@ -75,10 +82,10 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
         callbacks=[training.DivergenceGuard(spec.name)],
     )
-    initial = trainer.evaluate()  # untrained score head: accuracy near chance, measured not assumed
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    metrics.update(initial_eval_accuracy=float(initial["eval_accuracy"]),
-                   truncated_pairs=float(truncated_train + truncated_eval))
+    match_trainable_dtype(trainer.model, spec.quantization)
+    # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
+    metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
     # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
     training.save(trainer, tokenizer, spec, ctx, task="seq-cls", merge_default=True)
     return metrics

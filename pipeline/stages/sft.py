@@ -59,7 +59,8 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     from trl import SFTTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.preflight import check_sft_lengths
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -80,9 +81,10 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
         peft_config=peft_config,
         callbacks=[training.DivergenceGuard(spec.name)],
     )
-    # Held-out loss of the starting model, so the gain from SFT is measured, not assumed.
-    initial = trainer.evaluate()
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    metrics["initial_eval_loss"] = float(initial["eval_loss"])
+    match_trainable_dtype(trainer.model, spec.quantization)
+    lengths = check_sft_lengths(trainer, (len(train), len(held_out)), where)  # over-long rows, before training
+    # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
+    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_loss",))
+    metrics.update(lengths)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics

@@ -325,4 +325,6 @@ STAGE_SPECS: dict[str, type[StageSpec]] = {
     "dpo": DPOSpec,
     "grpo": GRPOSpec,
     "ppo": PPOSpec,
+    "eval": EvalSpec,
+    "generate": GenerateSpec,
 }

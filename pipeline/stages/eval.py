@@ -1,0 +1,148 @@
+"""`eval` stage: score models on held-out prompts with checkable answers.
+
+For each model in `models` (a stage, local folder or Hub id; LoRA adapters are merged into their base):
+
+- `accuracy/<m>`: exact match of the answer stated in the greedy response;
+- `reward/<m>`: mean reward-model score of the greedy responses;
+- `win_rate/<m>`: greedy responses against the baseline's on the same prompts, judged by the reward model
+  (ties count half);
+- `kl/<m>`: KL(m || reference), estimated from one response per prompt sampled from m at temperature 1:
+  the mean over responses of sum_t log p_m(y_t) - log p_ref(y_t) (greedy responses would bias it);
+- `perplexity/<m>`: of the reference completions, where the rows have them;
+- `accuracy/<m>@bon<N>`, `reward/<m>@bon<N>`: best-of-N, the reward model's pick among N samples.
+
+Computations `evaluate` can express are local `evaluate` modules (`pipeline/metrics/`). Greedy responses
+to the first `num_samples_table` prompts are saved to `samples.json` in the output folder for the report.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import EvalSpec
+
+
+def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) as the model would see them after generation: chat through the template,
+    completion up to and including its end-of-turn token; plain strings with an EOS appended."""
+    pairs = []
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(prompt, list):
+            reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            shared = next((i for i, (a, b) in enumerate(zip(head_ids, full_ids)) if a != b), len(head_ids))
+            tail = full_ids[shared:]
+            if tokenizer.eos_token_id in tail:  # drop what the template adds after the end of the turn
+                tail = tail[:tail.index(tokenizer.eos_token_id) + 1]
+            pairs.append((full_ids[:shared], tail))
+        else:
+            text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+            tail = tokenizer(text, add_special_tokens=False)["input_ids"]
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            pairs.append((tokenizer(prompt, add_special_tokens=False)["input_ids"], tail + eos))
+    return pairs
+
+
+def best_of_n(texts: list[str], scores: list[float], n: int) -> tuple[list[str], list[float]]:
+    """Per prompt, the highest-scored of its `n` consecutive candidates (the first one on ties)."""
+    picks, best = [], []
+    for start in range(0, len(texts), n):
+        group = scores[start:start + n]
+        i = group.index(max(group))
+        picks.append(texts[start + i])
+        best.append(group[i])
+    return picks, best
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
+    from accelerate import PartialState
+
+    from pipeline.data import DataError, require_columns
+    from pipeline.generation import generate, generate_ids, prompt_text, response_logprobs
+    from pipeline.metrics import load_metric
+    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.rewards import RewardModelScorer
+    from pipeline.tasks import exact_match as is_correct
+
+    where = f"stage '{spec.name}'"
+    rows = ctx.rows(spec.dataset)
+    require_columns(rows, spec.formats(), where)
+    prompts, answers = list(rows["prompt"]), [str(a) for a in rows["answer"]]
+    column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
+    completions = list(rows[column]) if column else None
+
+    device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
+
+    def load(ref: str):
+        path = ctx.resolve(ref)
+        return (load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device),
+                load_tokenizer(path, trust_remote_code=spec.trust_remote_code))
+
+    def greedy(model, tokenizer) -> list[str]:
+        return generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+
+    exact_match = load_metric("exact_match")
+    scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model else None
+    if scorer is not None:
+        scorer.model.to(device)
+    reference = load(spec.reference) if spec.reference else None
+    metrics: dict[str, float] = {}
+    scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
+    table = [{"prompt": prompt_text(p), "answer": a, "responses": {}} for p, a in
+             zip(prompts[:spec.num_samples_table], answers[:spec.num_samples_table])]
+
+    for label in spec.models:
+        model, tokenizer = load(label)
+        responses = greedy(model, tokenizer)
+        metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers)["exact_match"]
+        if scorer is not None:
+            scores[label] = scorer(prompts, responses)
+            metrics[f"reward/{label}"] = mean(scores[label])
+        if reference is not None:
+            ref_model, ref_tokenizer = reference
+            if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise DataError(f"{where}: KL needs the same tokenizer, and '{label}' and '{spec.reference}' differ")
+            sampled = generate_ids(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                                   batch_size=spec.batch_size, do_sample=True, temperature=1.0)
+            metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
+                predictions=response_logprobs(model, sampled, spec.batch_size),
+                references=response_logprobs(ref_model, sampled, spec.batch_size))["kl"]
+        if completions is not None:
+            logprobs = response_logprobs(model, reference_pairs(tokenizer, prompts, completions), spec.batch_size)
+            metrics[f"perplexity/{label}"] = load_metric("perplexity").compute(predictions=logprobs)["perplexity"]
+        if spec.best_of_n is not None:
+            n = spec.best_of_n.n
+            candidates = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                                  batch_size=max(spec.batch_size // n, 1), do_sample=True,
+                                  temperature=spec.best_of_n.temperature, num_return_sequences=n)
+            picks, best = best_of_n(candidates, scorer([p for p in prompts for _ in range(n)], candidates), n)
+            metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(predictions=picks, references=answers)["exact_match"]
+            metrics[f"reward/{label}@bon{n}"] = mean(best)
+        for i, row in enumerate(table):
+            row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),
+                                       "reward": scores[label][i] if label in scores else None}
+        del model
+
+    if spec.baseline is not None:
+        if spec.baseline not in scores:
+            scores[spec.baseline] = scorer(prompts, greedy(*load(spec.baseline)))
+        win_rate = load_metric("win_rate")
+        for label in spec.models:
+            if label != spec.baseline:
+                metrics[f"win_rate/{label}"] = win_rate.compute(predictions=scores[label],
+                                                                references=scores[spec.baseline])["win_rate"]
+
+    if ctx.is_main_process:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.output_dir / "samples.json").write_text(json.dumps(
+            {"models": spec.models, "baseline": spec.baseline, "rows": table}, indent=1))
+    return metrics

@@ -1,0 +1,146 @@
+"""`generate` stage: collect preference data from a policy (RLAIF; on-policy DPO in iterated rounds).
+
+Sample `num_samples` responses per prompt at `temperature`, score each with the weighted `rewards`
+(reward-model stages, rule functions such as `exact_match`) and/or an LLM `judge`, and write to the
+output folder:
+
+- `pairwise.jsonl`: `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected` (+ the row's other columns);
+  `best_worst` keeps one pair per prompt (top vs bottom score), `all` every pair whose margin exceeds `min_margin`;
+- `listwise.jsonl`: `prompt`, `responses` (best first), `scores`;
+- `data.jsonl`: a copy of one of them (`output_format`), which `reward`/`dpo` stages read when their dataset
+  `path` names this stage.
+
+Responses to chat prompts are written as assistant messages, so the pairs match the prompt's format.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import torch
+
+from pipeline.context import StageContext
+from pipeline.stages.specs import GenerateSpec, JudgeSpec
+
+OUTPUT_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "responses", "scores")
+
+
+@torch.no_grad()
+def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], judge: JudgeSpec,
+                 batch_size: int = 64) -> list[float]:
+    """Expected rating in 1..scale under the judge's next-token distribution over the rating digits."""
+    from pipeline.data import DataError
+    from pipeline.generation import prompt_text, render_prompts
+
+    digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, judge.scale + 1)]
+    if any(len(ids) != 1 for ids in digit_ids):
+        raise DataError(f"judge '{judge.model}': its tokenizer splits a rating digit 1..{judge.scale} into several tokens")
+    questions = [judge.template.format(prompt=prompt_text(p), response=r, scale=judge.scale)
+                 for p, r in zip(prompts, responses)]
+    texts = render_prompts(tokenizer, [[{"role": "user", "content": q}] if tokenizer.chat_template else q
+                                       for q in questions])
+    ratings = torch.arange(1, judge.scale + 1, dtype=torch.float)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # the next token is predicted at the right edge
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            logits = model(**batch).logits[:, -1, [ids[0] for ids in digit_ids]].float().cpu()
+            scores += (torch.softmax(logits, dim=-1) @ ratings).tolist()
+    finally:
+        tokenizer.padding_side = side
+    return scores
+
+
+def make_pairs(responses: list[Any], scores: list[float], mode: str, min_margin: float) -> list[tuple[int, int]]:
+    """(chosen, rejected) index pairs among one prompt's responses."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: earlier sample first on ties
+    if mode == "best_worst":
+        candidates = [(order[0], order[-1])]
+    else:
+        candidates = list(itertools.combinations(order, 2))
+    return [(c, r) for c, r in candidates if scores[c] - scores[r] > min_margin and responses[c] != responses[r]]
+
+
+def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
+    from accelerate import PartialState
+
+    from pipeline.data import DataError, require_columns
+    from pipeline.generation import generate
+    from pipeline.modeling import load_causal_lm, load_tokenizer
+    from pipeline.rewards import RewardModelScorer, build_reward_terms, completion_text
+    from pipeline.tasks import exact_match
+
+    where = f"stage '{spec.name}'"
+    rows = ctx.rows(spec.dataset)
+    require_columns(rows, spec.formats(), where)
+    if any(t.function == "exact_match" for t in spec.rewards) and "answer" not in rows.column_names:
+        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {rows.column_names}")
+    k = spec.num_samples
+    prompts = list(rows["prompt"])
+    device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
+    path = ctx.resolve(spec.model)
+    model = load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device)
+    tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code)
+    texts = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                     batch_size=max(spec.batch_size // k, 1), do_sample=True, temperature=spec.temperature,
+                     num_return_sequences=k)
+    del model
+
+    # Score every sample the way TRL reward functions are called: repeated prompts, each row's columns alongside.
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                   for p, t in zip(flat_prompts, texts)]
+    columns = {c: [v for v in rows[c] for _ in range(k)] for c in rows.column_names if c != "prompt"}
+    total = [0.0] * len(texts)
+    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve)
+    for function, weight in zip(functions, weights):
+        if isinstance(function, RewardModelScorer):
+            function.model.to(device)
+        total = [t + weight * float(s) for t, s in zip(total, function(flat_prompts, completions, **columns))]
+    if spec.judge is not None:
+        judge_path = ctx.resolve(spec.judge.model)
+        judge = load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(device)
+        rated = judge_scores(judge, load_tokenizer(judge_path, trust_remote_code=spec.trust_remote_code),
+                             flat_prompts, texts, spec.judge, spec.batch_size)
+        total = [t + spec.judge.weight * s for t, s in zip(total, rated)]
+
+    pairwise, listwise, margins, paired_rows = [], [], [], 0
+    for i, row in enumerate(rows):
+        extra = {key: value for key, value in row.items() if key not in OUTPUT_KEYS}
+        responses, scores = completions[i * k:(i + 1) * k], total[i * k:(i + 1) * k]
+        pairs = make_pairs(responses, scores, spec.pairs, spec.min_margin)
+        paired_rows += bool(pairs)
+        for c, r in pairs:
+            pairwise.append({"prompt": row["prompt"], "chosen": responses[c], "rejected": responses[r],
+                             "score_chosen": scores[c], "score_rejected": scores[r], **extra})
+            margins.append(scores[c] - scores[r])
+        order = sorted(range(k), key=lambda j: -scores[j])
+        listwise.append({"prompt": row["prompt"], "responses": [responses[j] for j in order],
+                         "scores": [scores[j] for j in order], **extra})
+    if not pairwise:
+        raise DataError(f"{where}: no preference pairs: for every prompt the {k} samples scored within "
+                        f"min_margin={spec.min_margin} of each other; raise temperature or num_samples")
+
+    metrics = {"prompts": float(len(rows)), "pairs": float(len(pairwise)),
+               "pair_rate": paired_rows / len(rows),
+               "mean_score": sum(total) / len(total), "mean_margin": sum(margins) / len(margins),
+               "distinct_responses": sum(len(set(texts[i * k:(i + 1) * k])) for i in range(len(rows))) / len(texts)}
+    if "answer" in rows.column_names:  # how often the labels agree with the checkable answer
+        answers = [str(a) for a in rows["answer"]]
+        metrics["sample_accuracy"] = sum(exact_match(t, answers[j // k]) for j, t in enumerate(texts)) / len(texts)
+        for side in ("chosen", "rejected"):
+            metrics[f"{side}_accuracy"] = sum(exact_match(completion_text(p[side]), str(p["answer"]))
+                                              for p in pairwise) / len(pairwise)
+    if ctx.is_main_process:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in (("pairwise", pairwise), ("listwise", listwise)):
+            text = "".join(json.dumps(item) + "\n" for item in data)
+            (ctx.output_dir / f"{name}.jsonl").write_text(text)
+            if name == spec.output_format:
+                (ctx.output_dir / "data.jsonl").write_text(text)
+    return metrics
