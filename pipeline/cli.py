@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.bench.workloads import SIZES, WORKLOADS
 from pipeline.distributed import rank_label
 from pipeline.recipe import RecipeError, load_recipe
 
@@ -74,33 +75,9 @@ def cmd_make_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
+    from pipeline.bench.suite import command
 
-    from pipeline.bench.suite import check_finite, run_bench, table
-    from pipeline.bench.workloads import SIZES, WORKLOADS
-
-    stages = [s.strip() for s in args.stages.split(",")]
-    unknown = [s for s in stages if s not in WORKLOADS]
-    if unknown:
-        print(f"error: --stages: unknown stage type(s) {unknown}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
-        return 2
-
-    def log(message: str) -> None:  # progress to stderr, so --json leaves stdout one JSON object
-        print(message, file=sys.stderr, flush=True)
-
-    if args.scaling:
-        from pipeline.bench.scaling import run_scaling
-
-        print(run_scaling(args.model_size, args.steps, log))
-        return 0
-    import contextlib
-
-    with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time chatter (DeepSpeed's) must not reach stdout
-        results = run_bench(stages, args.model_size, args.steps, args.repeats, log)
-    check_finite(results)
-    print(json.dumps(results) if args.json else f"model {args.model_size} {SIZES[args.model_size]}, "
-          f"{args.steps} steps, median of {args.repeats}\n{table(results)}")
-    return 0
+    return command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("bench", help="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
-    p.add_argument("--stages", default="pretrain,sft,reward,dpo,grpo,ppo", help="comma-separated stage types")
-    p.add_argument("--model-size", default="small", choices=["tiny", "small", "medium", "base"],
+    p.add_argument("--stages", default=",".join(WORKLOADS), help="comma-separated stage types")
+    p.add_argument("--model-size", default="small", choices=list(SIZES),
                    help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")
     p.add_argument("--steps", type=int, default=10, help="training steps per measurement")
     p.add_argument("--repeats", type=int, default=3, help="pipeline/direct pairs per stage, interleaved; medians reported")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, one per core); "
+                   "1 keeps measurements stable on a machine other processes are using")
     p.add_argument("--json", action="store_true", help="print one JSON object {STAGE_TYPE: {metric: number}}")
     p.add_argument("--scaling", action="store_true",
                    help="step time vs sequence length, batch size and model size; full vs LoRA vs QLoRA memory")

@@ -2,9 +2,16 @@
 
 Usage: ``python -m pipeline.datagen [OUT_DIR] [--seed N]`` (default ``data/quickstart``).
 
-The task space of :mod:`pipeline.tasks` is split per kind into training and held-out
-questions. Held-out questions appear only in ``eval.jsonl``; the pretraining text may
-state them as facts ("7 plus 12 is 19.") but never as "Q: ... A: ..." pairs.
+The task space of :mod:`pipeline.tasks` is split per kind into three pools:
+
+- supervised: the questions of ``sft.jsonl`` and of the pretraining text's "Q: ... A: ..." pairs;
+- RL: the questions of ``prompts.jsonl`` (GRPO/PPO), never answered in Q/A form before RL, as in
+  real RLHF where the RL prompts are new to the policy; preference pairs cover both these pools;
+- held out: the questions of ``eval.jsonl`` and nothing else.
+
+The pretraining text states facts from the whole space ("7 plus 12 is 19."), so answering an RL
+or held-out question means carrying a fact over into the Q/A form: what RL can improve and
+``eval.jsonl`` measures.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 from pipeline.tasks import TASK_KINDS, Task, all_tasks, make_task, plausible_wrong_answer
 
 EVAL_FRACTION = 0.2  # share of each kind's distinct questions held out for eval
+RL_FRACTION = 0.2  # share kept for the RL prompts
 PRETRAIN_ROWS = 3000
 SFT_ROWS = 1500
 PREF_ROWS = 1500
@@ -29,17 +37,21 @@ Pools = dict[str, list[Task]]
 Row = dict[str, Any]
 
 
-def split_tasks(seed: int) -> tuple[Pools, Pools]:
-    """Split every kind's distinct questions into (train, held-out) pools, deterministically per seed."""
-    rng = random.Random(f"quickstart:{seed}:split")
+def split_tasks(seed: int) -> tuple[Pools, Pools, Pools]:
+    """Split every kind's distinct questions into (supervised, RL, held-out) pools, deterministically per seed."""
+    rng, rl_rng = random.Random(f"quickstart:{seed}:split"), random.Random(f"quickstart:{seed}:rl-split")
     train: Pools = {}
+    rl: Pools = {}
     held_out: Pools = {}
     for kind in TASK_KINDS:
         tasks = all_tasks(kind)
         held = set(rng.sample(range(len(tasks)), round(len(tasks) * EVAL_FRACTION)))
+        rest = [i for i in range(len(tasks)) if i not in held]
+        for_rl = set(rl_rng.sample(rest, round(len(tasks) * RL_FRACTION)))
         held_out[kind] = [t for i, t in enumerate(tasks) if i in held]
-        train[kind] = [t for i, t in enumerate(tasks) if i not in held]
-    return train, held_out
+        rl[kind] = [t for i, t in enumerate(tasks) if i in for_rl]
+        train[kind] = [t for i, t in enumerate(tasks) if i not in held and i not in for_rl]
+    return train, rl, held_out
 
 
 def _spread(rng: random.Random, pool: Sequence[Task], n: int) -> list[Task]:
@@ -121,7 +133,8 @@ def generate_quickstart(out_dir: Path, seed: int = 0) -> dict[str, int]:
     stream, so changing one file's size does not reshuffle the others.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, held_out = split_tasks(seed)
+    train, rl, held_out = split_tasks(seed)
+    preference_pool = {kind: train[kind] + rl[kind] for kind in TASK_KINDS}
 
     def rng(name: str) -> random.Random:
         return random.Random(f"quickstart:{seed}:{name}")
@@ -130,8 +143,8 @@ def generate_quickstart(out_dir: Path, seed: int = 0) -> dict[str, int]:
     files = {
         "pretrain.jsonl": [_pretrain_row(pretrain_rng, train) for _ in range(PRETRAIN_ROWS)],
         "sft.jsonl": [_sft_row(t) for t in _balanced(rng("sft"), train, SFT_ROWS)],
-        "prefs.jsonl": [_pref_row(t, pref_rng) for t in _balanced(pref_rng, train, PREF_ROWS)],
-        "prompts.jsonl": [_prompt_row(t) for t in _balanced(rng("prompts"), train, PROMPT_ROWS)],
+        "prefs.jsonl": [_pref_row(t, pref_rng) for t in _balanced(pref_rng, preference_pool, PREF_ROWS)],
+        "prompts.jsonl": [_prompt_row(t) for t in _balanced(rng("prompts"), rl, PROMPT_ROWS)],
         "eval.jsonl": [_prompt_row(t) for kind in TASK_KINDS for t in held_out[kind]],
     }
     return {name: _write_jsonl(out_dir / name, rows) for name, rows in files.items()}

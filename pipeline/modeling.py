@@ -47,6 +47,14 @@ def process_defaults() -> dict[str, Any]:
     return {"use_cpu": not deepspeed, "ddp_backend": "gloo" if deepspeed and launched else None}
 
 
+def attn_implementation() -> str | None:
+    """FlashAttention-2 on GPUs computing in bf16 where `flash_attn` is installed; else None (transformers' default,
+    SDPA, which on GPUs dispatches to its own flash / memory-efficient kernels)."""
+    from importlib.util import find_spec
+
+    return "flash_attention_2" if use_bf16() and find_spec("flash_attn") is not None else None
+
+
 def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if use_bf16() else torch.float32
 
@@ -142,6 +150,8 @@ def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, t
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation() is not None:
+        kwargs["attn_implementation"] = attn_implementation()
     quant = quantization_config(quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant

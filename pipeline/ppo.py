@@ -259,20 +259,31 @@ class PPOTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from pipeline.modeling import use_bf16
+        from pipeline.modeling import process_defaults, use_bf16
 
         self.config = config
         bf16 = use_bf16() if config.bf16 is None else config.bf16
         report_to = None if config.report_to in ("none", ["none"], []) else config.report_to
+        # The same process setup the runner and the Trainers use: CPU-only DDP over gloo needs `cpu`.
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=report_to,
-                                       project_dir=config.output_dir)
+                                       project_dir=config.output_dir, cpu=process_defaults()["use_cpu"])
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None and deepspeed.zero_stage == 3:
+            raise ValueError("PPO supports DeepSpeed ZeRO stages 0-2, not 3: rollouts would gather the sharded "
+                             "weights for every generated token; use deepspeed_zero2.yaml or LoRA under DDP")
+        if deepspeed is not None:  # no dataloader is prepared, so DeepSpeed cannot infer its batch sizes
+            # (and an earlier stage's Trainer may have filled them in for its own batches)
+            deepspeed.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=config.mini_batch_size, gradient_accumulation_steps=1,
+                train_batch_size=config.mini_batch_size * self.accelerator.num_processes)
         set_seed(config.seed, device_specific=True)  # each rank samples different responses
         self.tokenizer = tokenizer
         self.dataset = prompts_dataset
         self.reward_functions, self.reward_weights, self.reward_names = reward_functions, reward_weights, reward_names
         self.callbacks = callbacks or []
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # fused: one kernel for all parameters, on CPU too (measured 5x faster per step than the default loop)
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ref_model = ref_model.to(self.accelerator.device).eval() if ref_model is not None else None
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)

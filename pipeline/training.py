@@ -19,12 +19,32 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def gpu_fast_paths() -> dict[str, Any]:
+    """Config fields for the fast paths this machine can take (on CPU none apply; see README, Performance).
+
+    Liger's fused kernels and vLLM generation (GRPO, sharing the training GPU) need a GPU and their
+    package; each is used where both are there. Fused AdamW needs nothing: it is transformers' default
+    optimizer from torch 2.8, CPU included.
+    """
+    from importlib.util import find_spec
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    fast: dict[str, Any] = {"use_liger_kernel": find_spec("liger_kernel") is not None}
+    if find_spec("vllm") is not None:
+        fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
+    return fast
+
+
 def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int):
     """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
 
     TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
     models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
-    and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone.
+    and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone, and
+    the GPU fast paths (`gpu_fast_paths`).
     """
     args = dict(args)
     if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
@@ -33,7 +53,7 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
         bf16=use_bf16(), fp16=False, activation_checkpointing=False, report_to="none",
         logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
         logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
-        seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(),
+        seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(), **gpu_fast_paths(),
     )
     cls = import_object(dotted)
     fields = {f.name for f in dataclasses.fields(cls)}

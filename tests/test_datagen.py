@@ -162,6 +162,14 @@ def test_eval_is_held_out(data: dict[str, list[dict[str, Any]]]) -> None:
     assert not trained & set(eval_questions)
 
 
+def test_rl_prompts_are_new_to_supervised_training(data: dict[str, list[dict[str, Any]]]) -> None:
+    supervised = {user_question(row) for row in data["sft.jsonl"]} | {q for q, _ in pretrain_qa(data["pretrain.jsonl"])}
+    rl = {user_question(row) for row in data["prompts.jsonl"]}
+    assert {row["kind"] for row in data["prompts.jsonl"]} == set(TASK_KINDS)
+    assert rl and not rl & supervised
+    assert rl & {user_question(row) for row in data["prefs.jsonl"]}  # the reward model sees pairs for them
+
+
 def test_every_answer_is_correct(data: dict[str, list[dict[str, Any]]]) -> None:
     for row in data["sft.jsonl"]:
         user, assistant = row["messages"]

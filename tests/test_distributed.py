@@ -119,6 +119,41 @@ def test_deepspeed_zero_sft_and_dpo(tmp_path, stage):
     assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize("launcher", ["ddp", "zero2"])
+def test_ppo_across_two_processes(tmp_path, launcher):
+    """The project's own PPO trainer under DDP (gloo) and DeepSpeed ZeRO-2: both ranks roll out and update one
+    policy, and the main process checkpoints and saves its LoRA adapter."""
+    from peft import AutoPeftModelForCausalLM
+
+    stages = tiny_stages(pretrain_steps=6, sft_steps=6)
+    stages += [
+        {"name": "rm", "type": "reward", "model": "sft", "dataset": PREFS,
+         "args": {"max_steps": 4, "per_device_train_batch_size": 8, "max_length": 48}},
+        {"name": "ppo", "type": "ppo", "model": "sft", "reward_model": "rm", "peft": LORA,
+         "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64,
+                     "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 16}},
+         "args": {"max_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+                  "max_new_tokens": 4, "learning_rate": 1e-2, "save_steps": 2}},
+    ]
+    launch_args = (["--multi_gpu"] if launcher == "ddp"
+                   else ["--config_file", str(CONFIGS / "deepspeed_zero2.yaml")])
+    result = launch(write_recipe(tmp_path, stages), *launch_args, env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0
+    run_dir = tmp_path / "run"
+    assert set(statuses(run_dir).values()) == {"completed"}
+    distributed = json.loads((run_dir / "manifest.json").read_text())["launch"]["distributed_type"]
+    assert distributed.endswith("MULTI_CPU" if launcher == "ddp" else "DEEPSPEED")
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert [row["step"] for row in history] == [1, 2, 3]
+    # Rewards and KL are gathered from both ranks; the checkpoint at step 2 is accelerate's, with PPO's own state.
+    assert (run_dir / "ppo" / "checkpoints" / "checkpoint-2" / "ppo_state.json").is_file()
+    output = summary(run_dir)["stages"]["ppo"]["output"]
+    adapter = lora_weights(output)  # the policy adapter alone, trained: B starts at zero
+    assert adapter and not any("value" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    AutoPeftModelForCausalLM.from_pretrained(output)
+
+
 def test_slurm_script_and_a_failing_rank(tmp_path):
     """accelerate_configs/slurm.sbatch on one 2-process node (srun and scontrol stand-ins), on a recipe whose
     GRPO reward function fails on rank 1 only, mid-training: the run stops with that rank's error, no hang."""
@@ -171,6 +206,8 @@ def _on_main_worker(rank: int, port: int, out_dir: str) -> None:
     except Exception as err:
         seen["error"] = f"{type(err).__name__}: {err}"
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+    # Tear gloo down before exit: left to interpreter shutdown, its threads can abort the process (SIGABRT).
+    torch.distributed.destroy_process_group()
 
 
 def test_main_decides_and_its_failure_reaches_every_rank(tmp_path):

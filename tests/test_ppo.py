@@ -55,8 +55,9 @@ def test_lora_ppo_raises_held_out_reward_within_kl_bound(ppo_run):
 def test_full_finetune_ppo_learns(ppo_run):
     metrics = ppo_run[1]["ppo_full"]["metrics"]
     # Separate critic and frozen reference copies; the 28k-parameter policy's greedy answers rarely
-    # flip in 12 steps, so learning is judged on the sampled reward and the policy's move from the reference.
-    assert metrics["train_reward_last"] > metrics["train_reward_first"]
+    # flip in 12 steps, so learning is judged on the held-out reward-model score of its greedy responses
+    # (observed -0.63 -> -0.26; the sampled training reward is noisier at this size) and its move from the reference.
+    assert metrics["eval_reward/rm"] > metrics["initial_eval_reward/rm"]
     assert metrics["eval_kl"] > 0.05
     assert not is_adapter(ppo_run[1]["ppo_full"]["output"])
 

@@ -1,0 +1,55 @@
+"""One measurement in a fresh process, so its peak memory is its own:
+
+    python -m pipeline.bench.child '{"stage": "sft", "path": "pipeline"|"direct", "model": DIR,
+                                     "train": FILE, "eval": FILE, "args": {...}, "stage_keys": {...}, "out": DIR}'
+
+Prints `RESULT {json}` as its last line: the probe's numbers plus `stage_s`, the whole stage's wall
+time (loading, data preparation, training, the pipeline's extra evaluations, saving).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run_pipeline(job: dict[str, Any]) -> float:
+    """The stage through the pipeline: a one-stage recipe run by `Runner`; returns the runner's stage time."""
+    from pipeline.bench.workloads import write_recipe
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import Runner
+
+    stage = {"name": "bench", "type": job["stage"], "model": job["model"],
+             "dataset": {"path": job["train"], "eval": job["eval"]}, "args": job["args"], **job["stage_keys"]}
+    recipe = write_recipe(Path(job["out"]), stage)
+    runner = Runner(load_recipe(str(recipe)), Path(job["out"]) / "run", log=lambda *_: None)
+    runner.run()
+    return runner.timings["bench"]
+
+
+def run_direct(job: dict[str, Any]) -> float:
+    from pipeline.bench.direct import run_script
+    from pipeline.bench.workloads import hardware_args
+
+    started = time.perf_counter()
+    run_script(job["stage"], Path(job["model"]), Path(job["train"]), {**hardware_args(), **job["args"]}, Path(job["out"]))
+    return time.perf_counter() - started
+
+
+def main(job: dict[str, Any]) -> dict[str, Any]:
+    import trl  # noqa: F401  imported before the baseline is read, so it counts libraries on both paths alike
+
+    from pipeline.bench.probe import Probe, current_memory_mb
+
+    probe = Probe()
+    probe.install()
+    baseline = current_memory_mb()  # after the libraries are imported, before any model is loaded
+    stage_s = (run_pipeline if job["path"] == "pipeline" else run_direct)(job)
+    return {**probe.report(), "baseline_mem_mb": baseline, "stage_s": stage_s}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
