@@ -143,17 +143,23 @@ class GRPOSpec(TrainStageSpec):
         return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.rewards if r.reward_model]
 
     def check(self) -> list[str]:
-        from pipeline.rewards import check_function
-
         problems = [] if self.rewards else ["`rewards` must list at least one reward"]
-        for i, term in enumerate(self.rewards):
-            problems += [f"rewards[{i}]: {p}" for p in term.check()]
-            if term.function:
-                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
-        return problems
+        return problems + reward_term_problems(self.rewards)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
+
+
+def reward_term_problems(terms: list[RewardTermSpec]) -> list[str]:
+    """Each `rewards` entry's own problems, and those of a named reward function (importable, callable)."""
+    from pipeline.rewards import check_function
+
+    problems = []
+    for i, term in enumerate(terms):
+        problems += [f"rewards[{i}]: {p}" for p in term.check()]
+        if term.function:
+            problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
+    return problems
 
 
 @dataclass(kw_only=True)
@@ -173,18 +179,11 @@ class PPOSpec(TrainStageSpec):
         return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.reward_terms() if r.reward_model]
 
     def check(self) -> list[str]:
-        from pipeline.rewards import check_function
-
         problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
-        for i, term in enumerate(self.rewards):
-            problems += [f"rewards[{i}]: {p}" for p in term.check()]
-            if term.function:
-                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
-        return problems
+        return problems + reward_term_problems(self.rewards)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
-
 
 
 @dataclass(kw_only=True)
@@ -295,13 +294,8 @@ class GenerateSpec(StageSpec):
         return super().refs() + [("rewards.reward_model", r.reward_model) for r in self.rewards if r.reward_model] + judge
 
     def check(self) -> list[str]:
-        from pipeline.rewards import check_function
-
         problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
-        for i, term in enumerate(self.rewards):
-            problems += [f"rewards[{i}]: {p}" for p in term.check()]
-            if term.function:
-                problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
+        problems += reward_term_problems(self.rewards)
         problems += self.judge.check() if self.judge else []
         if self.num_samples < 2:
             problems.append(f"num_samples: must be at least 2 to make a pair, got {self.num_samples}")
