@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +48,19 @@ def write_recipe(directory: Path, stages: list[dict[str, Any]], **top: Any) -> P
 
 def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def kill_at_checkpoint(recipe: Path, checkpoint_files: Path, pattern: str, settle: float = 0.0) -> tuple[list[str], dict]:
+    """Start `pipeline run RECIPE` in a real process and SIGKILL it once `checkpoint_files` holds `pattern`
+    (after `settle` seconds more). Returns the command and environment, to rerun it the same way."""
+    command = [sys.executable, "-m", "pipeline", "run", str(recipe)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoint_files.glob(pattern)):
+        assert process.poll() is None, "run ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(settle)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return command, env

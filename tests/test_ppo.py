@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from pipeline.cli import main
 from pipeline.modeling import is_adapter
-from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
+from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe, kill_at_checkpoint
 
 PROMPTS = {"path": str(DATA / "prompts.jsonl"), "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 64}}
 KL_BOUND = 2.0  # nats per response: the bound these tiny runs must stay under
@@ -97,16 +93,7 @@ def test_ppo_resumes_after_sigkill(ppo_run, tmp_path):
     (tmp_path / "run").mkdir()
     for stage in ("tok", "base", "sft", "rm"):  # reuse the module run's finished upstream stages
         subprocess.run(["cp", "-r", str(ppo_run[0] / "run" / stage), str(tmp_path / "run" / stage)], check=True)
-    command = [sys.executable, "-m", "pipeline", "run", str(recipe)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "run" / "ppo" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/ppo_state.json")):
-        assert process.poll() is None, "run ended before it could be killed"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    command, env = kill_at_checkpoint(recipe, tmp_path / "run" / "ppo" / "checkpoints", "checkpoint-*/ppo_state.json")
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import REPO, summary, tiny_stages, write_recipe
+from tests.conftest import REPO, summary, tiny_stages, write_recipe, kill_at_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +117,8 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     """Kill a real run with SIGKILL after its first checkpoint; the rerun resumes from it and completes."""
     stages = tiny_stages(pretrain_steps=120, sft_steps=5)
     recipe = write_recipe(tmp_path, stages)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "pipeline", "run", str(recipe)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = tmp_path / "run" / "base" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert process.poll() is None, "run ended before it could be killed"
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    command, env = kill_at_checkpoint(recipe, tmp_path / "run" / "base" / "checkpoints",
+                                      "checkpoint-*/trainer_state.json", settle=0.5)
     assert not (tmp_path / "run" / "base" / "result.json").exists()
     assert not (tmp_path / "run" / "base" / "output").exists()  # a killed stage never looks completed
     assert summary(tmp_path / "run")["stages"]["base"]["status"] == "pending"
