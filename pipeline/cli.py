@@ -123,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="pipeline/direct pairs per stage, interleaved; medians reported")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, one per core); "
                    "1 keeps measurements stable on a machine other processes are using")
+    p.add_argument("--pairing", default="auto", choices=["auto", "concurrent", "interleaved"],
+                   help="run each pipeline/direct pair at once on separate cores (cancels the machine's speed "
+                   "drift; needs --threads N and 2N cores) or one after the other; auto: concurrent where possible")
     p.add_argument("--json", action="store_true", help="print one JSON object {STAGE_TYPE: {metric: number}}")
     p.add_argument("--scaling", action="store_true",
-                   help="step time vs sequence length, batch size and model size; full vs LoRA vs QLoRA memory")
+                   help="step time vs sequence length, batch size and model size, then --memory")
+    p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

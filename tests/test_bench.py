@@ -21,6 +21,8 @@ def test_bench_json_for_sft():
         assert isinstance(sft[key], float) and math.isfinite(sft[key]) and sft[key] > 0, (key, sft[key])
     assert sft["mfu"] < 1  # a fraction of the measured matmul peak
     assert sft["attn_implementation"] == "sdpa"
+    assert sft["same_tokens"] is True  # both paths trained on the same tokens
+    assert sft["overhead_ratio_ci95_low"] <= sft["overhead_ratio"] <= sft["overhead_ratio_ci95_high"]
     assert "generation_tokens_per_s" not in sft  # SFT generates nothing
 
 
@@ -28,3 +30,22 @@ def test_bench_rejects_unknown_stage_type():
     done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--stages", "sftt"], capture_output=True,
                           text=True, cwd=REPO)
     assert done.returncode == 2 and "sftt" in done.stderr
+
+
+def test_bench_memory_lora_and_qlora_hold_less_training_state():
+    """`--memory` counts each variant's training state from its tensors: LoRA keeps gradients and optimizer
+    state for its adapter only, QLoRA also stores the frozen weights in 4 bits."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--memory", "--json", "--model-size", "tiny",
+                           "--steps", "1"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    memory = json.loads(done.stdout)
+    assert list(memory) == ["full", "LoRA r=16", "QLoRA 4-bit r=16"]
+    for batch in ("16", "2"):
+        full, lora, qlora = (memory[variant][batch] for variant in memory)
+        assert lora["trainable_parameters"] == qlora["trainable_parameters"] < full["trainable_parameters"] / 2
+        for key in ("gradients_mb", "optimizer_state_mb"):
+            assert 0 < lora[key] < full[key] / 2 and math.isclose(qlora[key], lora[key]), (batch, key)
+        assert math.isclose(full["optimizer_state_mb"], 2 * full["gradients_mb"], rel_tol=0.01)  # AdamW: two moments
+        frozen = {v: r["weights_mb"] - r["gradients_mb"] for v, r in (("lora", lora), ("qlora", qlora))}
+        assert frozen["qlora"] < frozen["lora"] / 2  # the frozen linear layers packed into 4 bits
+        assert all(r["peak_mem_mb"] > r["baseline_mem_mb"] > 0 for r in (full, lora, qlora))

@@ -1,10 +1,12 @@
 """One measurement in a fresh process, so its peak memory is its own:
 
     python -m pipeline.bench.child '{"stage": "sft", "path": "pipeline"|"direct", "model": DIR,
-                                     "train": FILE, "eval": FILE, "args": {...}, "stage_keys": {...}, "out": DIR}'
+                                     "train": FILE, "eval": FILE, "args": {...}, "stage_keys": {...}, "out": DIR,
+                                     "sync": {"dir": DIR, "me": NAME, "partner": NAME}}'   (sync: optional)
 
 Prints `RESULT {json}` as its last line: the probe's numbers plus `stage_s`, the whole stage's wall
-time (loading, data preparation, training, the pipeline's extra evaluations, saving).
+time (loading, data preparation, training, the pipeline's extra evaluations, saving; not waiting for a
+concurrent partner).
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ def main(job: dict[str, Any]) -> dict[str, Any]:
 
     from pipeline.bench.probe import Probe, current_memory_mb
 
-    probe = Probe()
+    probe = Probe(job.get("sync"))
     probe.install()
     baseline = current_memory_mb()  # after the libraries are imported, before any model is loaded
     stage_s = (run_pipeline if job["path"] == "pipeline" else run_direct)(job)
-    return {**probe.report(), "baseline_mem_mb": baseline, "stage_s": stage_s}
+    return {**probe.report(), "baseline_mem_mb": baseline, "stage_s": stage_s - probe.result.partner_wait_s}
 
 
 if __name__ == "__main__":

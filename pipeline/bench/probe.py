@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,12 +30,20 @@ class Measurement:
     num_parameters: int = 0
     trainable_parameters: int = 0
     attn_implementation: str = ""
+    partner_wait_s: float = 0.0  # time spent waiting for a concurrent partner's loop to start
+    # Bytes held by the training state after the first optimizer step, counted from the tensors themselves
+    # (what peak RSS mixes with activations, the allocator's cache and the libraries): parameters as stored
+    # (4-bit ones packed), one gradient per trainable parameter, and the optimizer's state.
+    weights_mb: float = 0.0
+    gradients_mb: float = 0.0
+    optimizer_state_mb: float = 0.0
 
 
 class Probe:
     """Times the training loop and counts its tokens, by the same hooks on both paths."""
 
-    def __init__(self):
+    def __init__(self, sync: dict[str, str] | None = None):
+        self.sync = sync  # {"dir", "me", "partner"}: start the loop together with a concurrent partner process
         self.result = Measurement()
         self.started: float | None = None
         self.started_cpu = 0.0
@@ -50,6 +59,12 @@ class Probe:
         self.result.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.result.attn_implementation = str(getattr(model.config, "_attn_implementation", ""))
         model.get_input_embeddings().register_forward_pre_hook(self.count_training_tokens)
+        if self.sync:  # the two paths set up at different speeds; their loops must overlap to share conditions
+            Path(self.sync["dir"], self.sync["me"]).touch()
+            waiting, deadline = time.perf_counter(), time.monotonic() + 600
+            while not Path(self.sync["dir"], self.sync["partner"]).exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.result.partner_wait_s = time.perf_counter() - waiting
         self.started, self.started_cpu = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
@@ -64,6 +79,13 @@ class Probe:
         if self.in_loop and torch.is_grad_enabled() and inputs:
             self.result.train_tokens += self.non_pad(inputs[0])
 
+    def count_training_state(self, model, optimizer) -> None:
+        mb = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2**20  # noqa: E731
+        self.result.weights_mb = mb(model.parameters())
+        self.result.gradients_mb = mb(p for p in model.parameters() if p.requires_grad)
+        self.result.optimizer_state_mb = mb(t for state in optimizer.state.values() for t in state.values()
+                                            if isinstance(t, torch.Tensor))
+
     def install(self) -> None:
         """Wrap `Trainer.train`, `PPOTrainer.train` and `generate` (TRL's trainers inherit the first)."""
         from transformers import GenerationMixin, Trainer, TrainerCallback
@@ -76,6 +98,10 @@ class Probe:
             def on_epoch_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
                 if not probe.in_loop:  # the first epoch
                     probe.begin(model, getattr(processing_class, "pad_token_id", None))
+
+            def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+                if not probe.result.weights_mb and model is not None and optimizer is not None:
+                    probe.count_training_state(model, optimizer)
 
             def on_train_end(self, args, state, control, **kwargs):
                 probe.end()

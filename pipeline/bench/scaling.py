@@ -1,5 +1,6 @@
 """`pipeline bench --scaling`: how the pipeline's pretraining step time grows with sequence length, batch size
-and model size, and the peak memory of SFT with full fine-tuning vs LoRA vs 4-bit QLoRA on one model."""
+and model size; with it, or alone with `--memory`, the memory of SFT with full fine-tuning vs LoRA vs 4-bit
+QLoRA on one model."""
 
 from __future__ import annotations
 
@@ -49,24 +50,52 @@ def run_scaling(size: str, steps: int, log: Callable[[str], None]) -> str:
         lines += [""] + sweep(f"batch (seq {BASE_SEQ}, {size})", [(str(b), (size, BASE_SEQ, b)) for b in BATCH_SIZES])
         lines += [""] + sweep(f"model (seq {BASE_SEQ}, batch {BASE_BATCH})",
                               [(m, (m, BASE_SEQ, BASE_BATCH)) for m in SIZES])
-        lines += ["", *memory_table(work, models[size], size, steps, log)]
+        lines += ["", *memory_table(measure_memory(work, models[size], steps, log), size, steps)]
         return "\n".join(lines)
 
 
-def memory_table(work: Path, model: Path, size: str, steps: int, log: Callable[[str], None]) -> list[str]:
-    """Peak memory of the same SFT run, full fine-tuning vs LoRA vs QLoRA, each in its own process."""
+def run_memory(size: str, steps: int, log: Callable[[str], None]) -> dict[str, dict[int, dict[str, float]]]:
+    """`pipeline bench --memory`: `measure_memory` on a fresh model of `size`."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        work = Path(tmp)
+        return measure_memory(work, build_model(work / f"model-{size}", size), steps, log)
+
+
+MEMORY_KEYS = ("weights_mb", "gradients_mb", "optimizer_state_mb", "peak_mem_mb", "baseline_mem_mb",
+               "trainable_parameters")
+
+
+def measure_memory(work: Path, model: Path, steps: int, log: Callable[[str], None]) -> dict[str, dict[int, dict]]:
+    """Memory of the same SFT run, full fine-tuning vs LoRA vs QLoRA, each in its own process, at the
+    workload's batch and at batch 2 (where activations are small): {variant: {batch: numbers}}."""
     workload = WORKLOADS["sft"]
     data = split_data(work / "data" / "sft", workload.data, 256)
-    rows = [f"SFT peak memory, model {size}, batch {workload.samples_per_step}, {steps} steps",
-            f"{'':>22} {'peak MB':>9} {'over baseline MB':>17} {'trainable':>11}"]
-    full = None
-    for label, keys in MEMORY_VARIANTS.items():
-        job = {"stage": "sft", "path": "pipeline", "model": str(model), "train": str(data[0]), "eval": str(data[1]),
-               "args": {**workload.args, "max_steps": steps}, "stage_keys": keys, "out": str(work / f"mem-{len(rows)}")}
-        result = measure(job)
-        used = result["peak_mem_mb"] - result["baseline_mem_mb"]
-        full = full or used
-        log(f"sft {label}: peak {result['peak_mem_mb']:.0f} MB")
-        rows.append(f"{label:>22} {result['peak_mem_mb']:>9.0f} {used:>11.0f} ({used / full:.0%}) "
-                    f"{result['trainable_parameters']:>11,}")
+    results: dict[str, dict[int, dict[str, float]]] = {label: {} for label in MEMORY_VARIANTS}
+    for batch in (workload.samples_per_step, 2):
+        for label, keys in MEMORY_VARIANTS.items():
+            job = {"stage": "sft", "path": "pipeline", "model": str(model), "train": str(data[0]),
+                   "eval": str(data[1]), "stage_keys": keys, "out": str(work / f"mem-{batch}-{label.split()[0]}"),
+                   "args": {**workload.args, "per_device_train_batch_size": batch, "max_steps": steps}}
+            results[label][batch] = {k: v for k, v in measure(job).items() if k in MEMORY_KEYS}
+            log(f"sft {label} batch {batch}: peak {results[label][batch]['peak_mem_mb']:.0f} MB")
+    return results
+
+
+def memory_table(results: dict[str, dict[int, dict[str, float]]], size: str, steps: int) -> list[str]:
+    """The training state counted from its tensors (weights + gradients + optimizer state), and the process's
+    peak against its memory after importing the libraries; percentages relative to full fine-tuning."""
+    rows = [f"SFT memory, model {size}, {steps} steps; state = weights + gradients + optimizer state (MB)",
+            f"{'':>22} {'batch':>5} {'weights':>8} {'grads':>7} {'optim':>7} {'state':>14} "
+            f"{'peak MB':>8} {'over baseline':>14} {'trainable':>11}"]
+    for batch in next(iter(results.values())):
+        full = None
+        for label, by_batch in results.items():
+            r = by_batch[batch]
+            state = r["weights_mb"] + r["gradients_mb"] + r["optimizer_state_mb"]
+            used = r["peak_mem_mb"] - r["baseline_mem_mb"]
+            full = full or (state, used)
+            rows.append(f"{label:>22} {batch:>5} {r['weights_mb']:>8.1f} {r['gradients_mb']:>7.1f} "
+                        f"{r['optimizer_state_mb']:>7.1f} {state:>7.1f} ({state / full[0]:>4.0%}) "
+                        f"{r['peak_mem_mb']:>8.0f} {used:>7.0f} ({used / full[1]:>4.0%}) "
+                        f"{r['trainable_parameters']:>11,}")
     return rows

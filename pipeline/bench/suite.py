@@ -1,4 +1,11 @@
-"""Run the measurements (fresh processes, pipeline and direct interleaved) and reduce them per stage type."""
+"""Run the measurements (fresh processes, pipeline and direct in pairs) and reduce them per stage type.
+
+A pair runs either `concurrent`ly, each process pinned to its own cores and the cores swapped every
+repeat, or `interleaved` (one after the other). On a shared or virtual machine the speed of the cores
+drifts by 10-20% over seconds; processes running at the same moment see the same drift, so their
+ratio cancels it, where back-to-back runs do not (measured here: GRPO pair ratios 0.99-1.05
+concurrent, 0.70-1.18 interleaved). Concurrent pairing needs twice the threads in cores.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +21,48 @@ from typing import Any, Callable
 
 from pipeline.bench.workloads import WORKLOADS, build_model, split_data
 
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one child process and return its RESULT line."""
+
+def start(job: dict[str, Any], cores: set[int] | None = None) -> subprocess.Popen:
+    """Start one child process (pinned to `cores` if given)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench.child", json.dumps(job)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"bench {job['stage']} ({job['path']}) failed:\n{done.stderr[-3000:]}")
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    return subprocess.Popen([sys.executable, "-m", "pipeline.bench.child", json.dumps(job)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
+
+
+def collect(job: dict[str, Any], child: subprocess.Popen) -> dict[str, Any]:
+    """Wait for a child process and return its RESULT line."""
+    stdout, stderr = child.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not lines:
+        raise RuntimeError(f"bench {job['stage']} ({job['path']}) failed:\n{stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one child process alone and return its RESULT line."""
+    return collect(job, start(job))
+
+
+def core_sets(threads: int | None) -> tuple[set[int], set[int]] | None:
+    """Two disjoint sets of `threads` cores this process may use, for concurrent pairs; None if too few."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not threads or len(cores) < 2 * threads:
+        return None
+    return set(cores[:threads]), set(cores[threads:2 * threads])
+
+
+def measure_pair(jobs: list[dict[str, Any]], cores: tuple[set[int], set[int]] | None,
+                 repeat: int) -> list[dict[str, Any]]:
+    """Both jobs at once on swapped core sets (`cores`), or one after the other (None)."""
+    if cores is None:
+        return [measure(job) for job in jobs]
+    sync_dir = Path(jobs[0]["out"]).parent / f"sync-{jobs[0]['out'].rsplit('/', 1)[-1]}"
+    sync_dir.mkdir(parents=True)
+    jobs = [{**job, "sync": {"dir": str(sync_dir), "me": job["path"], "partner": partner["path"]}}
+            for job, partner in zip(jobs, jobs[::-1])]
+    children = [start(job, cores[(i + repeat) % 2]) for i, job in enumerate(jobs)]
+    return [collect(job, child) for job, child in zip(jobs, children)]
 
 
 def throughput(runs: list[dict[str, Any]], steps: int, samples_per_step: int, flops: float) -> dict[str, float]:
@@ -39,28 +79,40 @@ def throughput(runs: list[dict[str, Any]], steps: int, samples_per_step: int, fl
     return out
 
 
+def median_ci95(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median (percentile method, fixed seed so a rerun prints the same)."""
+    import random
+
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def bench_stage(stage: str, work: Path, model: Path, steps: int, repeats: int, flops: float,
-                log: Callable[[str], None]) -> dict[str, Any]:
+                cores: tuple[set[int], set[int]] | None, log: Callable[[str], None]) -> dict[str, Any]:
     workload = WORKLOADS[stage]
     data = split_data(work / "data" / stage, workload.data, max(steps * workload.samples_per_step, 256))
     runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "direct": []}
     for repeat in range(repeats):
-        for path in runs:  # interleaved, so drift in machine load hits both paths alike
-            job = {"stage": stage, "path": path, "model": str(model), "train": str(data[0]), "eval": str(data[1]),
-                   "args": {**workload.args, "max_steps": steps}, "stage_keys": workload.stage,
-                   "out": str(work / f"{stage}-{path}-{repeat}")}
-            runs[path].append(measure(job))
-            last = runs[path][-1]
-            log(f"{stage} {path} #{repeat + 1}: loop {last['loop_s']:.2f}s, stage {last['stage_s']:.2f}s")
+        jobs = [{"stage": stage, "path": path, "model": str(model), "train": str(data[0]), "eval": str(data[1]),
+                 "args": {**workload.args, "max_steps": steps}, "stage_keys": workload.stage,
+                 "out": str(work / f"{stage}-{path}-{repeat}")} for path in runs]
+        for path, measured in zip(runs, measure_pair(jobs, cores, repeat)):
+            runs[path].append(measured)
+            log(f"{stage} {path} #{repeat + 1}: loop {measured['loop_s']:.2f}s, stage {measured['stage_s']:.2f}s")
     result = throughput(runs["pipeline"], steps, workload.samples_per_step, flops)
     direct = throughput(runs["direct"], steps, workload.samples_per_step, flops)
     pairs = list(zip(runs["pipeline"], runs["direct"]))
+    ratios = [p["loop_s"] / d["loop_s"] for p, d in pairs]
+    low, high = median_ci95(ratios)
     result.update(
-        overhead_ratio=statistics.median(p["loop_s"] / d["loop_s"] for p, d in pairs),
+        overhead_ratio=statistics.median(ratios), overhead_ratio_ci95_low=low, overhead_ratio_ci95_high=high,
         overhead_ratio_cpu=statistics.median(p["loop_cpu_s"] / d["loop_cpu_s"] for p, d in pairs),
         # fastest over fastest: other processes' load only ever adds time, so this ratio is the least disturbed
         overhead_ratio_best=min(r["loop_s"] for r in runs["pipeline"]) / min(r["loop_s"] for r in runs["direct"]),
         stage_time_ratio=statistics.median(p["stage_s"] / d["stage_s"] for p, d in pairs),
+        pairing="interleaved" if cores is None else "concurrent",
+        same_tokens=all(p["train_tokens"] == d["train_tokens"] for p, d in pairs),  # the same work on both paths
         direct_tokens_per_s=direct["tokens_per_s"], direct_loop_s=direct["loop_s"], direct_stage_s=direct["stage_s"],
         direct_peak_mem_mb=direct["peak_mem_mb"],
         attn_implementation=runs["pipeline"][0]["attn_implementation"], peak_flops=flops, steps=steps, repeats=repeats,
@@ -68,15 +120,21 @@ def bench_stage(stage: str, work: Path, model: Path, steps: int, repeats: int, f
     return result
 
 
-def run_bench(stages: list[str], size: str, steps: int, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_bench(stages: list[str], size: str, steps: int, repeats: int, pairing: str, threads: int | None,
+              log: Callable[[str], None]) -> dict[str, Any]:
     from pipeline.bench.probe import peak_flops
 
     flops = peak_flops()
     log(f"measured peak: {flops / 1e9:.1f} GFLOP/s")
+    cores = None if pairing == "interleaved" else core_sets(threads)
+    if pairing == "concurrent" and cores is None:
+        raise SystemExit(f"error: --pairing concurrent needs --threads N and 2N cores; this process has "
+                         f"{len(os.sched_getaffinity(0))}")
+    log(f"pairs run {'interleaved' if cores is None else f'concurrently on cores {sorted(cores[0])} / {sorted(cores[1])}'}")
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         work = Path(tmp)
         model = build_model(work / f"model-{size}", size)
-        return {stage: bench_stage(stage, work, model, steps, repeats, flops, log) for stage in stages}
+        return {stage: bench_stage(stage, work, model, steps, repeats, flops, cores, log) for stage in stages}
 
 
 def check_finite(results: dict[str, Any]) -> None:
@@ -88,7 +146,8 @@ def check_finite(results: dict[str, Any]) -> None:
 
 COLUMNS = [("tokens_per_s", "tokens/s", ".0f"), ("samples_per_s", "samples/s", ".1f"),
            ("generation_tokens_per_s", "gen tok/s", ".0f"), ("peak_mem_mb", "peak MB", ".0f"),
-           ("mfu", "MFU", ".2%"), ("overhead_ratio", "loop ratio", ".3f"), ("stage_time_ratio", "stage ratio", ".2f")]
+           ("mfu", "MFU", ".2%"), ("overhead_ratio", "loop ratio", ".3f"), ("overhead_ratio_ci95_low", "95% from", ".3f"),
+           ("overhead_ratio_ci95_high", "to", ".3f"), ("stage_time_ratio", "stage ratio", ".2f")]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -123,10 +182,21 @@ def command(args) -> int:
 
         print(run_scaling(args.model_size, args.steps, log))
         return 0
+    if args.memory:
+        from pipeline.bench.scaling import memory_table, run_memory
+
+        with contextlib.redirect_stdout(sys.stderr):
+            memory = run_memory(args.model_size, args.steps, log)
+        report = "\n".join(memory_table(memory, args.model_size, args.steps))
+        if args.json:
+            log(report)
+        print(json.dumps(memory) if args.json else report)
+        return 0
     with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time chatter (DeepSpeed's) must not reach stdout
-        results = run_bench(stages, args.model_size, args.steps, args.repeats, log)
+        results = run_bench(stages, args.model_size, args.steps, args.repeats, args.pairing, args.threads, log)
     check_finite(results)
-    report = (f"model {args.model_size} {SIZES[args.model_size]}, {args.steps} steps, median of {args.repeats}, "
+    report = (f"model {args.model_size} {SIZES[args.model_size]}, {args.steps} steps, median of {args.repeats} "
+              f"{results[stages[0]]['pairing']} pairs, "
               f"{results[stages[0]]['threads']} threads\n{table(results)}")
     if args.json:
         log(report)  # the table too, on stderr

@@ -77,9 +77,13 @@ def build_model(folder: Path, size: str) -> Path:
 
 
 def split_data(folder: Path, name: str, train_rows: int) -> tuple[Path, Path]:
-    """train.jsonl (the first `train_rows` rows) and eval.jsonl (the next EVAL_ROWS) of a quickstart file."""
+    """train.jsonl (the first `train_rows` rows) and eval.jsonl (the next EVAL_ROWS) of a quickstart file.
+
+    A file too short for both keeps its last EVAL_ROWS for eval; training then runs over its rows more than once.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     lines = (DATA / name).read_text().splitlines()
+    train_rows = min(train_rows, len(lines) - EVAL_ROWS)
     train, held_out = folder / "train.jsonl", folder / "eval.jsonl"
     train.write_text("\n".join(lines[:train_rows]) + "\n")
     held_out.write_text("\n".join(lines[train_rows:train_rows + EVAL_ROWS]) + "\n")
