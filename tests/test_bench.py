@@ -49,3 +49,27 @@ def test_bench_memory_lora_and_qlora_hold_less_training_state():
         frozen = {v: r["weights_mb"] - r["gradients_mb"] for v, r in (("lora", lora), ("qlora", qlora))}
         assert frozen["qlora"] < frozen["lora"] / 2  # the frozen linear layers packed into 4 bits
         assert all(r["peak_mem_mb"] > r["baseline_mem_mb"] > 0 for r in (full, lora, qlora))
+
+
+def test_a_failing_process_of_a_concurrent_pair_stops_its_partner(tmp_path):
+    """Side by side, each process waits for the other at its loop; one that fails must not leave the
+    other waiting: its error comes back at once."""
+    import os
+    import time
+
+    import pytest
+
+    from pipeline.bench.suite import measure_pair
+    from pipeline.bench.workloads import WORKLOADS, build_model, split_data
+
+    model = build_model(tmp_path / "model", "tiny")
+    train, held_out = split_data(tmp_path / "data", WORKLOADS["sft"].data, 64)
+    jobs = [{"stage": "sft", "path": path, "model": str(model), "train": str(train), "eval": str(held_out),
+             "args": {**WORKLOADS["sft"].args, "max_steps": 2}, "stage_keys": {}, "out": str(tmp_path / path)}
+            for path in ("pipeline", "direct")]
+    jobs[0]["train"] = str(tmp_path / "missing.jsonl")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"bench sft \(pipeline\) failed:(.|\n)*missing.jsonl"):
+        cores = sorted(os.sched_getaffinity(0))
+        measure_pair(jobs, ({cores[0]}, {cores[-1]}), repeat=0)
+    assert time.monotonic() - started < 120

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 

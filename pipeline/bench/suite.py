@@ -16,26 +16,42 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from pipeline.bench.workloads import WORKLOADS, build_model, split_data
 
 
-def start(job: dict[str, Any], cores: set[int] | None = None) -> subprocess.Popen:
+@dataclass
+class Child:
+    """A running child process and the files its output goes to. Files, not pipes: a partner process
+    waiting on it must never find it blocked on a full pipe."""
+
+    process: subprocess.Popen
+    stdout: IO[str]
+    stderr: IO[str]
+
+
+def start(job: dict[str, Any], cores: set[int] | None = None) -> Child:
     """Start one child process (pinned to `cores` if given)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-    return subprocess.Popen([sys.executable, "-m", "pipeline.bench.child", json.dumps(job)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.bench.child", json.dumps(job)], env=env,
+                               stdout=stdout, stderr=stderr, preexec_fn=pin)
+    return Child(process, stdout, stderr)
 
 
-def collect(job: dict[str, Any], child: subprocess.Popen) -> dict[str, Any]:
+def collect(job: dict[str, Any], child: Child) -> dict[str, Any]:
     """Wait for a child process and return its RESULT line."""
-    stdout, stderr = child.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if child.returncode != 0 or not lines:
-        raise RuntimeError(f"bench {job['stage']} ({job['path']}) failed:\n{stderr[-3000:]}")
+    child.process.wait()
+    child.stdout.seek(0)
+    child.stderr.seek(0)
+    lines = [line for line in child.stdout.read().splitlines() if line.startswith("RESULT ")]
+    if child.process.returncode != 0 or not lines:
+        raise RuntimeError(f"bench {job['stage']} ({job['path']}) failed:\n{child.stderr.read()[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -62,7 +78,16 @@ def measure_pair(jobs: list[dict[str, Any]], cores: tuple[set[int], set[int]] | 
     jobs = [{**job, "sync": {"dir": str(sync_dir), "me": job["path"], "partner": partner["path"]}}
             for job, partner in zip(jobs, jobs[::-1])]
     children = [start(job, cores[(i + repeat) % 2]) for i, job in enumerate(jobs)]
-    return [collect(job, child) for job, child in zip(jobs, children)]
+    processes = [child.process for child in children]
+    while any(process.poll() is None for process in processes):
+        if any(process.returncode for process in processes):  # one failed: its partner would wait for it in vain
+            for process in processes:
+                process.kill()
+            break
+        time.sleep(0.1)
+    failed_first = sorted(zip(jobs, children), key=lambda pair: pair[1].process.wait() in (0, -9))
+    results = {job["path"]: collect(job, child) for job, child in failed_first}
+    return [results[job["path"]] for job in jobs]
 
 
 def throughput(runs: list[dict[str, Any]], steps: int, samples_per_step: int, flops: float) -> dict[str, float]:
