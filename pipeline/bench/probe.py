@@ -61,8 +61,8 @@ class Probe:
         model.get_input_embeddings().register_forward_pre_hook(self.count_training_tokens)
         if self.sync:  # the two paths set up at different speeds; their loops must overlap to share conditions
             Path(self.sync["dir"], self.sync["me"]).touch()
-            waiting, deadline = time.perf_counter(), time.monotonic() + 600
-            while not Path(self.sync["dir"], self.sync["partner"]).exists() and time.monotonic() < deadline:
+            waiting = time.perf_counter()
+            while not Path(self.sync["dir"], self.sync["partner"]).exists() and time.perf_counter() < waiting + 600:
                 time.sleep(0.005)
             self.result.partner_wait_s = time.perf_counter() - waiting
         self.started, self.started_cpu = time.perf_counter(), time.process_time()
