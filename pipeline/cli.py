@@ -43,6 +43,10 @@ def cmd_run(args) -> int:
     summary = runner.run()
     statuses = ", ".join(f"{n}: {s['status']}" for n, s in summary["stages"].items())
     runner.log(f"run finished in {run_dir} ({statuses})")
+    # Every rank is past its last collective. Left to interpreter shutdown, gloo's worker threads can abort
+    # a finished run (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489).
+    # Only on success: a failed rank may leave others inside a collective that destroying would hang.
+    runner.state.destroy_process_group()
     return 0
 
 
