@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -88,13 +89,30 @@ def test_lora_ppo_holds_one_copy_of_the_base(ppo_run):
 
 
 def test_ppo_resumes_after_sigkill(ppo_run, tmp_path):
-    stages = chain() + [ppo_stage(max_steps=30, save_steps=2)]
-    recipe = write_recipe(tmp_path, stages)
-    (tmp_path / "run").mkdir()
-    for stage in ("tok", "base", "sft", "rm"):  # reuse the module run's finished upstream stages
-        subprocess.run(["cp", "-r", str(ppo_run[0] / "run" / stage), str(tmp_path / "run" / stage)], check=True)
-    command, env = kill_at_checkpoint(recipe, tmp_path / "run" / "ppo" / "checkpoints", "checkpoint-*/ppo_state.json")
+    """A run killed at a checkpoint and rerun ends where an uninterrupted run does, step for step:
+    weights (the tied embedding included), optimizer, RNG, KL coefficient and sampler all come back."""
+    stages = chain() + [ppo_stage(max_steps=8, save_steps=2, logging_steps=1)]
+
+    def prepared(directory):
+        (directory / "run").mkdir(parents=True)
+        for stage in ("tok", "base", "sft", "rm"):  # reuse the module run's finished upstream stages
+            subprocess.run(["cp", "-r", str(ppo_run[0] / "run" / stage), str(directory / "run" / stage)], check=True)
+        return write_recipe(directory, stages)
+
+    recipe = prepared(tmp_path / "killed")
+    command, env = kill_at_checkpoint(recipe, tmp_path / "killed" / "run" / "ppo" / "checkpoints",
+                                      "checkpoint-*/ppo_state.json")
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
-    assert summary(tmp_path / "run")["stages"]["ppo"]["status"] == "completed"
+    assert summary(tmp_path / "killed" / "run")["stages"]["ppo"]["status"] == "completed"
+
+    assert main(["run", str(prepared(tmp_path / "whole"))]) == 0
+
+    def history(directory):
+        rows = json.loads((directory / "run" / "ppo" / "log_history.json").read_text())
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    resumed, uninterrupted = history(tmp_path / "killed"), history(tmp_path / "whole")
+    assert [row["step"] for row in resumed] == list(range(1, 9))
+    assert resumed == uninterrupted
