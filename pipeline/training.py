@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
@@ -59,6 +59,24 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     fields = {f.name for f in dataclasses.fields(cls)}
     defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
     return cls(output_dir=output_dir, **{**defaults, **args})
+
+
+def group_pairs_by_length(trainer, pair_length: Callable[[dict[str, Any]], int]) -> None:
+    """Let `train_sampling_strategy: group_by_length` (or `batch_rebalance`) work on preference pairs.
+
+    transformers' length samplers read the `length_column_name` column, or infer lengths from
+    `input_ids`; TRL's tokenized pairs have neither, so training would stop at its first batch with a
+    ValueError. The column is added here from each tokenized pair, and column pruning is turned off
+    so the sampler still sees it (TRL's preference collators pick their own keys by name).
+    """
+    if trainer.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
+        return
+    trainer.args.remove_unused_columns = False
+    column = trainer.args.length_column_name
+    for split in ("train_dataset", "eval_dataset"):
+        dataset = getattr(trainer, split)
+        if dataset is not None and column not in dataset.column_names:
+            setattr(trainer, split, dataset.add_column(column, [pair_length(row) for row in dataset]))
 
 
 class DivergenceGuard(TrainerCallback):
