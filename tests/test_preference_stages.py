@@ -156,10 +156,11 @@ def test_reward_stage_on_hh_rlhf(tmp_path):
 
 
 @needs_realdata
-def test_length_grouping_on_preference_pairs(tmp_path):
+def test_length_grouping_on_preference_pairs(tmp_path, capsys):
     """`train_sampling_strategy: group_by_length` on reward and DPO stages. transformers' sampler finds no
     `input_ids` in TRL's pairs (a ValueError at the first batch); the pipeline gives it their lengths, and
-    the Trainer's own dataloader then pads HH-RLHF's varied transcripts far less than random order does."""
+    the Trainer's own dataloader then pads HH-RLHF's varied transcripts far less than random order does.
+    With grouping off, the stage says how much padding random batches would carry."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
@@ -167,7 +168,7 @@ def test_length_grouping_on_preference_pairs(tmp_path):
     from pipeline.modeling import load_tokenizer
     from pipeline.preferences import to_pairwise
     from pipeline.stages.reward import tokenize_pairs
-    from pipeline.training import group_pairs_by_length
+    from pipeline.training import batch_by_length
 
     hh = {"path": str(REALDATA / "hh-rlhf-harmless-base-test.jsonl.gz"), "max_samples": 200, "test_size": 40}
     grouped = {"train_sampling_strategy": "group_by_length", "max_steps": 5, "per_device_train_batch_size": 8,
@@ -183,22 +184,27 @@ def test_length_grouping_on_preference_pairs(tmp_path):
 
     sft = str(tmp_path / "run" / "sft" / "output")
     tokenizer = load_tokenizer(sft)
-    pairs, _ = tokenize_pairs(to_pairwise(read_local(Path(hh["path"])).select(range(400)), "hh"), tokenizer, 512)
+    pairs, _ = tokenize_pairs(to_pairwise(read_local(Path(hh["path"])).select(range(400)), "hh"), tokenizer, 1024)
 
     def padding(strategy: str) -> float:
         """Tokens the batches hold (padding included) over the tokens the pairs have."""
-        args = RewardConfig(output_dir=str(tmp_path / strategy), per_device_train_batch_size=16, max_length=512,
+        args = RewardConfig(output_dir=str(tmp_path / strategy), per_device_train_batch_size=16, max_length=1024,
                             train_sampling_strategy=strategy, use_cpu=True, bf16=False, report_to="none", seed=0)
         model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
-        group_pairs_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+        batch_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])), "test")
         held = real = 0
         for batch in trainer.get_train_dataloader():
             held += batch["input_ids"].numel()
             real += int(batch["attention_mask"].sum())
         return held / real
 
-    random_padding, grouped_padding = padding("random"), padding("group_by_length")
-    # measured 1.36 and 1.18; grouping cannot remove the padding between a pair's chosen and rejected reply
-    assert random_padding > 1.25 and grouped_padding < random_padding - 0.1
+    capsys.readouterr()
+    random_padding = padding("random")
+    hint = capsys.readouterr().out
+    grouped_padding = padding("group_by_length")
+    # measured 2.02 and 1.28: grouping cannot remove the padding between a pair's chosen and rejected reply
+    assert random_padding > 1.8 and grouped_padding < 1.4
+    assert "would hold about" in hint and "train_sampling_strategy: group_by_length" in hint  # said when it is off
+    assert "would hold" not in capsys.readouterr().out  # and not when it is on

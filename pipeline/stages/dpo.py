@@ -31,8 +31,8 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[training.DivergenceGuard(spec.name)])
     match_trainable_dtype(trainer.model, spec.quantization)
-    training.group_pairs_by_length(
-        trainer, lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+    training.batch_by_length(
+        trainer, lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])), where)
     lengths = check_dpo_lengths(trainer, (len(train), len(held_out)), where)  # over-long pairs, before training
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
                              initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"))

@@ -83,7 +83,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         callbacks=[training.DivergenceGuard(spec.name)],
     )
     match_trainable_dtype(trainer.model, spec.quantization)
-    training.group_pairs_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+    training.batch_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])), where)
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
     metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
