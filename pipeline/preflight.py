@@ -11,7 +11,7 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.data import DataError, load_source, require_columns
 from pipeline.recipe import Recipe, StageSpec, resolve_local
@@ -154,6 +154,32 @@ def check_dpo_lengths(trainer, rows: tuple[int, int], where: str) -> dict[str, f
                          f"{prompt_lost} of them losing their whole prompt; {dropped} dropped")
     report(where, notes)
     return counts
+
+
+PADDING_HINT = 1.3  # tokens held / real tokens in random batches above which a stage suggests length grouping
+
+
+def check_padding(trainer, length_of: Callable[[dict[str, Any]], int], where: str) -> None:
+    """Say so when batches drawn in random order would be mostly padding (PITFALLS #3: HH-RLHF pairs
+    hold about 2x their tokens) and length grouping is off. Pairs count at their longer reply, so the
+    figure is a lower bound there."""
+    import torch
+    from datasets import Dataset
+
+    args, dataset = trainer.args, trainer.train_dataset
+    if args.train_sampling_strategy != "random" or getattr(args, "packing", False) or not isinstance(dataset, Dataset):
+        return
+    size = args.per_device_train_batch_size
+    if len(dataset) < 2 * size:
+        return
+    lengths = torch.tensor([length_of(row) for row in dataset], dtype=torch.float)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed))
+    batches = lengths[order[: len(order) // size * size]].view(-1, size)
+    held = float(batches.max(dim=1).values.sum() * size / batches.sum())
+    if held > PADDING_HINT:
+        report(where, [f"in random order, batches of {size} rows would hold about {held:.2f}x their real tokens "
+                       "(padding); `args: {train_sampling_strategy: group_by_length}` batches rows of similar "
+                       "length (README, Performance)"])
 
 
 def check_prompt_lengths(trainer, tokenizer, where: str) -> None:

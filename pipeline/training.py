@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from transformers import TrainerCallback
 
 from pipeline.modeling import process_defaults, use_bf16
@@ -62,48 +61,24 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     return cls(output_dir=output_dir, **{**defaults, **args})
 
 
-LENGTH_SAMPLERS = ("group_by_length", "batch_rebalance")
-PADDING_HINT = 1.3  # tokens held / tokens real, in random batches, above which a stage suggests length grouping
-
-
-def batch_by_length(trainer, length_of: Callable[[dict[str, Any]], int], where: str) -> None:
-    """Make `train_sampling_strategy: group_by_length` (or `batch_rebalance`) work on any stage's rows,
-    and say so where random batches would be mostly padding and it is off.
+def batch_by_length(trainer, length_of: Callable[[dict[str, Any]], int]) -> None:
+    """Make `train_sampling_strategy: group_by_length` (or `batch_rebalance`) work on preference pairs.
 
     transformers' length samplers read the `length_column_name` column, or infer lengths from
-    `input_ids` (SFT's rows); TRL's tokenized preference pairs have neither, so training would stop at its first
-    batch with a ValueError. The column is added from each tokenized row (`length_of`), and column
-    pruning turned off so the sampler still sees it (TRL's collators pick their own keys by name).
+    `input_ids`; TRL's tokenized pairs have neither, so training would stop at its first batch with a
+    ValueError. The column is added from each tokenized pair (`length_of`), and column pruning turned
+    off so the sampler still sees it (TRL's preference collators pick their own keys by name).
     """
-    from accelerate import PartialState
     from datasets import Dataset
 
-    if not isinstance(trainer.train_dataset, Dataset):  # streamed rows: no lengths up front
+    if trainer.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
         return
+    trainer.args.remove_unused_columns = False
     column = trainer.args.length_column_name
-    if trainer.args.train_sampling_strategy in LENGTH_SAMPLERS:
-        if "input_ids" in trainer.train_dataset.column_names:  # SFT: transformers measures these itself
-            return
-        trainer.args.remove_unused_columns = False
-        for split in ("train_dataset", "eval_dataset"):
-            dataset = getattr(trainer, split)
-            if dataset is not None and column not in dataset.column_names:
-                setattr(trainer, split, dataset.add_column(column, [length_of(row) for row in dataset]))
-        return
-    if trainer.args.train_sampling_strategy != "random" or getattr(trainer.args, "packing", False):
-        return
-    lengths = torch.tensor([length_of(row) for row in trainer.train_dataset], dtype=torch.float)
-    size = trainer.args.per_device_train_batch_size
-    if len(lengths) < 2 * size:
-        return
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(trainer.args.seed))
-    batches = lengths[order[: len(order) // size * size]].view(-1, size)
-    held = float(batches.max(dim=1).values.sum() * size / batches.sum())
-    if held > PADDING_HINT:
-        PartialState().print(
-            f"{where}: in random order, batches of {size} rows would hold about {held:.2f}x their real tokens (padding); "
-            "`args: {train_sampling_strategy: group_by_length}` batches rows of similar length (README, Performance)",
-            flush=True)
+    for split in ("train_dataset", "eval_dataset"):
+        dataset = getattr(trainer, split)
+        if isinstance(dataset, Dataset) and column not in dataset.column_names:  # streamed rows: no lengths up front
+            setattr(trainer, split, dataset.add_column(column, [length_of(row) for row in dataset]))
 
 
 class DivergenceGuard(TrainerCallback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -167,7 +166,8 @@ def test_length_grouping_on_preference_pairs(tmp_path, capsys):
     from pipeline.data import read_local
     from pipeline.modeling import load_tokenizer
     from pipeline.preferences import to_pairwise
-    from pipeline.stages.reward import tokenize_pairs
+    from pipeline.stages.reward import pair_length, tokenize_pairs
+    from pipeline.preflight import check_padding
     from pipeline.training import batch_by_length
 
     hh = {"path": str(REALDATA / "hh-rlhf-harmless-base-test.jsonl.gz"), "max_samples": 200, "test_size": 40}
@@ -193,7 +193,8 @@ def test_length_grouping_on_preference_pairs(tmp_path, capsys):
         model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
         trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
-        batch_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])), "test")
+        batch_by_length(trainer, pair_length)
+        check_padding(trainer, pair_length, "test")
         held = real = 0
         for batch in trainer.get_train_dataloader():
             held += batch["input_ids"].numel()

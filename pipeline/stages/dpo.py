@@ -12,13 +12,18 @@ from pipeline.context import StageContext
 from pipeline.stages.specs import DPOSpec
 
 
+def pair_length(row: dict) -> int:
+    """Tokens a tokenized pair pads its batch to: the prompt and its longer reply."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
 def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     from trl import DPOTrainer
 
     from pipeline import training
     from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
     from pipeline.preferences import to_pairwise
-    from pipeline.preflight import check_dpo_lengths
+    from pipeline.preflight import check_dpo_lengths, check_padding
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
@@ -31,8 +36,8 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[training.DivergenceGuard(spec.name)])
     match_trainable_dtype(trainer.model, spec.quantization)
-    training.batch_by_length(
-        trainer, lambda row: len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])), where)
+    training.batch_by_length(trainer, pair_length)
+    check_padding(trainer, pair_length, where)
     lengths = check_dpo_lengths(trainer, (len(train), len(held_out)), where)  # over-long pairs, before training
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
                              initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"))

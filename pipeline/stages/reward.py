@@ -26,6 +26,11 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None):
     return tokenized.remove_columns("truncated"), truncated
 
 
+def pair_length(row: dict) -> int:
+    """Tokens a tokenized pair pads its batch to: its longer sequence (prompt included)."""
+    return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
 def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer):
     """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
     from transformers import AutoModelForSequenceClassification
@@ -57,6 +62,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.data import DataError
     from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype
     from pipeline.preferences import to_pairwise
+    from pipeline.preflight import check_padding
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
@@ -83,7 +89,8 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         callbacks=[training.DivergenceGuard(spec.name)],
     )
     match_trainable_dtype(trainer.model, spec.quantization)
-    training.batch_by_length(trainer, lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])), where)
+    training.batch_by_length(trainer, pair_length)
+    check_padding(trainer, pair_length, where)
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
     metrics.update(truncated_pairs=float(truncated_train + truncated_eval))

@@ -60,7 +60,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
 
     from pipeline import training
     from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
-    from pipeline.preflight import check_sft_lengths
+    from pipeline.preflight import check_padding, check_sft_lengths
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -83,7 +83,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     )
     match_trainable_dtype(trainer.model, spec.quantization)
     lengths = check_sft_lengths(trainer, (len(train), len(held_out)), where)  # over-long rows, before training
-    training.batch_by_length(trainer, lambda row: len(row["input_ids"]), where)
+    check_padding(trainer, lambda row: len(row["input_ids"]), where)  # group_by_length measures input_ids itself
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_loss",))
     metrics.update(lengths)
