@@ -6,13 +6,8 @@ from typing import Any
 
 import torch
 
+from pipeline.prompts import left_padded, prompt_token_ids
 from pipeline.tasks import exact_match
-
-
-def render_prompts(tokenizer, prompts: list[Any]) -> list[str]:
-    """Chat-message prompts through the chat template (with the assistant turn opened); strings as they are."""
-    return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-            for p in prompts]
 
 
 def prompt_text(prompt: Any) -> str:
@@ -30,33 +25,24 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
                  num_return_sequences: int = 1) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per completion, `num_return_sequences` per prompt, in prompt order.
 
-    Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
+    Prompts are tokenized as training saw them (`pipeline.prompts`). Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
     or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
     """
-    texts = render_prompts(tokenizer, prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     model.eval()
     out: list[tuple[list[int], list[int]]] = []
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       **sampling)
-            width = batch["input_ids"].shape[1]
-            for i, row in enumerate(generated.tolist()):
-                source = i // num_return_sequences
-                mask = batch["attention_mask"][source].tolist()
-                prompt = [t for t, keep in zip(batch["input_ids"][source].tolist(), mask) if keep]
-                response = row[width:]
-                if tokenizer.eos_token_id in response:
-                    response = response[:response.index(tokenizer.eos_token_id) + 1]
-                out.append((prompt, response))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        input_ids, attention_mask = left_padded(prompt_ids, tokenizer.pad_token_id)
+        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                   max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   **sampling)
+        for i, row in enumerate(generated.tolist()):
+            response = row[input_ids.shape[1]:]
+            if tokenizer.eos_token_id in response:
+                response = response[:response.index(tokenizer.eos_token_id) + 1]
+            out.append((prompt_ids[i // num_return_sequences], response))
     return out
 
 

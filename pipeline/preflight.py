@@ -188,11 +188,11 @@ def check_prompt_lengths(trainer, tokenizer, where: str) -> None:
     TRL's GRPOTrainer (1.16) does not truncate prompts, so an over-long one would run past the
     model's positions during generation (an index error mid-training for learned positions).
     """
-    from pipeline.generation import render_prompts
+    from pipeline.prompts import prompt_token_ids
 
     context = getattr(trainer.model.config, "max_position_embeddings", None)
     prompts = list(trainer.train_dataset["prompt"])
-    lengths = [len(ids) for ids in tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(prompt_token_ids(tokenizer, p)) for p in prompts]
     limit = None if context is None else context - trainer.args.max_completion_length
     over = sum(n > limit for n in lengths) if limit is not None else 0
     if over:

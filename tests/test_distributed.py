@@ -132,7 +132,7 @@ def test_ppo_across_two_processes(tmp_path, launcher):
         {"name": "ppo", "type": "ppo", "model": "sft", "reward_model": "rm", "peft": LORA,
          "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64,
                      "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 16}},
-         "args": {"max_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+         "args": {"max_steps": 6, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
                   "max_new_tokens": 4, "learning_rate": 1e-2, "save_steps": 2}},
     ]
     launch_args = (["--multi_gpu"] if launcher == "ddp"
@@ -144,7 +144,7 @@ def test_ppo_across_two_processes(tmp_path, launcher):
     distributed = json.loads((run_dir / "manifest.json").read_text())["launch"]["distributed_type"]
     assert distributed.endswith("MULTI_CPU" if launcher == "ddp" else "DEEPSPEED")
     history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
-    assert [row["step"] for row in history] == [1, 2, 3]
+    assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6]
     # Rewards and KL are gathered from both ranks; the checkpoint at step 2 is accelerate's, with PPO's own state.
     assert (run_dir / "ppo" / "checkpoints" / "checkpoint-2" / "ppo_state.json").is_file()
     output = summary(run_dir)["stages"]["ppo"]["output"]
@@ -152,6 +152,44 @@ def test_ppo_across_two_processes(tmp_path, launcher):
     assert adapter and not any("value" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     AutoPeftModelForCausalLM.from_pretrained(output)
+    if launcher == "ddp":
+        check_killed_ppo_resumes_exactly(tmp_path, stages, launch_args)
+
+
+def check_killed_ppo_resumes_exactly(tmp_path: Path, stages: list[dict], launch_args: list[str]) -> None:
+    """Both ranks killed right after PPO's checkpoint at step 2 (of 6), then relaunched: the run continues as the
+    unbroken one did, step for step (each rank's prompt sampler, RNG, optimizer and schedule restored)."""
+    import shutil
+    import signal
+
+    import psutil
+
+    directory = tmp_path / "killed"
+    for stage in ("tok", "base", "sft", "rm"):  # the finished upstream stages of the unbroken run
+        shutil.copytree(tmp_path / "run" / stage, directory / "run" / stage)
+    recipe = write_recipe(directory, stages)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "pipeline", "run", str(recipe)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = directory / "run" / "ppo" / "checkpoints" / "checkpoint-2" / "ppo_state.json"
+    deadline = time.time() + 600
+    while not marker.is_file() and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    # torch's elastic agent starts the ranks in sessions of their own: kill the launcher and every descendant
+    for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait()
+    assert summary(directory / "run")["stages"]["ppo"]["status"] != "completed"
+    result = launch(recipe, *launch_args)
+    assert result.returncode == 0 and "resuming from" in result.stdout
+
+    def history(run_dir: Path) -> list[dict]:
+        rows = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    assert history(directory / "run") == history(tmp_path / "run")
 
 
 def test_slurm_script_and_a_failing_rank(tmp_path):

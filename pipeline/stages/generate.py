@@ -32,27 +32,23 @@ def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], jud
                  batch_size: int = 64) -> list[float]:
     """Expected rating in 1..scale under the judge's next-token distribution over the rating digits."""
     from pipeline.data import DataError
-    from pipeline.generation import prompt_text, render_prompts
+    from pipeline.generation import prompt_text
+    from pipeline.prompts import encode_prompts
 
     digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, judge.scale + 1)]
     if any(len(ids) != 1 for ids in digit_ids):
         raise DataError(f"judge '{judge.model}': its tokenizer splits a rating digit 1..{judge.scale} into several tokens")
     questions = [judge.template.format(prompt=prompt_text(p), response=r, scale=judge.scale)
                  for p, r in zip(prompts, responses)]
-    texts = render_prompts(tokenizer, [[{"role": "user", "content": q}] if tokenizer.chat_template else q
-                                       for q in questions])
+    judge_prompts = [[{"role": "user", "content": q}] if tokenizer.chat_template else q for q in questions]
     ratings = torch.arange(1, judge.scale + 1, dtype=torch.float)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # the next token is predicted at the right edge
     model.eval()
     scores: list[float] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            logits = model(**batch).logits[:, -1, [ids[0] for ids in digit_ids]].float().cpu()
-            scores += (torch.softmax(logits, dim=-1) @ ratings).tolist()
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(judge_prompts), batch_size):
+        # left-padded: the rating is predicted at the right edge of every row
+        input_ids, attention_mask = encode_prompts(tokenizer, judge_prompts[start:start + batch_size])
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        scores += (torch.softmax(logits[:, -1, [ids[0] for ids in digit_ids]].float().cpu(), dim=-1) @ ratings).tolist()
     return scores
 
 

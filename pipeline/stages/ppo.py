@@ -11,27 +11,69 @@ import copy
 import json
 import shutil
 
+import torch
+
 from pipeline.context import StageContext
 from pipeline.stages.specs import PPOSpec
 
 
-def build_models(spec: PPOSpec, path: str, init_std: float):
+def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None):
     """(ActorCritic, frozen reference or None when the reference is the adapter-free base)."""
     from peft import get_peft_model
 
     from pipeline.modeling import load_causal_lm, lora_config
-    from pipeline.ppo import ActorCritic
+    from pipeline.ppo import ActorCritic, decoder_trunk
 
     policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                             revision=spec.revision)
     hidden_size = policy.config.get_text_config().hidden_size
+    reference = None if spec.peft is not None else copy.deepcopy(policy).eval().requires_grad_(False)
     if spec.peft is not None:
-        model = get_peft_model(policy, lora_config(spec.peft, "CAUSAL_LM"), adapter_name="policy")
-        model.add_adapter("value", lora_config(spec.peft, "CAUSAL_LM"))
-        return ActorCritic(model, None, hidden_size, init_std), None
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic_trunk = copy.deepcopy(policy.base_model)  # the transformer without its LM head
-    return ActorCritic(policy, critic_trunk, hidden_size, init_std), reference
+        policy = get_peft_model(policy, lora_config(spec.peft, "CAUSAL_LM"), adapter_name="policy")
+    if value_model_path is not None:
+        trunk, head = critic_from_reward_model(spec, value_model_path)
+        return ActorCritic(policy, trunk, head), reference
+    if spec.peft is not None:
+        policy.add_adapter("value", lora_config(spec.peft, "CAUSAL_LM"))
+        return ActorCritic.with_new_head(policy, None, hidden_size, init_std), None
+    critic_trunk = copy.deepcopy(decoder_trunk(policy))  # the transformer without its LM head
+    return ActorCritic.with_new_head(policy, critic_trunk, hidden_size, init_std), reference
+
+
+def critic_from_reward_model(spec: PPOSpec, path: str):
+    """(trunk, value head) from a sequence-classification reward model: its transformer and its score head.
+
+    The score head already maps a hidden state to the reward model's scale, so V starts near the score of
+    the text so far instead of at 0. With `peft`, the trunk trains a LoRA adapter and the head in full.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.data import DataError
+    from pipeline.modeling import compute_dtype, lora_config, quantization_config
+    from pipeline.ppo import decoder_trunk
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=spec.trust_remote_code,
+        quantization_config=quantization_config(spec.quantization))
+    head = getattr(model, "score", None)  # decoder reward models (transformers' *ForSequenceClassification)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise DataError(f"stage '{spec.name}': value_model {path} is not a one-score decoder reward model "
+                        "(a `reward` stage's output); the critic needs its per-token score head")
+    trunk = decoder_trunk(model)
+    if spec.peft is not None:
+        trunk = get_peft_model(trunk, lora_config(spec.peft, "FEATURE_EXTRACTION"))
+    head.requires_grad_(True)
+    return trunk, head
+
+
+def require_same_vocabulary(policy_tokenizer, other_tokenizer, what: str) -> None:
+    """The critic reads the policy's token ids: both tokenizers must map text to the same ids."""
+    from pipeline.data import DataError
+
+    if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        raise DataError(f"{what} has a different tokenizer from the policy; a critic must read the policy's "
+                        "tokens (train the reward model from the same SFT model, or leave value_model out)")
 
 
 def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
@@ -42,7 +84,8 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
         policy.save_pretrained(out, safe_serialization=True)
     elif spec.peft.get("merge", False):
         policy.set_adapter("policy")
-        policy.delete_adapter("value")
+        if "value" in policy.peft_config:
+            policy.delete_adapter("value")
         policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
     else:
         policy.save_pretrained(out, selected_adapters=["policy"], safe_serialization=True)
@@ -70,7 +113,11 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
                                     output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
     path = ctx.resolve(spec.model)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
-    model, reference = build_models(spec, path, config.value_head_init_std)
+    value_model = ctx.resolve(spec.value_model) if spec.value_model else None
+    if value_model is not None:
+        require_same_vocabulary(tokenizer, load_tokenizer(value_model, trust_remote_code=spec.trust_remote_code),
+                                f"{where}: value_model {spec.value_model}")
+    model, reference = build_models(spec, path, config.value_head_init_std, value_model)
     functions, weights, names = build_reward_terms(terms, ctx.resolve)
     trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
 

@@ -168,7 +168,12 @@ class PPOSpec(TrainStageSpec):
 
     reward_model: str | None = None  # shorthand for `rewards: [{reward_model: NAME}]`
     rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted terms, as in `grpo`
+    # The critic's starting point (TRL's `value_model`): a reward-model stage, folder or Hub id whose trunk and
+    # score head become the critic (InstructGPT); it must share the policy's tokenizer. Default: the policy's
+    # own trunk with a fresh value head (a LoRA adapter on the shared base when `peft` is set).
+    value_model: str | None = None
 
+    ref_fields = ("model", "value_model")
     args_class = "pipeline.ppo.PPOConfig"
 
     def reward_terms(self) -> list[RewardTermSpec]:

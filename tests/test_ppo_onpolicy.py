@@ -1,0 +1,193 @@
+"""PPO is on-policy by construction, on three tokenizer families.
+
+- quickstart: the project's own byte-level BPE (no BOS added, pad distinct from EOS);
+- llama: a tokenizer whose post-processor adds BOS to plain text, with no pad token (load_tokenizer pads with EOS);
+- chatml: pad == EOS (SmolLM2, Qwen), chat-message prompts whose system and user turns end in that token.
+
+For each: the rollout's prompt ids are the ones TRL's trainers train on, the log-probs recomputed for the
+update equal the ones generation sampled from, and PPO's ratio is exactly 1 before any update, with
+dropout in the model and in LoRA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.modeling import load_tokenizer
+from pipeline.ppo import PPOConfig, PPOTrainer, policy_loss
+from pipeline.stages.ppo import build_models
+from pipeline.stages.specs import PPOSpec
+from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
+from tests.conftest import DATA
+
+FAMILIES = ("quickstart", "llama", "chatml")
+QUESTIONS = ["What is 3 + 4?", "What letter comes after c?", "Which is larger, 12 or 7?", "What is 9 - 2?"] * 4
+
+
+def make_tokenizer(family: str, directory) -> None:
+    import json
+
+    texts = [json.loads(line)["text"] for line in (DATA / "pretrain.jsonl").read_text().splitlines()[:2000]]
+    backend = train_bpe(texts, vocab_size=300, min_frequency=2)
+    if family == "llama":
+        backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                               special_tokens=[(BOS, backend.token_to_id(BOS))])
+    pad = {"quickstart": PAD, "llama": None, "chatml": EOS}[family]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=pad)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(directory)
+
+
+def prompts_for(family: str) -> list:
+    if family == "chatml":  # <|im_end|> (== pad) closes the system and user turns inside every prompt
+        return [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}] for q in QUESTIONS]
+    return [f"Q: {q}\nA:" for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_dir(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    make_tokenizer(request.param, directory)
+    tokenizer = load_tokenizer(str(directory))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         attention_dropout=0.2,  # dropout in the model itself: PPO must switch it off
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return request.param, directory
+
+
+def length_reward(prompts, completions, **_):
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) / 10 for c in completions]
+
+
+def trainer_for(model_dir, peft: bool, **args) -> PPOTrainer:
+    family, directory = model_dir
+    # lora_dropout 0.3: a LoRA dropout PPO must switch off too
+    spec = PPOSpec(name="ppo", type="ppo", model=str(directory), dataset=None,
+                   peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.3} if peft else None)
+    config = PPOConfig(output_dir=str(directory / "ppo"), rollout_batch_size=8, mini_batch_size=4, max_new_tokens=6,
+                       **args)
+    model, reference = build_models(spec, str(directory), init_std=0.0)
+    if peft:  # LoRA B starts at 0 (policy == reference); move it so the adapters take part in every forward
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
+    dataset = Dataset.from_dict({"prompt": prompts_for(family)})
+    return PPOTrainer(config, model, load_tokenizer(str(directory)), dataset, [length_reward], [1.0], ["length"],
+                      ref_model=reference)
+
+
+def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
+    from trl.data_utils import _tokenize  # what SFTTrainer/DPOTrainer/GRPOTrainer feed the model for a prompt
+
+    family, _ = model_dir
+    trainer = trainer_for(model_dir, peft=False)
+    rollout = trainer.rollout()
+    tokenizer = trainer.tokenizer
+    for prompt, ids, mask in zip(rollout.prompts, rollout.query, rollout.query_mask):
+        expected = (_tokenize(tokenizer, prompt, add_generation_prompt=True) if isinstance(prompt, list)
+                    else _tokenize(tokenizer, prompt))["input_ids"]
+        assert ids[mask.bool()].tolist() == list(expected)
+    first = rollout.query[rollout.query_mask.bool()][0].item()
+    assert (first == tokenizer.bos_token_id) == (family == "llama")
+    if family == "chatml":  # every in-prompt <|im_end|> is pad-valued yet attended
+        attended = rollout.query[rollout.query_mask.bool()]
+        assert (attended == tokenizer.pad_token_id).sum() == 2 * len(rollout.prompts)
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_update_logprobs_equal_rollout_logprobs(model_dir, peft):
+    """The update's forward pass (the prepared model, as `optimise` calls it) reproduces the rollout's
+    log-probs and values exactly, and both match the logits `generate` decoded with."""
+    trainer = trainer_for(model_dir, peft)
+    rollout, _ = trainer.make_experience()
+    trainer.model.eval()
+    with torch.no_grad():
+        logprobs, values, _ = trainer.policy_outputs(trainer.model, rollout, torch.arange(8))
+    mask = rollout.mask.bool()
+    assert torch.equal(logprobs[mask], rollout.logprobs[mask])
+    assert torch.equal(values * rollout.mask, rollout.values)
+
+    policy = trainer.unwrapped
+    if policy.uses_adapters:
+        policy.use_adapter("policy")
+    greedy = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
+    with torch.no_grad():
+        out = policy.policy.generate(input_ids=greedy.query, attention_mask=greedy.query_mask, do_sample=False,
+                                     max_new_tokens=6, output_logits=True, return_dict_in_generate=True,
+                                     pad_token_id=trainer.tokenizer.pad_token_id,
+                                     eos_token_id=trainer.tokenizer.eos_token_id)
+        generated = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, greedy.response[..., None])[..., 0]
+        recomputed, _, _ = trainer.policy_outputs(policy, greedy, temperature=1.0)
+    assert torch.allclose(recomputed[greedy.mask.bool()], generated[greedy.mask.bool()], atol=1e-4)
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_ratio_is_one_before_the_first_update(model_dir, peft):
+    """With a vanishing learning rate every minibatch is a first one: approximate KL 0, nothing clipped."""
+    trainer = trainer_for(model_dir, peft, learning_rate=1e-30, ppo_epochs=2)
+    rollout, _ = trainer.make_experience()
+    stats = trainer.optimise(rollout)
+    assert stats["approx_kl"] < 1e-12 and stats["clip_fraction"] == 0.0
+    # and the same check computed directly on one minibatch
+    trainer.model.eval()
+    idx = torch.arange(4)
+    with torch.no_grad():
+        logprobs, _, _ = trainer.policy_outputs(trainer.model, rollout, idx)
+    _, clip_fraction, approx_kl = policy_loss(logprobs, rollout.logprobs[idx], rollout.advantages[idx],
+                                              rollout.mask[idx], 0.2)
+    assert float(approx_kl) == 0.0 and float(clip_fraction) == 0.0
+
+
+def test_nan_loss_is_a_one_line_training_error(model_dir, monkeypatch):
+    from pipeline.training import TrainingDiverged
+
+    trainer = trainer_for(model_dir, peft=True)
+    rollout, _ = trainer.make_experience()
+    rollout.advantages = rollout.advantages * float("nan")
+    with pytest.raises(TrainingDiverged, match="PPO loss became nan at step 1"):
+        trainer.optimise(rollout)
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_critic_starts_from_the_reward_model(model_dir, peft, tmp_path):
+    """`value_model`: the critic is the reward model's trunk and score head, so before any update V(s_t), the value
+    of the state before response token t, is the reward model's score of the prompt and the response before t."""
+    from transformers import LlamaForSequenceClassification
+
+    family, directory = model_dir
+    config = LlamaForCausalLM.from_pretrained(directory).config
+    config.num_labels = 1
+    torch.manual_seed(1)
+    reward_model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        reward_model.score.weight.normal_(std=1.0)
+    reward_model.save_pretrained(tmp_path)
+    load_tokenizer(str(directory)).save_pretrained(tmp_path)
+
+    spec = PPOSpec(name="ppo", type="ppo", model=str(directory), dataset=None, value_model=str(tmp_path),
+                   peft={"r": 4, "lora_alpha": 8} if peft else None)
+    model, reference = build_models(spec, str(directory), 0.0, value_model_path=str(tmp_path))
+    assert model.critic_trunk is not None and (reference is None) == peft
+    trainer = PPOTrainer(PPOConfig(output_dir=str(tmp_path / "ppo"), rollout_batch_size=8, mini_batch_size=4,
+                                   max_new_tokens=6), model, load_tokenizer(str(directory)),
+                         Dataset.from_dict({"prompt": prompts_for(family)}), [length_reward], [1.0], ["length"],
+                         ref_model=reference)
+    rollout, _ = trainer.make_experience()
+    last = rollout.mask.sum(1).long() - 1
+    values_before_last = rollout.values[torch.arange(8), last]
+    # the reward model's score head on its own trunk's last hidden state, for the same ids one row at a time
+    # (its pooled logit would skip a final EOS where pad == EOS)
+    with torch.no_grad():
+        expected = [float(reward_model.score(reward_model.model(torch.cat([q[m.bool()], r[:n]])[None])
+                                             .last_hidden_state)[0, -1, 0])
+                    for q, m, r, n in zip(rollout.query, rollout.query_mask, rollout.response, last)]
+    assert torch.allclose(values_before_last, torch.tensor(expected), atol=1e-4)
