@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", action="store_true",
                    help="step time vs sequence length, batch size and model size, then --memory")
     p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
+    p.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
+    p.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

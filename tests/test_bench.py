@@ -1,4 +1,4 @@
-"""`pipeline bench`: one tiny SFT measurement end to end (both paths, fresh processes); shape, not speed."""
+"""`pipeline bench`: tiny measurements end to end (fresh processes); shape, not speed."""
 
 from __future__ import annotations
 
@@ -73,3 +73,14 @@ def test_a_failing_process_of_a_concurrent_pair_stops_its_partner(tmp_path):
         cores = sorted(os.sched_getaffinity(0))
         measure_pair(jobs, ({cores[0]}, {cores[-1]}), repeat=0)
     assert time.monotonic() - started < 120
+
+
+def test_bench_ppo_reports_update_time_and_memory_per_mode():
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--ppo", "--json", "--model-size", "tiny",
+                           "--steps", "2"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert list(results) == ["full", "lora"]
+    for mode in results.values():
+        assert all(math.isfinite(mode[k]) and mode[k] > 0 for k in ("update_s", "generation_s", "peak_rss_mb"))
+        assert mode["peak_rss_mb"] > mode["peak_rise_mb"] > 0

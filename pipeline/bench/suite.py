@@ -207,6 +207,12 @@ def command(args) -> int:
 
         print(run_scaling(args.model_size, args.steps, log))
         return 0
+    if args.ppo:
+        from pipeline.bench.ppo_update import ppo_table, run_ppo_bench
+
+        results = run_ppo_bench(args.model, args.model_size, args.steps, log)
+        print(json.dumps(results) if args.json else ppo_table(results))
+        return 0
     if args.memory:
         from pipeline.bench.scaling import memory_table, run_memory
 
