@@ -67,6 +67,8 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
     assert set(statuses(run_dir).values()) == {"completed"}
     # One main process logs and writes; the other rank only trains.
     assert result.stdout.count("[sft] running") == 1 and result.stdout.count("run finished") == 1
+    # Dense models use every parameter: DDP is not told to search for unused ones (nor warns it found none).
+    assert "find_unused_parameters=True" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["launch"]["num_processes"] == 2 and manifest["launch"]["distributed_type"].endswith("MULTI_CPU")
     assert "![sft curves](plots/sft.png)" in (run_dir / "report.md").read_text()
@@ -296,3 +298,31 @@ def test_a_launch_of_another_size_skips_finished_stages_and_refuses_their_checkp
     assert manifest["launch"] == manifest["launches"][-1] and manifest["launch"]["stage_seconds"] == {}
     assert set(manifest["stage_seconds"]) == {"tok", "base"}  # timings of the launches that ran them, kept
     assert "| base | skipped | 1 process |" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("arguments, config, rest", [
+    (["RECIPE", "--stages", "sft"], "accelerate_configs/deepspeed_zero3.yaml", ["--stages", "sft"]),
+    (["RECIPE", "accelerate_configs/multi_gpu.yaml", "--stages", "sft"], "accelerate_configs/multi_gpu.yaml",
+     ["--stages", "sft"]),
+    (["RECIPE"], "accelerate_configs/deepspeed_zero3.yaml", []),
+])
+def test_slurm_script_tells_config_from_run_options(tmp_path, arguments, config, rest):
+    """Without a CONFIG, `pipeline run` options go to the run, not to accelerate as its config file."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nshift 3\nprintf "%s\\n" "$@"\n')
+    (shims / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    result = subprocess.run(["bash", str(CONFIGS / "slurm.sbatch"), *arguments], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # srun's command after `bash -c SCRIPT`: config, GPUs per node, main host, port, recipe, run options.
+    assert result.stdout.splitlines() == [config, "8", "localhost", "29500", "RECIPE", *rest]
+
+
+def test_slurm_script_names_a_missing_config(tmp_path):
+    result = subprocess.run(["bash", str(CONFIGS / "slurm.sbatch"), "RECIPE", "nope.yaml"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "accelerate config 'nope.yaml' not found" in result.stderr

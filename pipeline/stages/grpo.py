@@ -65,7 +65,7 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     model, peft_config = load_policy(path, spec)
     functions, weights = build_rewards(spec, ctx)
     args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config,
                           callbacks=[training.DivergenceGuard(spec.name)])
