@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", action="store_true",
                    help="step time vs sequence length, batch size and model size, then --memory")
     p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
+    p.add_argument("--parallel-eval", type=int, metavar="N",
+                   help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
+    p.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -73,3 +73,14 @@ def test_a_failing_process_of_a_concurrent_pair_stops_its_partner(tmp_path):
         cores = sorted(os.sched_getaffinity(0))
         measure_pair(jobs, ({cores[0]}, {cores[-1]}), repeat=0)
     assert time.monotonic() - started < 120
+
+
+def test_bench_parallel_eval_json():
+    """`--parallel-eval 2`: the eval stage on one process and on two; the same metrics either way."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--parallel-eval", "2", "--model-size", "tiny",
+                           "--eval-rows", "9", "--threads", "1", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert list(results) == ["1", "2"]
+    assert results["1"]["speedup"] == 1.0 and all(r["same_metrics"] is True for r in results.values())
+    assert all(r["seconds"] > 0 and r["prompts_per_s"] > 0 for r in results.values())
