@@ -16,16 +16,17 @@ def run_dir_for(recipe, output_dir: str | None) -> Path:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.preflight import check_data
+    from pipeline.preflight import check_data, check_launch
 
     recipe = load_recipe(args.recipe, args.set)
+    check_launch(recipe)
     check_data(recipe)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
     return 0
 
 
 def cmd_run(args) -> int:
-    from pipeline.preflight import check_data, check_output_dir
+    from pipeline.preflight import check_data, check_launch, check_output_dir
     from pipeline.runner import Runner
 
     recipe = load_recipe(args.recipe, args.set)
@@ -36,6 +37,7 @@ def cmd_run(args) -> int:
         from pipeline.schema import suggest
 
         raise RecipeError([f"--stages: unknown stage '{s}'{suggest(s, names)}" for s in unknown])
+    check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
     check_data(recipe, selected)
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
     p.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
     p.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
+    p.add_argument("--parallel-eval", type=int, metavar="N",
+                   help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
+    p.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
@@ -146,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:
         from pipeline.data import DataError
-        from pipeline.distributed import MainProcessFailed
+        from pipeline.distributed import LaunchChanged, MainProcessFailed
         from pipeline.training import TrainingDiverged
 
-        if isinstance(err, (DataError, TrainingDiverged, MainProcessFailed)):
+        if isinstance(err, (DataError, TrainingDiverged, MainProcessFailed, LaunchChanged)):
             print(f"{rank_label()}error: {err}", file=sys.stderr)
             return 1
         raise

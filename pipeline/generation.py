@@ -79,8 +79,3 @@ def accuracy(responses: list[str], answers: list[str]) -> float:
     """Fraction of responses whose extracted answer equals the reference exactly."""
     return sum(exact_match(r, a) for r, a in zip(responses, answers)) / max(len(answers), 1)
 
-
-def held_out_accuracy(model, tokenizer, dataset, max_new_tokens: int = 16) -> float:
-    """Greedy exact-match accuracy on rows with `prompt` and `answer` (RL stages are judged by this, not by training reward)."""
-    responses = generate(model, tokenizer, list(dataset["prompt"]), max_new_tokens=max_new_tokens)
-    return accuracy(responses, list(dataset["answer"]))

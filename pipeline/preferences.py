@@ -219,5 +219,7 @@ def _from_transcripts(chosen: list[str], rejected: list[str], where: str) -> lis
     if not pairs:
         raise DataError(f"{where}: none of the {len(chosen)} HH-RLHF transcript pairs could be used ({reasons})")
     if dropped:
-        print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(chosen)} transcript pairs ({reasons})")
+        from accelerate import PartialState
+
+        PartialState().print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(chosen)} transcript pairs ({reasons})")
     return pairs

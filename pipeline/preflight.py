@@ -44,6 +44,28 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> None:
                     require_chat_template(recipe, stage, where)
 
 
+# Stage types that cannot run under a launch's ZeRO stage, and why (the trainer itself refuses too, but only
+# when the stage starts, after every earlier stage has trained).
+ZERO3_UNSUPPORTED = {"ppo": "its rollouts would gather the sharded weights for every generated token"}
+
+
+def check_launch(recipe: Recipe, selected: list[str] | None = None) -> None:
+    """Stages this launch cannot run, refused before any stage trains. The launch is read from what
+    `accelerate launch` hands each process, so `validate` says so too when started by the same launcher."""
+    from pipeline.distributed import zero_stage
+    from pipeline.schema import RecipeError
+
+    if zero_stage() != 3:
+        return
+    problems = [f"{recipe.path}: stage '{stage.name}': type {stage.type} cannot run under DeepSpeed ZeRO-3: "
+                f"{ZERO3_UNSUPPORTED[stage.type]}; launch it with accelerate_configs/deepspeed_zero2.yaml or "
+                f"multi_gpu.yaml (--stages {stage.name} runs it alone)"
+                for stage in recipe.stages
+                if stage.type in ZERO3_UNSUPPORTED and (selected is None or stage.name in selected)]
+    if problems:
+        raise RecipeError(problems)
+
+
 def require_reward_columns(stage: StageSpec, columns: list[str], where: str) -> None:
     terms = stage.reward_terms() if hasattr(stage, "reward_terms") else getattr(stage, "rewards", None) or []
     for term in terms:

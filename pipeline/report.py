@@ -155,6 +155,7 @@ def write_report(run_dir: Path) -> Path:
     for name, stage in stages.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(stage["metrics"].items())[:6])
         lines.append(f"| {name} | {stage['type']} | {stage['status']} | {cell(seconds[name] or '')} | {cell(shown)} |")
+    lines += launch_section(stages, manifest)
 
     for name, stage in stages.items():
         lines += ["", f"## {name} ({stage['type']})", ""]
@@ -174,6 +175,22 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """How each stage was trained (process count, distributed type, ZeRO stage), and every launch into the run."""
+    from pipeline.distributed import launch_label
+
+    lines = ["", "## Launches", "", "| stage | status | launched as |", "|---|---|---|"]
+    lines += [f"| {name} | {stage['status']} | {cell(launch_label(stage.get('launch')))} |"
+              for name, stage in stages.items() if stage["status"] in ("completed", "skipped", "failed")]
+    history = manifest.get("launches") or []
+    if history:
+        lines += ["", "| launch started | launched as | stages run (seconds) |", "|---|---|---|"]
+        for entry in history:
+            ran = ", ".join(f"{k} ({v:.0f})" for k, v in (entry.get("stage_seconds") or {}).items()) or "none"
+            lines.append(f"| {cell(entry.get('started', '?'))} | {cell(launch_label(entry))} | {cell(ran)} |")
+    return lines
 
 
 def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) -> list[str]:

@@ -17,11 +17,12 @@ import os
 import shutil
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.distributed import on_main
+from pipeline.distributed import LaunchChanged, forget_zero3_init, launch_label, launch_record, on_main
 from pipeline.hub import push_if_configured
 from pipeline.manifest import file_digest, write_manifest
 from pipeline.recipe import Recipe, resolve_local
@@ -94,15 +95,19 @@ class Runner:
                                         "output_dir": str(run_dir), "stages": {}}
         self.timings: dict[str, float] = {}
         self.fingerprints: dict[str, str] = {}
+        self.launch = launch_record(self.state)  # recorded with each stage it runs
+        self.started = datetime.now(timezone.utc).isoformat()  # names this launch in the manifest's history
 
     @property
     def is_main(self) -> bool:
         return self.state.is_main_process
 
-    def stage_record(self, stage, status: str, metrics: dict[str, float] | None = None) -> None:
+    def stage_record(self, stage, status: str, metrics: dict[str, float] | None = None,
+                     launch: dict[str, Any] | None = None) -> None:
         self.summary["stages"][stage.name] = {
             "type": stage.type, "status": status, "output": str(self.run_dir / stage.name / "output"),
             "metrics": metrics or {}, "fingerprint": self.fingerprints.get(stage.name),
+            "launch": launch,  # how the stage was trained (for a skipped one, by an earlier launch)
         }
         if self.is_main:
             write_json(self.run_dir / "summary.json", self.summary)
@@ -112,8 +117,9 @@ class Runner:
         self.fingerprints = on_main(self.state, self.hash_inputs, "hashing the run's inputs")
         for stage in self.recipe.stages:
             self.stage_record(stage, "pending")
+        self.log(f"launch: {launch_label(self.launch)}")
         if self.is_main:
-            write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
+            write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings, self.started)
         for stage in self.recipe.stages:
             self.run_stage(stage)
             if getattr(stage, "push_to_hub", None):  # upload once when finished (pipeline.hub); failures reach all ranks
@@ -133,14 +139,18 @@ class Runner:
     def write_run_files(self) -> None:
         from pipeline.report import write_report
 
-        write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings)
+        write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings, self.started)
         write_report(self.run_dir)
 
-    def decide(self, stage, stage_dir: Path, expected: str) -> tuple[str, dict[str, float] | None]:
-        """("skip", metrics) if done with the same inputs, ("pending", None) if not selected, else ("run", None)."""
+    def decide(self, stage, stage_dir: Path, expected: str) -> tuple[str, dict[str, Any] | None]:
+        """("skip", result.json) if done with the same inputs, ("pending", None) if not selected, else ("run", None).
+
+        A completed stage is skipped whatever this launch is: its output is valid, and its record keeps
+        the launch that trained it.
+        """
         previous = read_json(stage_dir / "result.json")
         if previous and previous.get("fingerprint") == expected and (stage_dir / "output").is_dir():
-            return "skip", previous.get("metrics")
+            return "skip", previous
         if self.selected is not None and stage.name not in self.selected:
             return "pending", None  # a selected stage that needs it fails its upstream check below
         missing = [u for u in upstream_stages(self.recipe, stage)
@@ -148,8 +158,28 @@ class Runner:
         if missing:
             raise RuntimeError(f"stage '{stage.name}' needs {missing}, which have not completed; "
                                f"run them too (--stages {','.join(missing + [stage.name])})")
+        self.require_same_launch(stage, stage_dir, expected)
         self.prepare_stage_dir(stage_dir, expected)
+        write_json(stage_dir / "launch.json", self.launch)
         return "run", None
+
+    def require_same_launch(self, stage, stage_dir: Path, expected: str) -> None:
+        """Refuse to resume checkpoints made under another launch.
+
+        A different process count changes the global batch (per-device batch x processes) and which rows
+        each step sees, so the resumed run would silently differ from an unbroken one; DeepSpeed's
+        checkpoints are partitioned by rank and stage and do not load into another layout at all.
+        """
+        checkpoints = stage_dir / "checkpoints"
+        resuming = ((stage_dir / "fingerprint").is_file() and (stage_dir / "fingerprint").read_text().strip() == expected
+                    and checkpoints.is_dir() and any(checkpoints.iterdir()))
+        before = read_json(stage_dir / "launch.json")
+        if resuming and before is not None and before != self.launch:
+            raise LaunchChanged(
+                f"stage '{stage.name}': its checkpoints in {checkpoints} were made by a launch of "
+                f"{launch_label(before)}, and this launch is {launch_label(self.launch)}; resuming would change the "
+                f"global batch (or cannot load the sharded state). Relaunch as before, or delete {checkpoints} "
+                "to train the stage again from its start")
 
     def run_stage(self, stage) -> None:
         stage_dir = self.run_dir / stage.name
@@ -159,7 +189,7 @@ class Runner:
                                      f"stage '{stage.name}': deciding whether to run")
         if decision == "skip":
             self.log(f"[{stage.name}] skipped: already completed with the same inputs")
-            self.stage_record(stage, "skipped", previous)
+            self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"))
             return
         if decision == "pending":
             return
@@ -169,12 +199,13 @@ class Runner:
         from transformers import set_seed
 
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
+        forget_zero3_init()  # models load whole, not as ZeRO-3 shards left over from an earlier stage's Trainer
         try:
             metrics = runner_for(stage.type)(stage, ctx)
         except BaseException:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
             # (pipeline.distributed); the launcher stops them when this process exits.
-            self.stage_record(stage, "failed")
+            self.stage_record(stage, "failed", launch=self.launch)
             if self.is_main:
                 note = ("" if self.state.num_processes == 1 else "On the main process. A communication error here "
                         "usually means another rank failed first: the launcher's output names it.\n")
@@ -185,7 +216,7 @@ class Runner:
                 f"stage '{stage.name}': publishing its output")
         self.log(f"[{stage.name}] completed in {self.timings[stage.name]:.1f}s: "
                  + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        self.stage_record(stage, "completed", metrics)
+        self.stage_record(stage, "completed", metrics, self.launch)
 
     @staticmethod
     def prepare_stage_dir(stage_dir: Path, expected: str) -> None:
@@ -207,4 +238,4 @@ class Runner:
             shutil.rmtree(final)
         os.replace(stage_dir / "output.partial", final)
         write_json(stage_dir / "result.json", {"fingerprint": expected, "metrics": metrics,
-                                               "seconds": self.timings[stage_dir.name]})
+                                               "seconds": self.timings[stage_dir.name], "launch": self.launch})

@@ -38,13 +38,21 @@ def gpu_fast_paths() -> dict[str, Any]:
     return fast
 
 
-def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int):
+def unused_parameters_possible(model) -> bool:
+    """Whether a training step can leave trainable parameters without a gradient: mixture-of-experts layers
+    skip the experts no token was routed to. Only then must DDP search the graph for them every step."""
+    config = model.config.get_text_config()
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int, model=None):
     """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
 
     TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
     models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
     and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone, and
-    the GPU fast paths (`gpu_fast_paths`).
+    the GPU fast paths (`gpu_fast_paths`). Given the `model`, DDP looks for unused parameters only
+    where there can be some (transformers' default searches every step, and warns that it found none).
     """
     args = dict(args)
     if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
@@ -55,6 +63,8 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
         logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
         seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(), **gpu_fast_paths(),
     )
+    if model is not None:
+        defaults["ddp_find_unused_parameters"] = unused_parameters_possible(model)
     cls = import_object(dotted)
     fields = {f.name for f in dataclasses.fields(cls)}
     defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
@@ -158,7 +168,7 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     """
     resume = last_checkpoint(checkpoint_dir)
     if resume:
-        print(f"resuming from {resume}", flush=True)
+        trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
     trainer.args.eval_on_start = bool(initial)
     trainer.add_callback(LogAtCheckpoints())
     result = trainer.train(resume_from_checkpoint=resume)

@@ -84,3 +84,14 @@ def test_bench_ppo_reports_update_time_and_memory_per_mode():
     for mode in results.values():
         assert all(math.isfinite(mode[k]) and mode[k] > 0 for k in ("update_s", "generation_s", "peak_rss_mb"))
         assert mode["peak_rss_mb"] > mode["peak_rise_mb"] > 0
+
+
+def test_bench_parallel_eval_json():
+    """`--parallel-eval 2`: the eval stage on one process and on two; the same metrics either way."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--parallel-eval", "2", "--model-size", "tiny",
+                           "--eval-rows", "9", "--threads", "1", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert list(results) == ["1", "2"]
+    assert results["1"]["speedup"] == 1.0 and all(r["same_metrics"] is True for r in results.values())
+    assert all(r["seconds"] > 0 and r["prompts_per_s"] > 0 for r in results.values())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
+from tests.conftest import DATA, REPO, kill_at_checkpoint, summary, tiny_stages, write_recipe
 
 CONFIGS = REPO / "accelerate_configs"
 PREFS = {"path": str(DATA / "prefs.jsonl"), "max_samples": 120, "test_size": 0.15}
@@ -67,6 +67,8 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
     assert set(statuses(run_dir).values()) == {"completed"}
     # One main process logs and writes; the other rank only trains.
     assert result.stdout.count("[sft] running") == 1 and result.stdout.count("run finished") == 1
+    # Dense models use every parameter: DDP is not told to search for unused ones (nor warns it found none).
+    assert "find_unused_parameters=True" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["launch"]["num_processes"] == 2 and manifest["launch"]["distributed_type"].endswith("MULTI_CPU")
     assert "![sft curves](plots/sft.png)" in (run_dir / "report.md").read_text()
@@ -231,10 +233,11 @@ def _on_main_worker(rank: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     from accelerate import PartialState
 
-    from pipeline.distributed import on_main
+    from pipeline.distributed import map_shards, on_main
 
     state = PartialState(cpu=True)
-    seen = {"decision": on_main(state, lambda: f"decided by rank {state.process_index}", "deciding")}
+    seen = {"decision": on_main(state, lambda: f"decided by rank {state.process_index}", "deciding"),
+            "shards": map_shards(list(range(5)), lambda share: [[item, state.process_index] for item in share])}
 
     def disk_full() -> None:
         raise OSError(28, "No space left on device")
@@ -248,7 +251,7 @@ def _on_main_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_main_decides_and_its_failure_reaches_every_rank(tmp_path):
+def test_main_decides_and_its_failure_reaches_every_rank_and_shards_gather_in_order(tmp_path):
     context = torch.multiprocessing.start_processes(_on_main_worker, args=(free_port(), str(tmp_path)), nprocs=2,
                                                     join=False, start_method="spawn")
     deadline = time.time() + 300
@@ -259,6 +262,105 @@ def test_main_decides_and_its_failure_reaches_every_rank(tmp_path):
             pytest.fail("ranks hung in on_main")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["decision"] == rank1["decision"] == "decided by rank 0"
+    # Each rank worked on its contiguous share; both got every result back, in item order.
+    assert rank0["shards"] == rank1["shards"] == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
     assert rank0["error"] == "OSError: [Errno 28] No space left on device"
     assert rank1["error"] == ("MainProcessFailed: writing the summary failed on the main process: "
                               "OSError: [Errno 28] No space left on device")
+
+
+def test_zero3_chain_trains_then_generates_sharded(tmp_path):
+    """Under ZeRO-3, stages that generate after one that trained (GRPO's held-out checks, eval, generate) load
+    whole models, not the shards an earlier Trainer's DeepSpeed config left switched on ("'weight' must be
+    2-D" before); eval and generate split the prompts between the processes, and the gathered results are
+    those of one process."""
+    from pipeline.context import StageContext
+    from pipeline.recipe import load_recipe
+    from pipeline.stages import runner_for
+
+    held_out = {"path": str(DATA / "eval.jsonl"), "max_samples": 13}  # odd: the two shards differ in size
+    stages = tiny_stages(pretrain_steps=3)[:2] + [
+        {"name": "grpo", "type": "grpo", "model": "base", "peft": LORA, "rewards": [{"function": "format"}],
+         "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 32, "eval": held_out},
+         "args": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
+                  "max_completion_length": 4}},
+        {"name": "ev", "type": "eval", "models": ["base", "grpo"], "dataset": held_out, "max_new_tokens": 6,
+         "batch_size": 4, "num_samples_table": 13, "reference_column": "answer"},
+        {"name": "gen", "type": "generate", "model": "grpo", "dataset": held_out, "judge": {"model": "base"},
+         "num_samples": 2, "max_new_tokens": 4},
+    ]
+    recipe = write_recipe(tmp_path, stages)
+    result = launch(recipe, "--config_file", str(CONFIGS / "deepspeed_zero3.yaml"), env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0
+    run_dir = tmp_path / "run"
+    assert set(statuses(run_dir).values()) == {"completed"}
+    out = summary(run_dir)["stages"]
+    assert 0.0 <= out["grpo"]["metrics"]["eval_accuracy"] <= 1.0
+    listwise = [json.loads(line) for line in (run_dir / "gen" / "output" / "listwise.jsonl").read_text().splitlines()]
+    expected_prompts = [json.loads(line)["prompt"] for line in (DATA / "eval.jsonl").read_text().splitlines()[:13]]
+    assert [row["prompt"] for row in listwise] == expected_prompts  # every prompt once, in order
+    assert all(len(row["responses"]) == 2 for row in listwise)
+
+    # The same eval stage in one process (this one) on the same models: the same greedy responses, same metrics.
+    loaded = load_recipe(recipe)
+    spec = next(s for s in loaded.stages if s.name == "ev")
+    alone = runner_for("eval")(spec, StageContext(loaded, spec, run_dir))
+    assert alone == pytest.approx(out["ev"]["metrics"], abs=1e-6)
+    sharded = json.loads((run_dir / "ev" / "output" / "samples.json").read_text())["rows"]
+    single = json.loads((run_dir / "ev" / "output.partial" / "samples.json").read_text())["rows"]
+    assert [r["responses"] for r in sharded] == [r["responses"] for r in single]
+
+
+def test_a_launch_of_another_size_skips_finished_stages_and_refuses_their_checkpoints(tmp_path):
+    """World size is recorded per stage and per launch: a 1-process run killed mid-stage is not resumed by a
+    2-process launch (the global batch would double), the 1-process rerun is, and a later 2-process launch
+    skips every finished stage while their records still say how they were trained."""
+    recipe = write_recipe(tmp_path, tiny_stages(pretrain_steps=40)[:2])
+    run_dir = tmp_path / "run"
+    command, env = kill_at_checkpoint(recipe, run_dir / "base" / "checkpoints", "checkpoint-*/trainer_state.json",
+                                      settle=0.5)
+    refused = launch(recipe, "--multi_gpu")
+    assert refused.returncode != 0
+    assert (f"stage 'base': its checkpoints in {run_dir / 'base' / 'checkpoints'} were made by a launch of "
+            "1 process, and this launch is 2 processes, MULTI_CPU") in refused.stderr
+    assert any((run_dir / "base" / "checkpoints").iterdir())  # kept for the launch that can resume them
+
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    assert launch(recipe, "--multi_gpu").returncode == 0
+    stages = summary(run_dir)["stages"]
+    assert {name: stage["status"] for name, stage in stages.items()} == {"tok": "skipped", "base": "skipped"}
+    assert stages["base"]["launch"] == {"num_processes": 1, "distributed_type": "NO", "zero_stage": None}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [entry["num_processes"] for entry in manifest["launches"]] == [1, 2, 1, 2]
+    assert manifest["launch"] == manifest["launches"][-1] and manifest["launch"]["stage_seconds"] == {}
+    assert set(manifest["stage_seconds"]) == {"tok", "base"}  # timings of the launches that ran them, kept
+    assert "| base | skipped | 1 process |" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("arguments, config, rest", [
+    (["RECIPE", "--stages", "sft"], "accelerate_configs/deepspeed_zero3.yaml", ["--stages", "sft"]),
+    (["RECIPE", "accelerate_configs/multi_gpu.yaml", "--stages", "sft"], "accelerate_configs/multi_gpu.yaml",
+     ["--stages", "sft"]),
+    (["RECIPE"], "accelerate_configs/deepspeed_zero3.yaml", []),
+])
+def test_slurm_script_tells_config_from_run_options(tmp_path, arguments, config, rest):
+    """Without a CONFIG, `pipeline run` options go to the run, not to accelerate as its config file."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nshift 3\nprintf "%s\\n" "$@"\n')
+    (shims / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    result = subprocess.run(["bash", str(CONFIGS / "slurm.sbatch"), *arguments], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # srun's command after `bash -c SCRIPT`: config, GPUs per node, main host, port, recipe, run options.
+    assert result.stdout.splitlines() == [config, "8", "localhost", "29500", "RECIPE", *rest]
+
+
+def test_slurm_script_names_a_missing_config(tmp_path):
+    result = subprocess.run(["bash", str(CONFIGS / "slurm.sbatch"), "RECIPE", "nope.yaml"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "accelerate config 'nope.yaml' not found" in result.stderr

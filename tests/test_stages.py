@@ -25,6 +25,21 @@ def test_mixtral_moe_pretrain(tmp_path):
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
     assert out["metrics"]["eval_loss"] < out["metrics"]["train_loss"] + 1.0
 
+    # Unrouted experts get no gradient: DDP must search for unused parameters there, and only there.
+    from transformers import TrainingArguments
+
+    from pipeline.training import make_config
+
+    def find_unused(model_dir: str) -> bool | None:
+        return make_config("transformers.TrainingArguments", {}, output_dir=str(tmp_path / "args"), seed=0,
+                           model=load_causal_lm(model_dir)).ddp_find_unused_parameters
+
+    assert find_unused(out["output"]) is True
+    (tmp_path / "dense").mkdir()
+    dense = run(tmp_path / "dense", tiny_stages(pretrain_steps=1)[:2])["base"]
+    assert find_unused(dense["output"]) is False
+    assert TrainingArguments(output_dir=str(tmp_path / "args")).ddp_find_unused_parameters is None  # the default
+
 
 def test_lora_sft_adapter_and_merged(tmp_path):
     stages = tiny_stages(pretrain_steps=20, sft_steps=20)

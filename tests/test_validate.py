@@ -148,3 +148,22 @@ def test_override_value_is_typed(tmp_path):
     stages = copy.deepcopy(tiny_stages())
     recipe = load_recipe(write_recipe(tmp_path, stages), ["seed=3", "stages.base.block_size=32"])
     assert recipe.seed == 3 and recipe.stage("base").block_size == 32
+
+
+def test_ppo_under_zero3_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch):
+    """What `accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml` hands each process."""
+    stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "rewards": [{"function": "exact_match"}],
+                               "dataset": str(DATA / "prompts.jsonl")}]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    code, out = validate(tmp_path, capsys, stages)
+    assert code == 0, out
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    code, out = validate(tmp_path, capsys, stages)
+    assert code == 2 and "stage 'ppo': type ppo cannot run under DeepSpeed ZeRO-3" in out
+    recipe = str(tmp_path / "recipe.yaml")
+    assert main(["run", recipe]) == 2 and not (tmp_path / "run").exists()  # refused before the run directory exists
+    from pipeline.preflight import check_launch
+    from pipeline.recipe import load_recipe
+
+    check_launch(load_recipe(recipe), ["tok", "base", "sft"])  # a launch that leaves PPO out may run

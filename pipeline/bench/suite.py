@@ -213,6 +213,16 @@ def command(args) -> int:
         results = run_ppo_bench(args.model, args.model_size, args.steps, log)
         print(json.dumps(results) if args.json else ppo_table(results))
         return 0
+    if args.parallel_eval:
+        from pipeline.bench.parallel import parallel_table, run_parallel_eval
+
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_parallel_eval(args.model_size, args.parallel_eval, args.eval_rows, log)
+        report = parallel_table(results, args.model_size, args.eval_rows)
+        if args.json:
+            log(report)
+        print(json.dumps(results) if args.json else report)
+        return 0
     if args.memory:
         from pipeline.bench.scaling import memory_table, run_memory
 

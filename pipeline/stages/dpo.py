@@ -31,7 +31,7 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[training.DivergenceGuard(spec.name)])

@@ -11,6 +11,10 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
 - `perplexity/<m>`: of the reference completions, where the rows have them;
 - `accuracy/<m>@bon<N>`, `reward/<m>@bon<N>`: best-of-N, the reward model's pick among N samples.
 
+Under `accelerate launch` each process scores its share of the prompts and the results are gathered:
+the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N) draw from each process's
+random stream, so they vary with the process count as with the seed.
+
 Computations `evaluate` can express are local `evaluate` modules (`pipeline/metrics/`). Greedy responses
 to the first `num_samples_table` prompts are saved to `samples.json` in the output folder for the report.
 """
@@ -67,6 +71,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
     from pipeline.data import DataError, require_columns
+    from pipeline.distributed import map_shards
     from pipeline.generation import generate, generate_ids, prompt_text, response_logprobs
     from pipeline.metrics import load_metric
     from pipeline.modeling import load_causal_lm, load_tokenizer
@@ -79,6 +84,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     prompts, answers = list(rows["prompt"]), [str(a) for a in rows["answer"]]
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
     completions = list(rows[column]) if column else None
+    indices = list(range(len(prompts)))
 
     device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
 
@@ -87,8 +93,37 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         return (load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device),
                 load_tokenizer(path, trust_remote_code=spec.trust_remote_code))
 
-    def greedy(model, tokenizer) -> list[str]:
-        return generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+    def greedy(model, tokenizer, share: list[Any]) -> list[str]:
+        return generate(model, tokenizer, share, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
+
+    def per_prompt(model, tokenizer, share: list[int]) -> list[dict[str, Any]]:
+        """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
+        if not share:
+            return []
+        mine = [prompts[i] for i in share]
+        out = [{"response": r} for r in greedy(model, tokenizer, mine)]
+        if scorer is not None:
+            for row, score in zip(out, scorer(mine, [row["response"] for row in out])):
+                row["score"] = score
+        if reference is not None:
+            sampled = generate_ids(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+                                   batch_size=spec.batch_size, do_sample=True, temperature=1.0)
+            for row, logp, ref_logp in zip(out, response_logprobs(model, sampled, spec.batch_size),
+                                           response_logprobs(reference[0], sampled, spec.batch_size)):
+                row.update(logp=logp, ref_logp=ref_logp)
+        if completions is not None:
+            pairs = reference_pairs(tokenizer, mine, [completions[i] for i in share])
+            for row, logp in zip(out, response_logprobs(model, pairs, spec.batch_size)):
+                row["completion_logp"] = logp
+        if spec.best_of_n is not None:
+            n = spec.best_of_n.n
+            candidates = generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+                                  batch_size=max(spec.batch_size // n, 1), do_sample=True,
+                                  temperature=spec.best_of_n.temperature, num_return_sequences=n)
+            picks, best = best_of_n(candidates, scorer([p for p in mine for _ in range(n)], candidates), n)
+            for row, pick, score in zip(out, picks, best):
+                row.update(bon_pick=pick, bon_score=score)
+        return out
 
     exact_match = load_metric("exact_match")
     scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model else None
@@ -102,31 +137,26 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
 
     for label in spec.models:
         model, tokenizer = load(label)
-        responses = greedy(model, tokenizer)
+        if reference is not None and reference[1].get_vocab() != tokenizer.get_vocab():
+            raise DataError(f"{where}: KL needs the same tokenizer, and '{label}' and '{spec.reference}' differ")
+        # Each process scores its share of the prompts; every process gets all the results (pipeline.distributed).
+        results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
+        responses = [row["response"] for row in results]
         metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers)["exact_match"]
         if scorer is not None:
-            scores[label] = scorer(prompts, responses)
+            scores[label] = [row["score"] for row in results]
             metrics[f"reward/{label}"] = mean(scores[label])
         if reference is not None:
-            ref_model, ref_tokenizer = reference
-            if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise DataError(f"{where}: KL needs the same tokenizer, and '{label}' and '{spec.reference}' differ")
-            sampled = generate_ids(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                                   batch_size=spec.batch_size, do_sample=True, temperature=1.0)
             metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
-                predictions=response_logprobs(model, sampled, spec.batch_size),
-                references=response_logprobs(ref_model, sampled, spec.batch_size))["kl"]
+                predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
         if completions is not None:
-            logprobs = response_logprobs(model, reference_pairs(tokenizer, prompts, completions), spec.batch_size)
-            metrics[f"perplexity/{label}"] = load_metric("perplexity").compute(predictions=logprobs)["perplexity"]
+            metrics[f"perplexity/{label}"] = load_metric("perplexity").compute(
+                predictions=[row["completion_logp"] for row in results])["perplexity"]
         if spec.best_of_n is not None:
             n = spec.best_of_n.n
-            candidates = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                                  batch_size=max(spec.batch_size // n, 1), do_sample=True,
-                                  temperature=spec.best_of_n.temperature, num_return_sequences=n)
-            picks, best = best_of_n(candidates, scorer([p for p in prompts for _ in range(n)], candidates), n)
-            metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(predictions=picks, references=answers)["exact_match"]
-            metrics[f"reward/{label}@bon{n}"] = mean(best)
+            metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(
+                predictions=[row["bon_pick"] for row in results], references=answers)["exact_match"]
+            metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
         for i, row in enumerate(table):
             row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),
                                        "reward": scores[label][i] if label in scores else None}
@@ -134,7 +164,9 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
 
     if spec.baseline is not None:
         if spec.baseline not in scores:
-            scores[spec.baseline] = scorer(prompts, greedy(*load(spec.baseline)))
+            model, tokenizer = load(spec.baseline)
+            scores[spec.baseline] = map_shards(indices, lambda share: scorer(
+                [prompts[i] for i in share], greedy(model, tokenizer, [prompts[i] for i in share])) if share else [])
         win_rate = load_metric("win_rate")
         for label in spec.models:
             if label != spec.baseline:

@@ -10,7 +10,8 @@ output folder:
 - `data.jsonl`: a copy of one of them (`output_format`), which `reward`/`dpo` stages read when their dataset
   `path` names this stage.
 
-Responses to chat prompts are written as assistant messages, so the pairs match the prompt's format.
+Under `accelerate launch` each process samples and scores its share of the prompts; the main process writes
+all of them, in prompt order. Responses to chat prompts are written as assistant messages, so the pairs match the prompt's format.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
     from pipeline.data import DataError, require_columns
+    from pipeline.distributed import map_shards
     from pipeline.generation import generate
     from pipeline.modeling import load_causal_lm, load_tokenizer
     from pipeline.rewards import RewardModelScorer, build_reward_terms, completion_text
@@ -78,32 +80,53 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {rows.column_names}")
     k = spec.num_samples
     prompts = list(rows["prompt"])
+    indices = list(range(len(prompts)))
     device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
     path = ctx.resolve(spec.model)
     model = load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code)
-    texts = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
-                     batch_size=max(spec.batch_size // k, 1), do_sample=True, temperature=spec.temperature,
-                     num_return_sequences=k)
-    del model
 
-    # Score every sample the way TRL reward functions are called: repeated prompts, each row's columns alongside.
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                   for p, t in zip(flat_prompts, texts)]
-    columns = {c: [v for v in rows[c] for _ in range(k)] for c in rows.column_names if c != "prompt"}
-    total = [0.0] * len(texts)
+    def sample(share: list[int]) -> list[list[str]]:
+        """k responses to each prompt of `share`, this process's part of the prompts."""
+        texts = generate(model, tokenizer, [prompts[i] for i in share], max_new_tokens=spec.max_new_tokens,
+                         batch_size=max(spec.batch_size // k, 1), do_sample=True, temperature=spec.temperature,
+                         num_return_sequences=k) if share else []
+        return [texts[j * k:(j + 1) * k] for j in range(len(share))]
+
+    # Each process samples and scores its share of the prompts; every process gets all of it (pipeline.distributed).
+    texts = [text for group in map_shards(indices, sample) for text in group]
+    del model
+    completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
+                   for j, t in enumerate(texts)]
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve)
-    for function, weight in zip(functions, weights):
+    for function in functions:
         if isinstance(function, RewardModelScorer):
             function.model.to(device)
-        total = [t + weight * float(s) for t, s in zip(total, function(flat_prompts, completions, **columns))]
+    judge = None
     if spec.judge is not None:
         judge_path = ctx.resolve(spec.judge.model)
-        judge = load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(device)
-        rated = judge_scores(judge, load_tokenizer(judge_path, trust_remote_code=spec.trust_remote_code),
-                             flat_prompts, texts, spec.judge, spec.batch_size)
-        total = [t + spec.judge.weight * s for t, s in zip(total, rated)]
+        judge = (load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(device),
+                 load_tokenizer(judge_path, trust_remote_code=spec.trust_remote_code))
+
+    def score(share: list[int]) -> list[list[float]]:
+        """The weighted score of each of the k responses to each prompt of `share`."""
+        if not share:
+            return []
+        # Scored the way TRL reward functions are called: repeated prompts, each row's columns alongside.
+        subset = rows.select(share)
+        flat_prompts = [prompts[i] for i in share for _ in range(k)]
+        mine = [j * k + s for j in share for s in range(k)]
+        columns = {c: [v for v in subset[c] for _ in range(k)] for c in rows.column_names if c != "prompt"}
+        total = [0.0] * len(mine)
+        for function, weight in zip(functions, weights):
+            scores = function(flat_prompts, [completions[j] for j in mine], **columns)
+            total = [t + weight * float(s) for t, s in zip(total, scores)]
+        if judge is not None:
+            rated = judge_scores(*judge, flat_prompts, [texts[j] for j in mine], spec.judge, spec.batch_size)
+            total = [t + spec.judge.weight * s for t, s in zip(total, rated)]
+        return [total[j * k:(j + 1) * k] for j in range(len(share))]
+
+    total = [value for group in map_shards(indices, score) for value in group]
 
     pairwise, listwise, margins, paired_rows = [], [], [], 0
     for i, row in enumerate(rows):

@@ -29,12 +29,29 @@ def reward_trend(history: list[dict]) -> dict[str, float]:
     return {"train_reward_first": sum(rewards[:quarter]) / quarter, "train_reward_last": sum(rewards[-quarter:]) / quarter}
 
 
+def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int) -> float:
+    """Greedy exact match of the trainer's policy on the held-out rows, each process answering its share.
+
+    `unwrap_model_for_generation` hands generation the plain model, with its full weights gathered once
+    under ZeRO-3: called layer by layer through DeepSpeed's hooks instead, processes generating different
+    numbers of tokens would wait on each other's gathers forever.
+    """
+    from trl.models.utils import unwrap_model_for_generation
+
+    from pipeline.distributed import map_shards
+    from pipeline.generation import accuracy, generate
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        responses = map_shards(list(held_out["prompt"]), lambda share: generate(
+            model, tokenizer, share, max_new_tokens=max_new_tokens) if share else [])
+    return accuracy(responses, [str(a) for a in held_out["answer"]])
+
+
 def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     from trl import GRPOTrainer
 
     from pipeline import training
     from pipeline.data import DataError, require_columns
-    from pipeline.generation import held_out_accuracy
     from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
     from pipeline.preflight import check_prompt_lengths
 
@@ -48,18 +65,18 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     model, peft_config = load_policy(path, spec)
     functions, weights = build_rewards(spec, ctx)
     args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config,
                           callbacks=[training.DivergenceGuard(spec.name)])
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names
-    initial = held_out_accuracy(trainer.model, tokenizer, held_out, spec.max_new_tokens_eval) if measure else None
+    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval) if measure else None
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     metrics.update(reward_trend(trainer.state.log_history))
     if measure:
         metrics.update(initial_eval_accuracy=initial,
-                       eval_accuracy=held_out_accuracy(trainer.model, tokenizer, held_out, spec.max_new_tokens_eval))
+                       eval_accuracy=held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval))
     training.save(trainer, tokenizer, spec, ctx)
     return metrics

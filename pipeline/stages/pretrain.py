@@ -78,7 +78,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
         model = get_peft_model(model, lora_config(spec.peft, "CAUSAL_LM"))
 
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[training.DivergenceGuard(spec.name)])

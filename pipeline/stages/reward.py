@@ -56,6 +56,7 @@ def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer)
 
 
 def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
+    from accelerate import PartialState
     from trl import RewardTrainer
 
     from pipeline import training
@@ -72,17 +73,16 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     if isinstance(train[0]["prompt"], list) and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational pairs need a chat template; the tokenizer of '{spec.model}' has none")
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
-    train_ids, truncated_train = tokenize_pairs(train, tokenizer, args.max_length)
-    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, args.max_length)
-    if truncated_train or truncated_eval:
-        print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
-              f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
-
     model = load_reward_model(path, spec, ctx, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
+    train_ids, truncated_train = tokenize_pairs(train, tokenizer, args.max_length)
+    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, args.max_length)
+    if truncated_train or truncated_eval:
+        PartialState().print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
+              f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_ids, eval_dataset=eval_ids, processing_class=tokenizer,
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
