@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,13 +19,21 @@ PACKAGES = ("pipeline", "torch", "transformers", "trl", "peft", "accelerate", "d
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes; for a folder, of its files' names and digests (model folders hashed once)."""
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        stat = path.stat()
+        return _bytes_digest(path.resolve(), stat.st_mtime_ns, stat.st_size)
     listing = sorted(p for p in path.rglob("*") if p.is_file())
     return hashlib.sha256("".join(f"{p.relative_to(path)}:{file_digest(p)}\n" for p in listing).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _bytes_digest(path: Path, mtime_ns: int, size: int) -> str:
+    """A file's sha256, computed once per content version: the runner's fingerprints and the manifest both
+    ask for every input, and a model folder is gigabytes. A file written since has a new mtime, so a new key."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:

@@ -26,6 +26,7 @@ from pipeline.distributed import LaunchChanged, forget_zero3_init, launch_label,
 from pipeline.hub import push_if_configured
 from pipeline.manifest import file_digest, write_manifest
 from pipeline.recipe import Recipe, resolve_local
+from pipeline.stage_identity import stage_identity
 from pipeline.stages import runner_for
 
 
@@ -66,11 +67,12 @@ def upstream_stages(recipe: Recipe, stage) -> list[str]:
 
 
 def fingerprint(recipe: Recipe, stage, upstream: dict[str, str]) -> str:
-    """Hash of everything that determines a stage's result: its spec, args, seed, input files, upstream stages."""
+    """Hash of everything that determines a stage's result: its spec, args, seed, input files, upstream stages,
+    and the code, library versions and hardware choices it runs with (`pipeline.stage_identity`)."""
     payload = {
         "spec": {k: v for k, v in dataclasses.asdict(stage).items() if k != "push_to_hub"},  # publishing, not an input
         "args": recipe.stage_args(stage), "seed": recipe.seed,
-        "inputs": input_files(recipe, stage), "upstream": upstream,
+        "inputs": input_files(recipe, stage), "upstream": upstream, "runs_with": stage_identity(stage.type),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -1,0 +1,88 @@
+"""What a stage's result depends on beyond its recipe and inputs, for its fingerprint.
+
+A rerun may skip a stage only if nothing that shapes its result changed: the project's code the stage
+runs (its module and every `pipeline` module it imports, directly or inside functions), the versions of
+the libraries it calls, and what the hardware resolved (precision, attention kernel, GPU fast paths,
+which switch on by themselves when `vllm` or `liger-kernel` is installed).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes",
+             "deepspeed", "safetensors", "evaluate", "gguf")
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a `pipeline` module, found without importing it; None for a name that is not a module."""
+    parts = name.split(".")[1:]
+    candidates = [PACKAGE_ROOT.joinpath(*parts).with_suffix(".py"), PACKAGE_ROOT.joinpath(*parts, "__init__.py")]
+    return next((path for path in candidates if parts and path.is_file()), PACKAGE_ROOT / "__init__.py" if not parts else None)
+
+
+def imported_pipeline_modules(source: str, package: str) -> set[str]:
+    """`pipeline.*` modules one module's source imports, at the top or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "pipeline")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import: resolve against the importing module's package
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] == "pipeline":
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pipeline import x` may be a module
+    return found
+
+
+@functools.cache
+def code_digest(module: str) -> str:
+    """sha256 over the source of `module` and of every `pipeline` module it reaches through imports."""
+    seen: dict[str, str] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        path = module_file(name)
+        if path is None:  # a name imported from a module, not a module itself
+            continue
+        source = path.read_text()
+        seen[name] = hashlib.sha256(source.encode()).hexdigest()
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        pending += sorted(imported_pipeline_modules(source, package) - seen.keys())
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(seen.items())).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def resolved_hardware() -> dict[str, Any]:
+    """The choices made from the hardware rather than the recipe."""
+    from pipeline.modeling import attn_implementation, use_bf16
+    from pipeline.training import gpu_fast_paths
+
+    return {"bf16": use_bf16(), "attn_implementation": attn_implementation(), "fast_paths": gpu_fast_paths()}
+
+
+def stage_identity(stage_type: str) -> dict[str, Any]:
+    """Everything outside the recipe that a stage of this type's result depends on."""
+    return {"code": code_digest(f"pipeline.stages.{stage_type}"), "libraries": library_versions(),
+            "hardware": resolved_hardware()}
