@@ -66,7 +66,7 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
     run_dir = tmp_path / "run"
     assert set(statuses(run_dir).values()) == {"completed"}
     # One main process logs and writes; the other rank only trains.
-    assert result.stdout.count("[sft] running") == 1 and result.stdout.count("run finished") == 1
+    assert result.stdout.count("sft: running") == 1 and result.stdout.count("run finished") == 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["launch"]["num_processes"] == 2 and manifest["launch"]["distributed_type"].endswith("MULTI_CPU")
     assert "![sft curves](plots/sft.png)" in (run_dir / "report.md").read_text()
