@@ -96,7 +96,8 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks (also PIPELINE_DEBUG=1)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # before or after the command
+                        help="show Python tracebacks (also PIPELINE_DEBUG=1)")
     parser = argparse.ArgumentParser(prog="pipeline", description="Run a staged post-training recipe.",
                                      parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)

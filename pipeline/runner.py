@@ -182,7 +182,7 @@ class Runner:
                    if self.summary["stages"][u]["status"] not in ("completed", "skipped")]
         if missing:
             raise RunError(f"stage '{stage.name}' needs {missing}, which have not completed; "
-                               f"run them too (--stages {','.join(missing + [stage.name])})")
+                           f"run them too (--stages {','.join(missing + [stage.name])})")
         self.prepare_stage_dir(stage_dir, expected)
         return "run", None
 
@@ -255,6 +255,7 @@ class Runner:
         (stage_dir / "output.partial").mkdir(exist_ok=True)  # stages that only measure still publish a folder
         if final.exists():
             os.replace(final, old)  # the old output is deleted only once the new one is in place
+        (stage_dir / "result.json").unlink(missing_ok=True)  # the old record must never vouch for the new output
         os.replace(stage_dir / "output.partial", final)
         write_json(stage_dir / "result.json", {"fingerprint": expected, "metrics": metrics,
                                                "seconds": self.timings[stage_dir.name]})

@@ -337,7 +337,11 @@ def test_no_op_rerun_keeps_the_stage_timings(tiny_run):
 
 
 def test_an_error_inside_a_stage_is_one_line_and_debug_shows_the_traceback(tiny_run):
+    """Also: no progress bars and no library notices the user cannot act on (a reward model's fresh score head
+    is expected, so transformers' LOAD REPORT of it is not shown)."""
     stages = tiny_stages(pretrain_steps=4, sft_steps=4) + [
+        {"name": "rm", "type": "reward", "model": "sft", "dataset": {"path": str(PREFS), "max_samples": 40},
+         "args": {"max_steps": 2, "per_device_train_batch_size": 8}},
         {"name": "grpo", "type": "grpo", "model": "sft", "dataset": {"path": str(PROMPTS), "max_samples": 32},
          "rewards": [{"function": "tests.faulty:reward_failing"}],
          "args": {"max_steps": 1, "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 4}}]
@@ -350,8 +354,26 @@ def test_an_error_inside_a_stage_is_one_line_and_debug_shows_the_traceback(tiny_
     assert error == [f"error: stage 'grpo' failed: RuntimeError: a reward function with a bug (the traceback is in "
                      f"{tiny_run / 'run' / 'grpo' / 'error.txt'}; --debug or PIPELINE_DEBUG=1 prints it)"]
     assert "a reward function with a bug" in (tiny_run / "run" / "grpo" / "error.txt").read_text()
-    assert "[4/4] grpo: failed after" in result.stdout
+    assert "[5/5] grpo: failed after" in result.stdout
+    assert "[4/4] rm: completed in" not in result.stdout and "[4/5] rm: completed in" in result.stdout
+    assert [line.split()[:2] for line in result.stdout.splitlines()[-6:]] == [  # the end-of-run table
+        ["stage", "status"], ["tok", "skipped"], ["base", "skipped"], ["sft", "skipped"], ["rm", "completed"],
+        ["grpo", "failed"]]
+    console = result.stdout + result.stderr
+    assert "\r" not in console and "it/s]" not in console  # no progress bars
+    assert "LOAD REPORT" not in console and "MISSING" not in console
 
     debug = pipeline_cli("run", str(recipe), env={"PIPELINE_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert "RuntimeError: a reward function with a bug" in debug.stderr
+
+
+def test_lora_targets_are_checked_against_a_local_model_folder(tiny_run, tmp_path, capsys):
+    stage = {"name": "more", "type": "sft", "model": str(tiny_run / "run" / "sft" / "output"),
+             "dataset": {"path": str(SFT), "max_samples": 50}, "peft": {"target_modules": ["c_attn", "v_proj"]}}
+    code = main(["validate", str(write_recipe(tmp_path, [stage]))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "stage 'more': peft.target_modules: 'c_attn' is not a module of the model" in err and "v_proj'" not in err
+    stage["peft"] = {"target_modules": ["q_proj", "v_proj"]}
+    assert main(["validate", str(write_recipe(tmp_path, [stage]))]) == 0, capsys.readouterr().err
