@@ -82,9 +82,7 @@ def _origin_config(recipe: Recipe, ref: Any, trust_remote_code: bool):
         if upstream.type == "pretrain" and isinstance(upstream.model, dict):
             return _fresh(upstream)
         ref = getattr(upstream, "model", None)
-    if isinstance(ref, dict):
-        return None
-    if not isinstance(ref, str):
+    if not isinstance(ref, str):  # a fresh config inside a stage that is not pretrain: nothing to follow
         return None
     local = resolve_local(ref, recipe.path)
     if local is not None and (local / "adapter_config.json").is_file():

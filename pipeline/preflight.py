@@ -77,7 +77,7 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
     data_format = require_columns(dataset, formats, where) if formats else None
     if training:
         require_reward_columns(stage, dataset.column_names, where)
-    kind, numbers = row_numbers(local.resolve() if local.is_file() else local / "data.jsonl", len(dataset))
+    kind, numbers = row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset))
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
     warnings: list[str] = []

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from types import SimpleNamespace
 
+import pytest
+
 from pipeline import progress
+from tests.conftest import REPO
 
 
 def test_durations_read_as_a_person_writes_them():
@@ -33,3 +39,11 @@ def test_a_line_per_interval_with_an_estimate_from_the_steps_so_far(capsys, monk
     state.global_step = 130
     callback.on_step_end(None, state, None)
     assert capsys.readouterr().out == "[3/8] sft: step 130/400, loss 0.8123, 1m40s elapsed, about 13m12s left\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_cpu_notice_is_filtered_at_its_source():
+    code = "import pipeline, deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr
