@@ -2,17 +2,19 @@
 
 The runner names the stage (`begin`); Trainer stages report their steps through `StageProgress`,
 which replaces transformers' progress bars (a bar redrawn at every step fills a log file with
-thousands of updates) with a line at most every `PIPELINE_PROGRESS_SECONDS` (default 15).
+thousands of updates) with a line at most every `PIPELINE_PROGRESS_SECONDS` (default 15); other
+stages get a `Heartbeat` line with the time elapsed.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from transformers import TrainerCallback
 
-_stage = {"label": "", "started": 0.0}
+_stage = {"label": "", "started": 0.0, "said": 0.0}  # the running stage; when a progress line was last printed
 
 
 def quiet_library_bars() -> None:
@@ -29,8 +31,45 @@ def quiet_library_bars() -> None:
 
 def begin(index: int, total: int, name: str) -> str:
     """Mark stage `index` (1-based) of `total` as the one running; returns its `[k/N] name` label."""
-    _stage.update(label=f"[{index}/{total}] {name}", started=time.time())
+    _stage.update(label=f"[{index}/{total}] {name}", started=time.time(), said=time.time())
     return _stage["label"]
+
+
+def interval_seconds() -> float:
+    return float(os.environ.get("PIPELINE_PROGRESS_SECONDS", 15))
+
+
+def say(line: str) -> None:
+    """Print a progress line (and note when, so the heartbeat keeps quiet while a stage reports itself)."""
+    print(line, flush=True)
+    _stage["said"] = time.time()
+
+
+class Heartbeat:
+    """`[8/8] eval: running, 2m30s elapsed` whenever a stage has said nothing for 4 progress intervals: for the
+    stages without Trainer steps (tokenizer, eval, generate; PPO draws its own bar), from a background thread."""
+
+    def __init__(self, interval: float | None = None):
+        self.interval = 4 * interval_seconds() if interval is None else interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True, name="pipeline-heartbeat")
+
+    def tick(self) -> None:
+        """Print the line if it is due."""
+        if time.time() - _stage["said"] >= self.interval:
+            say(f"{_stage['label']}: running, {duration(stage_elapsed())} elapsed")
+
+    def beat(self) -> None:
+        while not self.stop.wait(min(self.interval, 5.0)):
+            self.tick()
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def stage_label() -> str:
@@ -64,7 +103,7 @@ class StageProgress(TrainerCallback):
     """A progress line per interval from the Trainer's steps, with an estimate from the steps so far."""
 
     def __init__(self, interval: float | None = None):
-        self.interval = float(os.environ.get("PIPELINE_PROGRESS_SECONDS", 15)) if interval is None else interval
+        self.interval = interval_seconds() if interval is None else interval
         self.first_step: int | None = None  # the step this process started from (a resumed run starts later)
         self.began = self.last = 0.0
 
@@ -81,5 +120,5 @@ class StageProgress(TrainerCallback):
         left = (now - self.began) / done * (state.max_steps - state.global_step) if done > 0 else None
         losses = [row["loss"] for row in state.log_history if "loss" in row]
         elapsed = stage_elapsed() if stage_label() else now - self.began  # outside a run: since training began
-        print(progress_line(stage_label() or "training", state.global_step, state.max_steps,
-                            losses[-1] if losses else None, elapsed, left), flush=True)
+        say(progress_line(stage_label() or "training", state.global_step, state.max_steps,
+                          losses[-1] if losses else None, elapsed, left))

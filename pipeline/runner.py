@@ -10,6 +10,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -209,7 +210,8 @@ class Runner:
 
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
         try:
-            metrics = runner_for(stage.type)(stage, ctx)
+            with progress.Heartbeat() if self.is_main else contextlib.nullcontext():
+                metrics = runner_for(stage.type)(stage, ctx)
         except BaseException as err:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
             # (pipeline.distributed); the launcher stops them when this process exits.

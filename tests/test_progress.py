@@ -41,6 +41,24 @@ def test_a_line_per_interval_with_an_estimate_from_the_steps_so_far(capsys, monk
     assert capsys.readouterr().out == "[3/8] sft: step 130/400, loss 0.8123, 1m40s elapsed, about 13m12s left\n"
 
 
+def test_heartbeat_speaks_only_when_the_stage_has_been_quiet(capsys, monkeypatch):
+    clock = [500.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    progress.begin(8, 8, "eval")
+    heartbeat = progress.Heartbeat(interval=60)
+    clock[0] += 59
+    heartbeat.tick()
+    assert capsys.readouterr().out == ""
+    clock[0] += 91
+    heartbeat.tick()
+    assert capsys.readouterr().out == "[8/8] eval: running, 2m30s elapsed\n"
+    clock[0] += 30
+    progress.say("[8/8] eval: something else said where it is")
+    clock[0] += 59
+    heartbeat.tick()  # 59 s since the last line: quiet
+    assert capsys.readouterr().out == "[8/8] eval: something else said where it is\n"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_cpu_notice_is_filtered_at_its_source():
     code = "import pipeline, deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator()"
