@@ -71,7 +71,7 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
 
 def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
     """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
-    from pipeline.preferences import detect_preference_format, to_pairwise
+    from pipeline.preferences import to_pairwise
 
     formats = stage.formats() if hasattr(stage, "formats") else None
     data_format = require_columns(dataset, formats, where) if formats else None
@@ -81,11 +81,10 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
     warnings: list[str] = []
-    if stage.type in PREFERENCE_STAGE_TYPES:
-        preference_format = detect_preference_format(dataset.column_names, where)
-        columns += ("prompt",) if "prompt" in dataset.column_names else ()
+    if stage.type in PREFERENCE_STAGE_TYPES:  # their formats are pipeline.preferences': pairwise, pointwise, listwise
+        columns += ("prompt",) if "prompt" not in columns else ()  # optional in pairwise rows, checked where given
         problems = row_problems(dataset, columns, rows)
-        if not problems and preference_format == "pairwise":
+        if not problems and data_format == "pairwise":
             problems, warnings = identical_pairs(dataset, rows)
         if not problems:  # what remains is the conversion's own (HH-RLHF transcripts, scores, message splits)
             to_pairwise(dataset, where, rows.one)
