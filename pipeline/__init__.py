@@ -1,4 +1,5 @@
 import logging
+import os
 import warnings
 
 # Library messages a user cannot act on, silenced once for every command:
@@ -14,3 +15,8 @@ warnings.filterwarnings("ignore", message="The `'keep_end'` truncation mode is d
 # - accelerate's save_state drops the tied copy of the embedding (lm_head) from a PPO checkpoint and asks
 #   to check that reloading works: tests/test_ppo.py resumes a killed run to the same numbers as an unbroken one.
 logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
+# - DeepSpeed, when installed, logs on import in every process of a CPU machine that it chose the CPU.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+# - `datasets` draws a progress bar for every map and filter (hundreds per run); the run's own progress lines
+#   (pipeline.progress) say where it is. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,12 +16,20 @@ def run_dir_for(recipe, output_dir: str | None) -> Path:
     return Path(output_dir or recipe.output_dir or f"runs/{recipe.name}").resolve()
 
 
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"{rank_label()}warning: {warning}", file=sys.stderr)
+
+
 def cmd_validate(args) -> int:
-    from pipeline.preflight import check_data, check_launch
+    from pipeline.preflight import check_data, check_launch, output_dir_problem
 
     recipe = load_recipe(args.recipe, args.set)
     check_launch(recipe)
-    check_data(recipe)
+    problem = output_dir_problem(run_dir_for(recipe, None))
+    if problem:
+        raise RecipeError([f"{args.recipe}: output_dir: {problem}"])
+    print_warnings(check_data(recipe))
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
     return 0
 
@@ -40,11 +49,12 @@ def cmd_run(args) -> int:
     check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
-    check_data(recipe, selected)
+    warnings = check_data(recipe, selected)
     runner = Runner(recipe, run_dir, selected)
-    summary = runner.run()
-    statuses = ", ".join(f"{n}: {s['status']}" for n, s in summary["stages"].items())
-    runner.log(f"run finished in {run_dir} ({statuses})")
+    if runner.is_main:
+        print_warnings(warnings)
+    runner.run()
+    runner.log(f"run finished in {run_dir}")
     # Every rank is past its last collective. Left to interpreter shutdown, gloo's worker threads can abort
     # a finished run (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489).
     # Only on success: a failed rank may leave others inside a collective that destroying would hang.
@@ -87,15 +97,19 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline", description="Run a staged post-training recipe.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # before or after the command
+                        help="show Python tracebacks (also PIPELINE_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="pipeline", description="Run a staged post-training recipe.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a recipe without training")
+    p = sub.add_parser("validate", parents=[common], help="check a recipe without training")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run a recipe's stages")
+    p = sub.add_parser("run", parents=[common], help="run a recipe's stages")
     p.add_argument("recipe")
     p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or runs/NAME)")
     p.add_argument("--stages", help="comma-separated stage names to run (others are skipped or left pending)")
@@ -103,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a recipe key, e.g. stages.sft.args.max_steps=10 (repeatable)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="rebuild report.md for a run directory")
+    p = sub.add_parser("report", parents=[common], help="rebuild report.md for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("push", help="upload a finished stage's output and a model card to the Hugging Face Hub")
+    p = sub.add_parser("push", parents=[common], help="upload a finished stage's output and a model card to the Hugging Face Hub")
     p.add_argument("run_dir")
     p.add_argument("stage")
     p.add_argument("--repo-id", required=True, help="owner/name; the token comes from HF_TOKEN or `hf auth login`")
@@ -116,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-adapter", action="store_true", help="upload a LoRA adapter merged into its base")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("make-data", help="regenerate the quickstart datasets")
+    p = sub.add_parser("make-data", parents=[common], help="regenerate the quickstart datasets")
     p.add_argument("out_dir", nargs="?", default="data/quickstart")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("bench", help="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
+    p = sub.add_parser("bench", parents=[common], help="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
     p.add_argument("--stages", default=",".join(WORKLOADS), help="comma-separated stage types")
     p.add_argument("--model-size", default="small", choices=list(SIZES),
                    help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")
@@ -144,20 +158,45 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except RecipeError as err:
         print(f"{rank_label()}recipe error:\n  " + "\n  ".join(err.problems), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{rank_label()}interrupted; `pipeline run` again resumes from the last checkpoint", file=sys.stderr)
+        return 130
     except Exception as err:
-        from pipeline.data import DataError
-        from pipeline.distributed import LaunchChanged, MainProcessFailed
-        from pipeline.training import TrainingDiverged
+        # Under torchrun the error must leave the process: the launcher's "Root Cause" reports it.
+        if debug or ("TORCHELASTIC_ERROR_FILE" in os.environ and not is_user_error(err)):
+            raise
+        print(error_line(err), file=sys.stderr)
+        return 1
 
-        if isinstance(err, (DataError, TrainingDiverged, MainProcessFailed, LaunchChanged)):
-            print(f"{rank_label()}error: {err}", file=sys.stderr)
-            return 1
-        raise
+
+def is_user_error(err: Exception) -> bool:
+    """Errors whose message says everything: bad data, a diverged loss, a failure the main process reported,
+    a run that cannot go on as asked."""
+    from pipeline.data import DataError
+    from pipeline.distributed import LaunchChanged, MainProcessFailed
+    from pipeline.runner import RunError
+    from pipeline.training import TrainingDiverged
+
+    return isinstance(err, (DataError, TrainingDiverged, MainProcessFailed, RunError, LaunchChanged))
+
+
+def error_line(err: Exception) -> str:
+    """What a user sees of an error instead of a traceback: the message, and where the traceback is."""
+    if is_user_error(err):
+        return "\n".join(f"{rank_label()}error: {line}" for line in str(err).splitlines())
+    message = " ".join(str(err).split()) or "(no message)"
+    stage = getattr(err, "pipeline_stage", None)  # set by the runner on errors raised inside a stage
+    where = f"stage '{stage[0]}' failed: " if stage else ""
+    told = f"the traceback is in {stage[1]}; " if stage else ""
+    return f"{rank_label()}error: {where}{type(err).__name__}: {message} ({told}--debug or PIPELINE_DEBUG=1 prints it)"
 
 
 if __name__ == "__main__":

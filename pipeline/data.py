@@ -25,6 +25,19 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
 
 
+def jsonl_lines(path: Path) -> list[int]:
+    """The file line number of each row `read_jsonl` returns (blank lines hold no row), for messages."""
+    with _open_text(path) as f:
+        return [number for number, line in enumerate(f, start=1) if line.strip()]
+
+
+def row_numbers(path: Path, rows: int) -> tuple[str, list[int]]:
+    """How a user finds each row of a local file: ("line", file line numbers) for JSONL, else ("row", 1..n)."""
+    if path.name.removesuffix(".gz").endswith(".jsonl"):
+        return "line", jsonl_lines(path)
+    return "row", list(range(1, rows + 1))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with _open_text(path) as f:
@@ -32,7 +45,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                # Without its newline: an error at the end of the line is then reported at its own column,
+                # not as "column 1" of the line after.
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {number}: invalid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
@@ -41,10 +56,46 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _kind(value: Any) -> str | None:
+    """A JSON value's kind as a table column sees it (a list by its items' kind); None for null or []."""
+    if value is None or value == []:
+        return None  # fits any column
+    if isinstance(value, list):
+        items = {_kind(v) for v in value} - {None}
+        return f"a list of {items.pop().removeprefix('a ').removeprefix('an ')}s" if len(items) == 1 else "a mixed list"
+    return {dict: "an object", str: "a string", bool: "true/false"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def mixed_column(rows: list[dict[str, Any]]) -> tuple[str, int, str, str] | None:
+    """(column, first row index, its kind, the column's usual kind) for a column whose values are of different
+    JSON kinds (a table column has one type), or None."""
+    kinds: dict[str, dict[str, list[int]]] = {}
+    for index, row in enumerate(rows):
+        for column, value in row.items():
+            if _kind(value) is not None:
+                kinds.setdefault(column, {}).setdefault(_kind(value), []).append(index)
+    for column, by_kind in kinds.items():
+        if len(by_kind) > 1:
+            usual = max(by_kind, key=lambda k: len(by_kind[k]))
+            odd = min((k for k in by_kind if k != usual), key=lambda k: by_kind[k][0])
+            return column, by_kind[odd][0], odd, usual
+    return None
+
+
 def read_local(path: Path) -> Dataset:
     name = path.name.removesuffix(".gz")
     if name.endswith(".jsonl"):
-        return Dataset.from_list(read_jsonl(path))
+        rows = read_jsonl(path)
+        try:
+            return Dataset.from_list(rows)
+        except (ValueError, TypeError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError: a column of mixed types
+            mixed = mixed_column(rows)
+            if mixed is None:
+                raise DataError(f"{path}: cannot be read as a table: {err}") from None
+            column, index, kind, usual = mixed
+            raise DataError(f"{path} line {jsonl_lines(path)[index]}: column '{column}' is {kind} where other rows "
+                            f"have {usual}; a column holds one kind of value") from None
     if name.endswith(".json"):
         with _open_text(path) as f:
             try:

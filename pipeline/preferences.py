@@ -20,7 +20,7 @@ import json
 import math
 import re
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from datasets import Dataset
 
@@ -51,22 +51,29 @@ def detect_preference_format(column_names: Iterable[str], where: str = "preferen
     raise DataError(f"{where}: dataset has columns {columns}; expected one of these preference formats: {options}")
 
 
-def to_pairwise(dataset: Dataset, where: str) -> Dataset:
-    """`dataset` in any accepted preference format as exactly the columns `prompt`, `chosen`, `rejected`."""
+def to_pairwise(dataset: Dataset, where: str, row_label: Callable[[int], str] | None = None) -> Dataset:
+    """`dataset` in any accepted preference format as exactly the columns `prompt`, `chosen`, `rejected`.
+
+    `row_label(i)` names row i in messages (preflight passes the file's line numbers); default `WHERE: row i`.
+    """
     form = detect_preference_format(dataset.column_names, where)
+    label = row_label or (lambda row: f"{where}: row {row}")
     convert = {"pairwise": _from_pairwise, "pointwise": _from_pointwise, "listwise": _from_listwise}[form]
-    pairs = convert(dataset, where)
+    pairs = convert(dataset, where, label)
     if not pairs:
         hint = "" if form == "pairwise" else "; a prompt needs two responses with different scores to make a pair"
         raise DataError(f"{where}: no preference pairs from {len(dataset)} {form} row(s){hint}")
+    if all(pair["chosen"] == pair["rejected"] for pair in pairs):  # every gradient would be zero
+        raise DataError(f"{where}: in all {len(pairs)} pairs 'chosen' equals 'rejected', so there is no "
+                        "preference to learn; check the columns")
     return Dataset.from_list(pairs)
 
 
-def _values(dataset: Dataset, column: str, where: str) -> list[Any]:
+def _values(dataset: Dataset, column: str, label: Callable[[int], str]) -> list[Any]:
     """A column's values, each checked to be a string or a list of {role, content} messages."""
     values = list(dataset[column])
     for row, value in enumerate(values):
-        _check_value(value, f"{where}: row {row}: column '{column}'")
+        _check_value(value, f"{label(row)}: column '{column}'")
     return values
 
 
@@ -107,10 +114,10 @@ def _ranked_pairs(prompt: Any, responses: list[Any], scores: list[float] | None)
             if scores is None or scores[i] > scores[j]]
 
 
-def _from_pointwise(dataset: Dataset, where: str) -> list[Pair]:
-    prompts = _values(dataset, "prompt", where)
-    responses = _values(dataset, "response", where)
-    scores = [_score(s, f"{where}: row {row}: column 'score'") for row, s in enumerate(dataset["score"])]
+def _from_pointwise(dataset: Dataset, where: str, label: Callable[[int], str]) -> list[Pair]:
+    prompts = _values(dataset, "prompt", label)
+    responses = _values(dataset, "response", label)
+    scores = [_score(s, f"{label(row)}: column 'score'") for row, s in enumerate(dataset["score"])]
     # Group by a canonical JSON key so message-list prompts group too; dicts keep first-seen order
     groups: dict[str, tuple[Any, list[Any], list[float]]] = {}
     for prompt, response, score in zip(prompts, responses, scores):
@@ -120,12 +127,12 @@ def _from_pointwise(dataset: Dataset, where: str) -> list[Pair]:
     return [pair for prompt, rs, ss in groups.values() for pair in _ranked_pairs(prompt, rs, ss)]
 
 
-def _from_listwise(dataset: Dataset, where: str) -> list[Pair]:
-    prompts = _values(dataset, "prompt", where)
+def _from_listwise(dataset: Dataset, where: str, label: Callable[[int], str]) -> list[Pair]:
+    prompts = _values(dataset, "prompt", label)
     all_scores = list(dataset["scores"]) if "scores" in dataset.column_names else [None] * len(prompts)
     pairs = []
     for row, (prompt, responses, scores) in enumerate(zip(prompts, dataset["responses"], all_scores)):
-        what = f"{where}: row {row}"
+        what = label(row)
         if not isinstance(responses, list):
             raise DataError(f"{what}: column 'responses' must be a list, got {responses!r:.80}")
         for response in responses:
@@ -139,16 +146,16 @@ def _from_listwise(dataset: Dataset, where: str) -> list[Pair]:
     return pairs
 
 
-def _from_pairwise(dataset: Dataset, where: str) -> list[Pair]:
-    chosen = _values(dataset, "chosen", where)
-    rejected = _values(dataset, "rejected", where)
+def _from_pairwise(dataset: Dataset, where: str, label: Callable[[int], str]) -> list[Pair]:
+    chosen = _values(dataset, "chosen", label)
+    rejected = _values(dataset, "rejected", label)
     if "prompt" in dataset.column_names:
-        return [_harmonize(p, c, r) for p, c, r in zip(_values(dataset, "prompt", where), chosen, rejected)]
+        return [_harmonize(p, c, r) for p, c, r in zip(_values(dataset, "prompt", label), chosen, rejected)]
     # Majority vote, so a few malformed transcripts are dropped rather than the whole set read as plain text
     if sum(isinstance(c, str) and isinstance(r, str) and _looks_like_transcript(c)
            for c, r in zip(chosen, rejected)) * 2 > len(chosen):
         return _from_transcripts(chosen, rejected, where)
-    return [_split_messages(c, r, f"{where}: row {row}") if isinstance(c, list) or isinstance(r, list)
+    return [_split_messages(c, r, label(row)) if isinstance(c, list) or isinstance(r, list)
             else {"prompt": "", "chosen": c, "rejected": r}  # TRL reads an empty prompt as "none"
             for row, (c, r) in enumerate(zip(chosen, rejected))]
 

@@ -8,40 +8,93 @@ once its trainer has prepared the data, before it trains.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.data import DataError, load_source, require_columns
+from pipeline.data import DataError, load_source, require_columns, row_numbers
+from pipeline.data_checks import Rows, identical_pairs, row_problems, split_problem
 from pipeline.recipe import Recipe, StageSpec, resolve_local
 
 MIN_FREE_BYTES = 1 << 30
 # Columns that built-in rule rewards (pipeline.rewards) read from each training row.
 REWARD_COLUMNS = {"exact_match": ("answer",)}
+PREFERENCE_STAGE_TYPES = ("reward", "dpo")
+UNSPLIT_STAGE_TYPES = ("eval", "generate")  # they read every row; the others hold out `test_size`
 
 
-def check_data(recipe: Recipe, selected: list[str] | None = None) -> None:
-    """Read every local dataset of the stages that will run: JSON, the columns the stage needs, and a chat
-    template for conversational rows. Hub data is checked when the stage loads it."""
+def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
+    """Read every local dataset of the stages that will run, in file order: JSON, the columns and values the
+    stage needs, chat messages and a chat template for them, preference pairs, and that the held-out split
+    leaves rows to train on. Hub data is checked when the stage loads it.
+
+    Raises a DataError listing every problem (one per line); returns warnings about data that trains but
+    partly teaches nothing.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
     names = {s.name for s in recipe.stages}
     for stage in recipe.stages:
         if selected is not None and stage.name not in selected:
             continue
-        formats = stage.formats() if hasattr(stage, "formats") else None
         for key, spec in stage.data_specs():
             sources = [(s, True) for s in spec.sources] + ([(spec.eval, False)] if spec.eval else [])
+            train_rows: int | None = 0  # None once a source is not a local file (its size is unknown here)
             for source, training in sources:
-                if source.path in names or resolve_local(source.path, recipe.path) is None:
+                local = None if source.path in names else resolve_local(source.path, recipe.path)
+                if local is None:
+                    train_rows = None if training else train_rows
                     continue
-                dataset = load_source(source, recipe_path=recipe.path)
                 where = f"stage '{stage.name}': {key} '{source.path}'"
-                if formats:
-                    require_columns(dataset, formats, where)
-                if training:
-                    require_reward_columns(stage, dataset.column_names, where)
-                if is_conversational(dataset[0]):
-                    require_chat_template(recipe, stage, where)
+                try:
+                    dataset = load_source(source, recipe_path=recipe.path)
+                except DataError as err:  # the file itself: its message names it (and the line)
+                    errors.append(f"stage '{stage.name}': {key}: {err}")
+                    continue
+                try:
+                    found = check_source(recipe, stage, dataset, local, where, training)
+                except DataError as err:
+                    errors.append(str(err))
+                    continue
+                warnings += found
+                if training and train_rows is not None:
+                    train_rows += math.ceil(len(dataset) * source.weight)
+            if train_rows and spec.eval is None and stage.type not in UNSPLIT_STAGE_TYPES:
+                problem = split_problem(train_rows, spec.test_size)
+                errors += [f"stage '{stage.name}': {key}.{problem}"] if problem else []
+    if errors:
+        raise DataError("\n".join(dict.fromkeys(errors)))
+    return warnings
+
+
+def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
+    """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
+    from pipeline.preferences import to_pairwise
+
+    formats = stage.formats() if hasattr(stage, "formats") else None
+    data_format = require_columns(dataset, formats, where) if formats else None
+    if training:
+        require_reward_columns(stage, dataset.column_names, where)
+    kind, numbers = row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset))
+    rows = Rows(where, kind, numbers)
+    columns = formats[data_format] if formats else ()
+    warnings: list[str] = []
+    if stage.type in PREFERENCE_STAGE_TYPES:  # their formats are pipeline.preferences': pairwise, pointwise, listwise
+        columns += ("prompt",) if "prompt" not in columns else ()  # optional in pairwise rows, checked where given
+        problems = row_problems(dataset, columns, rows)
+        if not problems and data_format == "pairwise":
+            problems, warnings = identical_pairs(dataset, rows)
+        if not problems:  # what remains is the conversion's own (HH-RLHF transcripts, scores, message splits)
+            to_pairwise(dataset, where, rows.one)
+    else:
+        problems = row_problems(dataset, columns, rows, sft_messages=data_format == "messages")
+    if problems:
+        raise DataError("\n".join(problems))
+    if is_conversational(dataset[0]):
+        require_chat_template(recipe, stage, where)
+    return warnings
 
 
 # Stage types that cannot run under a launch's ZeRO stage, and why (the trainer itself refuses too, but only
@@ -224,8 +277,22 @@ def check_prompt_lengths(trainer, tokenizer, where: str) -> None:
                         "args.max_completion_length")
 
 
+def output_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` can never be a run directory (it, or a folder above it, is a file), or None; creates nothing."""
+    for path in [run_dir, *run_dir.parents]:
+        if path.exists():
+            if path.is_dir():
+                return None
+            what = f"{run_dir} is a file" if path == run_dir else f"{path}, above {run_dir}, is a file"
+            return f"{what}, not a folder; give a folder path (`output_dir:` or --output-dir)"
+    return None
+
+
 def check_output_dir(run_dir: Path) -> None:
-    """The run directory must be writable and its disk not nearly full."""
+    """The run directory must be a writable folder and its disk not nearly full."""
+    problem = output_dir_problem(run_dir)
+    if problem and run_dir.is_file():
+        raise DataError(f"output directory {problem}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir):

@@ -316,6 +316,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
         push = getattr(stage, "push_to_hub", None)
         errors += [f"{at}: push_to_hub.{e}" for e in (push.check() if push else [])]
         errors += [f"{at}: {e}" for e in stage_specific_errors(stage)]
+        if not any(e.startswith(at) for e in errors):  # the model checks build configs: only from sound keys
+            from pipeline.model_checks import model_problems
+
+            errors += [f"{at}: {e}" for e in model_problems(recipe, stage)]
         seen.append(stage.name)
 
     training_fields: set[str] = set()
@@ -398,11 +402,15 @@ def _check_library_keys(recipe: Recipe, stage: StageSpec) -> list[str]:
         if not bad:
             from pipeline.training import make_config
 
+            from pipeline.arg_checks import value_problems
+
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
+                    config = make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
                 except Exception as err:  # the library's own message says what is wrong with the value
                     errors.append(f"args: {cls_name} rejects these values: {err}")
+                else:
+                    errors += value_problems(config, recipe.stage_args(stage))
     peft = getattr(stage, "peft", None)
     if peft is not None:
         from pipeline.modeling import PEFT_EXTRA_KEYS

@@ -17,6 +17,22 @@ from typing import Any
 CURVE_NAMES = ("loss", "accuracy", "accuracies", "margin", "margins", "reward", "kl", "mean_length")
 EVAL_FAMILIES = ("accuracy", "reward", "win_rate", "kl", "perplexity")
 PANEL_INCHES, DPI = (4.0, 3.0), 80
+# Per stage type, the numbers that say whether it worked: (label, metric before training or None, after).
+# `*` matches any metric name (PPO's `eval_reward/<term>`); its `initial_` twin is the before.
+HEADLINES: dict[str, list[tuple[str, str | None, str]]] = {
+    "tokenizer": [("chars/token", None, "eval_chars_per_token")],
+    "pretrain": [("held-out loss", None, "eval_loss")],
+    "sft": [("held-out loss", "initial_eval_loss", "eval_loss")],
+    "reward": [("pair accuracy", "initial_eval_accuracy", "eval_accuracy")],
+    "dpo": [("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
+            ("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins")],
+    "grpo": [("exact match", "initial_eval_accuracy", "eval_accuracy"),
+             ("train reward", "train_reward_first", "train_reward_last")],
+    "ppo": [("exact match", "initial_eval_accuracy", "eval_accuracy"),
+            ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl")],
+    "generate": [("sample exact match", None, "sample_accuracy")],
+}
+EVAL_HEADLINE_FAMILIES = ("accuracy", "reward")
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -104,6 +120,28 @@ def plot_eval(table: dict[str, dict[str, float]], out: Path, title: str) -> dict
     return drawn
 
 
+def headline(stage_type: str, metrics: dict[str, float]) -> str:
+    """A stage's key metrics, before -> after where both were measured: `pair accuracy 0.52 -> 0.74`.
+
+    An eval stage lists its accuracy and reward per model; other stage types (or missing metrics) give "".
+    """
+    if stage_type == "eval":
+        families = [(f, [(k.partition("/")[2], v) for k, v in metrics.items()
+                         if k.startswith(f"{f}/") and "@" not in k]) for f in EVAL_HEADLINE_FAMILIES]
+        return "; ".join(f"{f} " + ", ".join(f"{m} {v:.3g}" for m, v in values) for f, values in families if values)
+    parts = []
+    for label, before, after in HEADLINES.get(stage_type, []):
+        prefix = after.removesuffix("*")
+        for key in [after] if prefix == after else [k for k in metrics if k.startswith(prefix)]:
+            if key not in metrics:
+                continue
+            name = label if prefix == after else f"{label} {key.removeprefix(prefix)}"
+            was = before.replace("*", key.removeprefix(prefix)) if before else None
+            change = f"{metrics[was]:.3g} -> " if was in metrics else ""
+            parts.append(f"{name} {change}{metrics[key]:.3g}")
+    return ", ".join(parts)
+
+
 def cell(value: Any) -> str:
     """A value made safe for a one-line markdown table cell."""
     if isinstance(value, float):
@@ -145,16 +183,23 @@ def write_report(run_dir: Path) -> Path:
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     stages = summary["stages"]
-    seconds = {name: (manifest.get("stage_seconds") or {}).get(name)
-               or (_read(run_dir / name / "result.json") or {}).get("seconds") for name in stages}
+    timings = manifest.get("stage_seconds") or {}
+    # A pending stage's result.json, if any, is from an earlier run: its time is not this run's.
+    seconds = {name: timings.get(name) or ((_read(run_dir / name / "result.json") or {}).get("seconds")
+                                           if stage["status"] in ("completed", "skipped") else None)
+               for name, stage in stages.items()}
     commit = (manifest.get("git") or {}).get("commit")
     lines = [f"# Run report: {summary['recipe']}", "",
              f"Recipe `{summary.get('recipe_path')}`, seed {manifest.get('seed')}"
              + (f", git commit `{commit[:12]}`" if commit else "") + ".", "",
-             "## Stages", "", "| stage | type | status | seconds | key metrics |", "|---|---|---|---|---|"]
+             "## Stages", "", "| stage | type | status | seconds | key metrics (before -> after) |",
+             "|---|---|---|---|---|"]
     for name, stage in stages.items():
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(stage["metrics"].items())[:6])
-        lines.append(f"| {name} | {stage['type']} | {stage['status']} | {cell(seconds[name] or '')} | {cell(shown)} |")
+        status = stage["status"]
+        if status == "failed" and (run_dir / name / "error.txt").is_file():
+            status += f" (see {name}/error.txt)"
+        shown = headline(stage["type"], stage["metrics"])
+        lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} |")
     lines += launch_section(stages, manifest)
 
     for name, stage in stages.items():

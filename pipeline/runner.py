@@ -10,6 +10,7 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline import progress
 from pipeline.context import StageContext
 from pipeline.distributed import LaunchChanged, forget_zero3_init, launch_label, launch_record, on_main
 from pipeline.hub import push_if_configured
@@ -28,6 +30,15 @@ from pipeline.manifest import file_digest, write_manifest
 from pipeline.recipe import Recipe, resolve_local
 from pipeline.stage_identity import stage_identity
 from pipeline.stages import runner_for
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on as asked (e.g. `--stages` leaves out a stage another one needs); the message says why."""
+
+
+# What a rerun of a changed stage keeps until its new output is complete: the last good output and the record
+# of the inputs it was made from (checkpoints, logs and the rest belong to the old inputs and are cleared).
+KEPT_UNTIL_REPLACED = ("output", "result.json")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -87,6 +98,7 @@ class Runner:
 
         self.recipe, self.run_dir = recipe, run_dir
         self.selected = selected
+        progress.quiet_library_bars()
         # One process, or this rank under `accelerate launch`, set up as the Trainers will see it.
         defaults = process_defaults()
         self.state = PartialState(cpu=defaults["use_cpu"], backend=defaults["ddp_backend"])
@@ -122,13 +134,37 @@ class Runner:
         self.log(f"launch: {launch_label(self.launch)}")
         if self.is_main:
             write_manifest(self.run_dir, self.recipe, self.fingerprints, self.timings, self.started)
-        for stage in self.recipe.stages:
-            self.run_stage(stage)
-            if getattr(stage, "push_to_hub", None):  # upload once when finished (pipeline.hub); failures reach all ranks
-                status = self.summary["stages"][stage.name]["status"]
-                on_main(self.state, lambda: push_if_configured(self.run_dir, stage, status, self.log), "pushing to the Hub")
+        try:
+            for index, stage in enumerate(self.recipe.stages, start=1):
+                self.run_stage(stage, progress.begin(index, len(self.recipe.stages), stage.name))
+                if getattr(stage, "push_to_hub", None):  # upload once when finished (pipeline.hub); failures reach all ranks
+                    status = self.summary["stages"][stage.name]["status"]
+                    on_main(self.state, lambda: push_if_configured(self.run_dir, stage, status, self.log), "pushing to the Hub")
+        except BaseException:
+            # The record of a failed run must not lie: the report says what summary.json says. Written by the
+            # main process alone, with no exchange: other ranks may be inside a collective this one left.
+            if self.is_main:
+                try:
+                    self.write_run_files()
+                except Exception as err:  # e.g. the full disk that failed the stage: its error is the one to show
+                    self.log(f"warning: could not write the manifest and report: {type(err).__name__}: {err}")
+                self.log(self.console_summary())
+            raise
         on_main(self.state, self.write_run_files, "writing the manifest and report")
+        self.log(self.console_summary())
         return self.summary
+
+    def console_summary(self) -> str:
+        """The end-of-run table: each stage's status, time and key metric before -> after."""
+        from pipeline.report import headline
+
+        rows = [(name, record["status"], progress.duration(self.timings[name]) if self.timings.get(name) else "",
+                 headline(record["type"], record["metrics"]))
+                for name, record in self.summary["stages"].items()]
+        widths = [max(len(row[i]) for row in rows + [("stage", "status", "time", "")]) for i in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(("stage", "status", "time"), widths)) + "  key metric"]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + f"  {row[3]}" for row in rows]
+        return "\n".join(lines)
 
     def hash_inputs(self) -> dict[str, str]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +194,8 @@ class Runner:
         missing = [u for u in upstream_stages(self.recipe, stage)
                    if self.summary["stages"][u]["status"] not in ("completed", "skipped")]
         if missing:
-            raise RuntimeError(f"stage '{stage.name}' needs {missing}, which have not completed; "
-                               f"run them too (--stages {','.join(missing + [stage.name])})")
+            raise RunError(f"stage '{stage.name}' needs {missing}, which have not completed; "
+                           f"run them too (--stages {','.join(missing + [stage.name])})")
         self.require_same_launch(stage, stage_dir, expected)
         self.prepare_stage_dir(stage_dir, expected)
         write_json(stage_dir / "launch.json", self.launch)
@@ -183,19 +219,21 @@ class Runner:
                 f"global batch (or cannot load the sharded state). Relaunch as before, or delete {checkpoints} "
                 "to train the stage again from its start")
 
-    def run_stage(self, stage) -> None:
+    def run_stage(self, stage, label: str) -> None:
+        """Run one stage (`label`: its `[k/N] name`), or skip it if done, or leave it pending if not selected."""
         stage_dir = self.run_dir / stage.name
         expected = self.fingerprints[stage.name]
         # The main process reads the run directory and decides; every rank follows the same decision.
         decision, previous = on_main(self.state, lambda: self.decide(stage, stage_dir, expected),
                                      f"stage '{stage.name}': deciding whether to run")
         if decision == "skip":
-            self.log(f"[{stage.name}] skipped: already completed with the same inputs")
+            self.log(f"{label}: skipped, already completed with the same inputs")
             self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"))
             return
         if decision == "pending":
+            self.log(f"{label}: not selected (--stages), left pending")
             return
-        self.log(f"[{stage.name}] running ({stage.type})")
+        self.log(f"{label}: running ({stage.type})")
         started = time.time()
         ctx = StageContext(self.recipe, stage, self.run_dir, is_main_process=self.is_main)
         from transformers import set_seed
@@ -203,41 +241,55 @@ class Runner:
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
         forget_zero3_init()  # models load whole, not as ZeRO-3 shards left over from an earlier stage's Trainer
         try:
-            metrics = runner_for(stage.type)(stage, ctx)
-        except BaseException:
+            with progress.Heartbeat() if self.is_main else contextlib.nullcontext():
+                metrics = runner_for(stage.type)(stage, ctx)
+        except BaseException as err:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
             # (pipeline.distributed); the launcher stops them when this process exits.
+            self.timings[stage.name] = round(time.time() - started, 2)
             self.stage_record(stage, "failed", launch=self.launch)
             if self.is_main:
                 note = ("" if self.state.num_processes == 1 else "On the main process. A communication error here "
                         "usually means another rank failed first: the launcher's output names it.\n")
                 (stage_dir / "error.txt").write_text(note + traceback.format_exc())
+            err.pipeline_stage = (stage.name, str(stage_dir / "error.txt"))  # for the one-line message (pipeline.cli)
+            self.log(f"{label}: failed after {progress.duration(self.timings[stage.name])}")
             raise
         self.timings[stage.name] = round(time.time() - started, 2)
         on_main(self.state, lambda: self.finish_stage(stage_dir, expected, metrics),
                 f"stage '{stage.name}': publishing its output")
-        self.log(f"[{stage.name}] completed in {self.timings[stage.name]:.1f}s: "
-                 + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        from pipeline.report import headline
+
+        shown = headline(stage.type, metrics)
+        self.log(f"{label}: completed in {progress.duration(self.timings[stage.name])}" + (f": {shown}" if shown else ""))
         self.stage_record(stage, "completed", metrics, self.launch)
 
     @staticmethod
     def prepare_stage_dir(stage_dir: Path, expected: str) -> None:
-        """Keep checkpoints only if they were made from the same inputs; clear half-written output."""
+        """Keep checkpoints only if they were made from the same inputs; clear half-written output.
+
+        The last good output and its result.json stay until a new output replaces them (`finish_stage`):
+        a changed stage that fails leaves the previous result usable, and still marked with the inputs
+        it was made from (so it is never taken for the new one).
+        """
         marker = stage_dir / "fingerprint"
         if stage_dir.exists() and (not marker.is_file() or marker.read_text().strip() != expected):
-            shutil.rmtree(stage_dir)
+            for item in stage_dir.iterdir():
+                if item.name not in KEPT_UNTIL_REPLACED:
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "result.json").unlink(missing_ok=True)
-        for leftover in ("output.partial", "adapter.partial"):
+        for leftover in ("output.partial", "adapter.partial", "output.old"):
             shutil.rmtree(stage_dir / leftover, ignore_errors=True)
         marker.write_text(expected)
 
     def finish_stage(self, stage_dir: Path, expected: str, metrics: dict[str, float]) -> None:
         """Publish the output by rename, then write result.json: the stage is complete only after both."""
-        final = stage_dir / "output"
+        final, old = stage_dir / "output", stage_dir / "output.old"
         (stage_dir / "output.partial").mkdir(exist_ok=True)  # stages that only measure still publish a folder
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)  # the old output is deleted only once the new one is in place
+        (stage_dir / "result.json").unlink(missing_ok=True)  # the old record must never vouch for the new output
         os.replace(stage_dir / "output.partial", final)
         write_json(stage_dir / "result.json", {"fingerprint": expected, "metrics": metrics,
                                                "seconds": self.timings[stage_dir.name], "launch": self.launch})
+        shutil.rmtree(old, ignore_errors=True)

@@ -21,9 +21,22 @@ class RecipeError(Exception):
         super().__init__("\n".join(problems))
 
 
+# Names other libraries (or papers) use for a key, checked before spelling: `rank` is LoRA's `r`, and the
+# KL coefficient is `kl_coef` in PPO but `beta` in TRL's DPO and GRPO configs.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "rank": ("r",), "lora_rank": ("r",), "lora_r": ("r",), "alpha": ("lora_alpha",), "dropout": ("lora_dropout",),
+    "kl_coef": ("beta",), "kl_coeff": ("beta", "kl_coef"), "init_kl_coef": ("kl_coef", "beta"), "beta": ("kl_coef",),
+    "lr": ("learning_rate",), "epochs": ("num_train_epochs",), "num_epochs": ("num_train_epochs",),
+    "batch_size": ("per_device_train_batch_size",), "train_batch_size": ("per_device_train_batch_size",),
+    "max_seq_length": ("max_length",), "seq_length": ("max_length", "block_size"),
+    "max_new_tokens": ("max_completion_length",), "human": ("user",), "bot": ("assistant",), "gpt": ("assistant",),
+}
+
+
 def suggest(key: str, valid: typing.Iterable[str]) -> str:
-    """`"; did you mean 'x'?"` for the closest valid key, or an empty string."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    """`"; did you mean 'x'?"` for a known synonym or the closest valid key, or an empty string."""
+    valid = list(valid)
+    close = [s for s in SYNONYMS.get(key, ()) if s in valid] or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

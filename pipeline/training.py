@@ -169,8 +169,17 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     resume = last_checkpoint(checkpoint_dir)
     if resume:
         trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from pipeline.progress import StageProgress
+
     trainer.args.eval_on_start = bool(initial)
     trainer.add_callback(LogAtCheckpoints())
+    # A progress line every few seconds instead of bars redrawn at every step and a printed dict per log
+    # (the logs are kept: log_history.json, the report's curves, any `report_to` tracker).
+    for noisy in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(noisy)
+    trainer.add_callback(StageProgress())
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
     whole_run = mean_train_loss(trainer.state.log_history)

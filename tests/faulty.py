@@ -11,3 +11,8 @@ def reward_failing_on_rank_1(prompts: list, completions: list, **_: Any) -> list
     if os.environ.get("RANK") == "1":
         raise RuntimeError("reward function failed on rank 1")
     return [0.0] * len(completions)
+
+
+def reward_failing(prompts: list, completions: list, **_: Any) -> list[float]:
+    """A GRPO reward function with a bug every row triggers."""
+    raise RuntimeError("a reward function with a bug")

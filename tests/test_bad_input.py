@@ -88,7 +88,7 @@ def test_chat_messages_need_a_chat_template(stage, no_template_tokenizer, tmp_pa
 
 def test_plain_text_rows_need_no_chat_template(no_template_tokenizer, tmp_path, capsys):
     data = tmp_path / "plain.jsonl"
-    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "completion": " 2"}) + "\n")
+    data.write_text((json.dumps({"prompt": "What is 1 + 1?", "completion": " 2"}) + "\n") * 4)
     stages = chain_stages()[:3]
     stages[1]["tokenizer"] = str(no_template_tokenizer)
     stages[2]["dataset"] = {"path": str(data)}

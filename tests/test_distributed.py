@@ -66,7 +66,7 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
     run_dir = tmp_path / "run"
     assert set(statuses(run_dir).values()) == {"completed"}
     # One main process logs and writes; the other rank only trains.
-    assert result.stdout.count("[sft] running") == 1 and result.stdout.count("run finished") == 1
+    assert result.stdout.count("sft: running") == 1 and result.stdout.count("run finished") == 1
     # Dense models use every parameter: DDP is not told to search for unused ones (nor warns it found none).
     assert "find_unused_parameters=True" not in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())

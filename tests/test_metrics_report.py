@@ -103,7 +103,8 @@ def test_write_report_from_a_run_directory(tmp_path):
     run = tmp_path / "run"
     for name in ("rm", "grpo", "eval"):
         (run / name / "output").mkdir(parents=True)
-    stages = {"rm": {"type": "reward", "status": "completed", "metrics": {"eval_accuracy": 0.75}},
+    stages = {"rm": {"type": "reward", "status": "completed", "metrics": {"initial_eval_accuracy": 0.52,
+                                                                        "eval_accuracy": 0.75}},
               "grpo": {"type": "grpo", "status": "skipped", "metrics": {"eval_accuracy": 0.4}},
               "eval": {"type": "eval", "status": "completed",
                        "metrics": {"accuracy/grpo": 0.4, "reward/grpo": 1.5, "accuracy/grpo@bon4": 0.5}}}
@@ -123,8 +124,9 @@ def test_write_report_from_a_run_directory(tmp_path):
 
     report = write_report(run).read_text()
     assert "seed 3, git commit `abcdef123456`" in report
-    assert "| rm | reward | completed | 12.5 | eval_accuracy=0.75 |" in report
-    assert "| grpo | grpo | skipped | 99 |" in report
+    assert "| rm | reward | completed | 12.5 | pair accuracy 0.52 -> 0.75 |" in report
+    assert "| grpo | grpo | skipped | 99 | exact match 0.4 |" in report
+    assert "| eval | eval | completed |   | accuracy grpo 0.4; reward grpo 1.5 |" in report
     assert "| eval_accuracy | 0.75 |" in report
     assert "![rm curves](plots/rm.png)" in report and "![grpo curves](plots/grpo.png)" in report
     assert "| model | accuracy | reward |" in report and "| grpo | 0.4 | 1.5 |" in report and "| grpo@bon4 | 0.5 |" in report
@@ -136,3 +138,17 @@ def test_write_report_from_a_run_directory(tmp_path):
         assert Image.open(io.BytesIO((run / "plots" / f"{name}.png").read_bytes())).format == "PNG"
     rm_plot = Image.open(run / "plots" / "rm.png")
     assert rm_plot.size == (2 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # loss and accuracy panels
+
+
+def test_headline_is_each_stage_types_key_metric_before_and_after():
+    from pipeline.report import headline
+
+    assert headline("sft", {"train_loss": 3.0, "initial_eval_loss": 8.55, "eval_loss": 0.18}) == "held-out loss 8.55 -> 0.18"
+    assert headline("dpo", {"eval_loss": 0.6, "initial_eval_rewards/accuracies": 0.5, "eval_rewards/accuracies": 0.63,
+                            "initial_eval_rewards/margins": 0.0, "eval_rewards/margins": 0.041}) == (
+        "pair accuracy 0.5 -> 0.63, reward margin 0 -> 0.041")
+    ppo = {"initial_eval_accuracy": 0.641, "eval_accuracy": 0.655, "initial_eval_reward/rm": 3.063,
+           "eval_reward/rm": 3.101, "initial_eval_kl": 0.0, "eval_kl": 0.044, "policy_loss": 0.1}
+    assert headline("ppo", ppo) == "exact match 0.641 -> 0.655, reward rm 3.06 -> 3.1, KL 0.044"
+    assert headline("grpo", {"train_reward_first": 0.53, "train_reward_last": 0.61}) == "train reward 0.53 -> 0.61"
+    assert headline("reward", {}) == ""  # failed or pending: nothing measured

@@ -18,20 +18,24 @@ FRESH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
-    """A randomly initialised causal LM; `architecture` is any transformers `model_type`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def fresh_config(config_spec: dict[str, Any], block_size: int, tokens: dict[str, Any]):
+    """The transformers config of a fresh model: `architecture` is any `model_type`; `tokens` gives
+    `vocab_size` and the special token ids (the tokenizer's); the recipe's keys override everything."""
+    from transformers import AutoConfig
 
     options = dict(config_spec)
     architecture = options.pop("architecture")
-    config = AutoConfig.for_model(
-        architecture,
-        **{**FRESH_DEFAULTS.get(architecture, {}),
-           "vocab_size": len(tokenizer), "max_position_embeddings": max(block_size, 512),
-           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id, **options},
-    )
-    return AutoModelForCausalLM.from_config(config)
+    return AutoConfig.for_model(architecture, **{**FRESH_DEFAULTS.get(architecture, {}),
+                                                 "max_position_embeddings": max(block_size, 512), **tokens, **options})
+
+
+def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
+    """A randomly initialised causal LM for `tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    tokens = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return AutoModelForCausalLM.from_config(fresh_config(config_spec, block_size, tokens))
 
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):

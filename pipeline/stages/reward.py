@@ -7,6 +7,7 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from pipeline.context import StageContext
 from pipeline.stages.specs import RewardSpec
@@ -31,6 +32,23 @@ def pair_length(row: dict) -> int:
     return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
+HEAD_PREFIXES = ("score.", "classifier.")  # the one-score head transformers adds to a causal LM (or an encoder)
+
+
+@contextmanager
+def held_back_load_report():
+    """Drop transformers' loading-report warning (the "LOAD REPORT ... MISSING" table) while loading."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer):
     """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
     from transformers import AutoModelForSequenceClassification
@@ -48,9 +66,17 @@ def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer)
                 os.replace(partial, merged)
         path = str(merged)
     kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=compute_dtype(), use_safetensors=True, revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code, **kwargs)
+    # transformers reports the score head's fresh weights as MISSING in a table; that is expected here, so its
+    # report is held back and only weights missing beyond the head are reported.
+    with held_back_load_report():
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=compute_dtype(), use_safetensors=True, revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code, output_loading_info=True, **kwargs)
+    head = {name for name, _ in model.named_parameters() if name.startswith(HEAD_PREFIXES)}
+    unexpected = [key for key in loading["missing_keys"] if key not in head]
+    if unexpected:
+        print(f"stage '{spec.name}': weights not in {path}, initialised fresh: {', '.join(unexpected[:8])}"
+              + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""), flush=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # marks where each sequence ends for pooling
     return model
 

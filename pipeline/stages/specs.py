@@ -36,9 +36,19 @@ class TokenizerSpec(StageSpec):
     ref_fields = ("load",)
 
     def check(self) -> list[str]:
+        from pipeline.stages.tokenizer import MIN_VOCAB_SIZE
+
         if (self.dataset is None) == (self.load is None):
             return ["give exactly one of `dataset` (train a tokenizer) or `load` (use an existing one)"]
-        return []
+        problems = []
+        if self.dataset is not None and self.vocab_size < MIN_VOCAB_SIZE:
+            problems.append(f"vocab_size: must be at least {MIN_VOCAB_SIZE} (256 bytes and 4 special tokens, "
+                            f"before any merge), got {self.vocab_size}")
+        if self.min_frequency < 1:
+            problems.append(f"min_frequency: must be >= 1, got {self.min_frequency}")
+        if self.model_max_length < 1:
+            problems.append(f"model_max_length: must be >= 1, got {self.model_max_length}")
+        return problems
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return {"text": (self.text_column,)}
@@ -59,12 +69,12 @@ class PretrainSpec(TrainStageSpec):
     args_class = "transformers.TrainingArguments"
 
     def check(self) -> list[str]:
+        problems = [] if self.block_size >= 1 else [f"block_size: must be >= 1, got {self.block_size}"]
         if isinstance(self.model, dict):
-            problems = [] if self.tokenizer else ["a fresh `model:` config needs `tokenizer:`"]
+            problems += [] if self.tokenizer else ["a fresh `model:` config needs `tokenizer:`"]
             if "architecture" not in self.model:
                 problems.append("model: a fresh config needs `architecture` (e.g. llama, mixtral)")
-            return problems
-        return []
+        return problems
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return {"text": (self.text_column,)}

@@ -6,6 +6,10 @@ from pipeline.context import StageContext
 from pipeline.stages.specs import TokenizerSpec
 
 BOS, EOS, PAD, IM_START = "<|endoftext|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]
+# Byte-level BPE starts from all 256 bytes plus the special tokens: a smaller `vocab_size` cannot be met
+# (the trainer silently returns this many tokens and no merges).
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -21,7 +25,7 @@ def train_bpe(texts, vocab_size: int, min_frequency: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-        special_tokens=[PAD, BOS, EOS, IM_START], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
