@@ -6,8 +6,6 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
-import os
-
 from pipeline.context import StageContext
 from pipeline.stages.specs import RewardSpec
 
@@ -31,22 +29,12 @@ def pair_length(row: dict) -> int:
     return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
-def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer):
-    """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
+def load_reward_model(path: str, spec: RewardSpec, tokenizer):
+    """AutoModelForSequenceClassification with one label, from full weights (see `modeling.stage_base`)."""
     from transformers import AutoModelForSequenceClassification
 
-    from accelerate import PartialState
+    from pipeline.modeling import compute_dtype, quantization_config
 
-    from pipeline.modeling import compute_dtype, is_adapter, quantization_config, save_merged
-
-    if is_adapter(path):  # merge the upstream adapter once; the score head is built on the merged model
-        merged = ctx.stage_dir / "merged-init"
-        with PartialState().main_process_first():  # the main process writes it; the other ranks then find it
-            if not merged.is_dir():
-                partial = ctx.stage_dir / "merged-init.partial"  # renamed once whole, so a killed merge is redone
-                save_merged(path, partial, trust_remote_code=spec.trust_remote_code)
-                os.replace(partial, merged)
-        path = str(merged)
     kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=compute_dtype(), use_safetensors=True, revision=spec.revision,
@@ -60,13 +48,14 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
 
     from pipeline import training
     from pipeline.data import DataError
-    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype
+    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype, stage_base
     from pipeline.preferences import to_pairwise
     from pipeline.preflight import check_padding
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
-    path = ctx.resolve(spec.model)
+    # an upstream adapter merged (or a GGUF file dequantized) once: the score head is built on that model
+    path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if tokenizer.pad_token is None:  # encoders without EOS or PAD: add one rather than fail
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
@@ -80,7 +69,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
               f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
 
-    model = load_reward_model(path, spec, ctx, tokenizer)
+    model = load_reward_model(path, spec, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     trainer = RewardTrainer(

@@ -59,7 +59,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     from trl import SFTTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preflight import check_padding, check_sft_lengths
 
     where = f"stage '{spec.name}'"
@@ -68,7 +68,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     train = to_prompt_completion(train, data_format, spec.prompt_template, where)
     held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where)
 
-    model_path = ctx.resolve(spec.model)
+    model_path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if data_format == "messages" and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
