@@ -40,7 +40,7 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> None:
                     require_columns(dataset, formats, where)
                 if training:
                     require_reward_columns(stage, dataset.column_names, where)
-                if is_conversational(dataset[0]):
+                if is_conversational(dataset[0]) and stage.type != "reward":  # reward: plain text without one
                     require_chat_template(recipe, stage, where)
 
 

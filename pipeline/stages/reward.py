@@ -47,9 +47,9 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     from trl import RewardTrainer
 
     from pipeline import training
-    from pipeline.data import DataError
     from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype, stage_base
     from pipeline.preferences import to_pairwise
+    from pipeline.rewards import max_tokens
     from pipeline.preflight import check_padding
 
     where = f"stage '{spec.name}'"
@@ -59,17 +59,17 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if tokenizer.pad_token is None:  # encoders without EOS or PAD: add one rather than fail
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    if isinstance(train[0]["prompt"], list) and tokenizer.chat_template is None:
-        raise DataError(f"{where}: conversational pairs need a chat template; the tokenizer of '{spec.model}' has none")
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
-    train_ids, truncated_train = tokenize_pairs(train, tokenizer, args.max_length)
-    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, args.max_length)
+    model = load_reward_model(path, spec, tokenizer)
+    # At most what the model's positions take (an encoder's 512 under TRL's default max_length of 1024)
+    max_length = min((n for n in (args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
+    train_ids, truncated_train = tokenize_pairs(train, tokenizer, max_length)
+    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, max_length)
     if truncated_train or truncated_eval:
         print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
-              f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
+              f"max_length={max_length} and were cut from the left (final replies kept)", flush=True)
 
-    model = load_reward_model(path, spec, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     trainer = RewardTrainer(
@@ -83,6 +83,10 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
     metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
+    # The saved tokenizer cuts as training did, so `tokenizer(text, truncation=True)` scores what was trained on.
+    tokenizer.truncation_side = "left"
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
     # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
     training.save(trainer, tokenizer, spec, ctx, task="seq-cls", merge_default=True)
     return metrics
