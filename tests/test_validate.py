@@ -23,7 +23,8 @@ def test_valid_recipe_passes(tmp_path, capsys):
     assert "valid (3 stages" in out
 
 
-@pytest.mark.parametrize("recipe", ["quickstart.yaml", "smollm2-135m-sft-lora.yaml", "llama3-8b-qlora-sft.yaml"])
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "smollm2-135m-sft-lora.yaml", "smollm2-135m-chain.yaml",
+                                    "llama3-8b-qlora-sft.yaml"])
 def test_shipped_recipes_validate(recipe, capsys):
     assert main(["validate", str(REPO / "recipes" / recipe)]) == 0, capsys.readouterr().err
 
