@@ -244,9 +244,10 @@ def load_gguf(path: str, **kwargs: Any):
                          "start the stage from a stage or folder, not from the .gguf file itself")
     loaded = AutoModelForCausalLM.from_pretrained(**gguf_location(path), **kwargs)
     config = loaded.config
-    config.quantization_config = None
+    config.quantization_config = None  # the GgufConfig: left in, saving would record the weights as quantized
     vars(config).pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype, trust_remote_code=kwargs.get("trust_remote_code", False))
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype,
+                                             trust_remote_code=kwargs.get("trust_remote_code", False))
     model.load_state_dict(loaded.state_dict())
     model.name_or_path = path
     return model

@@ -16,11 +16,11 @@ from pipeline.modeling import base_model_path, is_adapter, load_causal_lm
 from tests.conftest import DATA, REPO, SMOLLM2_GGUF, needs_smollm2, summary, write_recipe
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
-SHRINK = {  # stage: (args, dataset max_samples, held-out rows) -- a few steps each, short sequences
-    "sft": ({"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 64}, 24, 8),
-    "rm": ({"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64}, 16, 8),
-    "dpo": ({"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64}, 16, 4),
-    "grpo": ({"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 4,
+SHRINK = {  # stage: (args, dataset max_samples, held-out rows) -- two steps each, short sequences
+    "sft": ({"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64}, 16, 4),
+    "rm": ({"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64}, 12, 4),
+    "dpo": ({"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64}, 12, 4),
+    "grpo": ({"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2,
               "max_completion_length": 4}, 8, None),
 }
 
@@ -39,7 +39,7 @@ def shrunk_recipe(directory: Path) -> Path:
     recipe["stages"] = [stage for stage in recipe["stages"] if stage["name"] != "ppo"]
     stages = {stage["name"]: stage for stage in recipe["stages"]}
     stages["sft"]["model"] = {"path": str(SMOLLM2_GGUF.parent), "gguf_file": SMOLLM2_GGUF.name}
-    stages["sft"]["dataset"] = {"path": str(alpaca_rows(directory, 32)), "test_size": 8}
+    stages["sft"]["dataset"] = {"path": str(alpaca_rows(directory, 16))}
     for name, (args, samples, held_out) in SHRINK.items():
         stages[name]["args"].update(args)
         dataset = stages[name]["dataset"]
