@@ -51,8 +51,10 @@ def git_state(where: Path) -> dict[str, object]:
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
-        commit = git("rev-parse", "HEAD")
-        return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        commit = git("rev-parse", "HEAD")  # empty outside a repository (git prints its error to stderr)
+        if not commit:
+            return {"commit": None, "dirty": None}
+        return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 

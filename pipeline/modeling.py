@@ -7,6 +7,7 @@ A stage's output folder holds either full weights or a LoRA adapter (plus the to
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,47 @@ def compute_dtype() -> torch.dtype:
 
 def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A GGUF checkpoint (llama.cpp's format): `folder/file.gguf`, a local file or a file in a Hub repo."""
+    return str(path).endswith(".gguf")
+
+
+def stage_base(path: str, stage_dir: Path, *, trust_remote_code: bool = False) -> str:
+    """`path` as a folder of plain weights that a training stage can start from and name as its adapters' base.
+
+    An unmerged LoRA adapter is merged into its own base, and a GGUF file dequantized, once, into
+    `stage_dir/base` (with the tokenizer); any other path is returned as it is. The stage loads its model
+    from there, so an adapter it saves names that folder as `base_model_name_or_path` and plain `peft`
+    (`AutoPeftModelForCausalLM.from_pretrained(output)`) loads exactly the model the stage trained. Merging
+    the upstream adapter in memory only would leave the new adapter pointing at the raw base, silently
+    without the upstream training. The cost is one copy of the weights on disk per such stage.
+    """
+    if not (is_gguf(path) or is_adapter(path)):
+        return path
+    from accelerate import PartialState
+
+    base = stage_dir / "base"
+    with PartialState().main_process_first():  # the main process writes it; the other ranks then find it
+        if not base.is_dir():
+            partial = stage_dir / "base.partial"  # renamed once whole, so a killed write is redone
+            if is_gguf(path):
+                model = load_causal_lm(path, trust_remote_code=trust_remote_code)
+                model.save_pretrained(partial, safe_serialization=True)
+                load_tokenizer(path, trust_remote_code=trust_remote_code).save_pretrained(partial)
+            else:
+                save_merged(Path(path), partial, trust_remote_code=trust_remote_code)
+            os.replace(partial, base)
+    return str(base)
+
+
+def starting_point(spec, stage_dir: Path, path: str) -> str:
+    """Where a training stage's model and tokenizer load from: `stage_base(path)`, except that an upstream
+    adapter trained further (`peft: {adapter: continue}`) stays an adapter on its own base."""
+    if (spec.peft or {}).get("adapter", "stack") == "continue" and is_adapter(path):
+        return path
+    return stage_base(path, stage_dir, trust_remote_code=spec.trust_remote_code)
 
 
 def load_policy(path: str, spec) -> tuple[Any, Any]:
@@ -126,11 +168,31 @@ def match_trainable_dtype(model, spec: QuantizationSpec | None) -> None:
             param.data = param.data.to(dtype)
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    """AutoTokenizer with a pad token guaranteed (the EOS token where the tokenizer has no pad)."""
-    from transformers import AutoTokenizer
+def gguf_location(path: str) -> dict[str, str]:
+    """`from_pretrained` arguments for a GGUF file: its folder (or Hub repo) and `gguf_file`."""
+    folder, name = os.path.split(path)
+    return {"pretrained_model_name_or_path": folder or ".", "gguf_file": name}
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+
+# Tokenizers that state no limit report 1e30 (transformers' VERY_LARGE_INTEGER); anything above this is no limit.
+NO_LIMIT = 10**9
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """AutoTokenizer with a pad token guaranteed (the EOS token where the tokenizer has no pad).
+
+    From a GGUF file, `model_max_length` (which GGUF does not carry: 1e30) is the model's context length.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if is_gguf(path):
+        where = gguf_location(path)
+        tokenizer = AutoTokenizer.from_pretrained(**where, trust_remote_code=trust_remote_code, revision=revision)
+        if tokenizer.model_max_length > NO_LIMIT:
+            config = AutoConfig.from_pretrained(**where, trust_remote_code=trust_remote_code, revision=revision)
+            tokenizer.model_max_length = getattr(config.get_text_config(), "max_position_embeddings", NO_LIMIT)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -155,6 +217,8 @@ def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, t
     quant = quantization_config(quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if is_gguf(path):
+        return load_gguf(path, revision=revision, **kwargs)
     if not is_adapter(path):
         return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
     from peft import PeftModel
@@ -164,6 +228,29 @@ def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, t
     if not merge_adapter:
         return model
     return model.merge_and_unload().requires_grad_(True)  # peft froze the base weights while it held them
+
+
+def load_gguf(path: str, **kwargs: Any):
+    """A causal LM from a GGUF file, dequantized to `dtype` (by the `gguf` package) as an ordinary model.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it (5.24); the same weights
+    rebuilt from its config are an ordinary model that trains, saves and merges adapters like any other.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs.pop("use_safetensors", None)  # the weights are in the .gguf file
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(f"{path}: k-bit `quantization` of a GGUF model is done on its dequantized copy; "
+                         "start the stage from a stage or folder, not from the .gguf file itself")
+    loaded = AutoModelForCausalLM.from_pretrained(**gguf_location(path), **kwargs)
+    config = loaded.config
+    config.quantization_config = None  # the GgufConfig: left in, saving would record the weights as quantized
+    vars(config).pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype,
+                                             trust_remote_code=kwargs.get("trust_remote_code", False))
+    model.load_state_dict(loaded.state_dict())
+    model.name_or_path = path
+    return model
 
 
 def save_merged(adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False, task: str = "causal-lm") -> None:

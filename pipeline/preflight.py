@@ -92,7 +92,7 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
         problems = row_problems(dataset, columns, rows, sft_messages=data_format == "messages")
     if problems:
         raise DataError("\n".join(problems))
-    if is_conversational(dataset[0]):
+    if is_conversational(dataset[0]) and stage.type != "reward":  # reward: plain text without one
         require_chat_template(recipe, stage, where)
     return warnings
 
@@ -165,8 +165,11 @@ def has_chat_template(path: str, hub: bool, trust_remote_code: bool) -> bool | N
     from the local cache: preflight never downloads; the stage checks when it loads it)."""
     from transformers import AutoTokenizer
 
+    from pipeline.modeling import gguf_location
+
+    where = gguf_location(path) if path.endswith(".gguf") else {"pretrained_model_name_or_path": path}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=hub, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=hub, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
     return tokenizer.chat_template is not None

@@ -212,6 +212,13 @@ def _normalise_dataset(value: Any) -> Any:
     return value
 
 
+def _normalise_model(value: Any) -> Any:
+    """`model: {path: FOLDER_OR_HUB_ID, gguf_file: NAME.gguf}` is the GGUF file `FOLDER_OR_HUB_ID/NAME.gguf`."""
+    if isinstance(value, dict) and set(value) == {"path", "gguf_file"}:
+        return f"{str(value['path']).rstrip('/')}/{value['gguf_file']}"
+    return value
+
+
 def resolve_local(path: str, recipe_path: Path | None) -> Path | None:
     """A relative path is looked up in the working directory, then next to the recipe, then its parent."""
     candidate = Path(path).expanduser()
@@ -264,6 +271,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         for key, value in list(item.items()):
             if key == "dataset" or key.endswith("_dataset"):
                 item[key] = _normalise_dataset(value)
+            if key == "model":
+                item[key] = _normalise_model(value)
         stage_errors: list[str] = []
         spec = build(spec_cls, item, "", stage_errors)
         errors += [f"{path}: {label}: {e.lstrip('.: ')}" for e in stage_errors]
@@ -305,7 +314,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
             errors.append(f"{at}: name may only use letters, digits, '_', '-' and '.'")
         for key, ref in stage.refs():
-            errors += [f"{at}: {key}: {e}" for e in _check_ref(ref, seen, all_names, recipe.path)]
+            errors += [f"{at}: {key}: {e}" for e in _check_ref(ref, seen, all_names, recipe.path, key)]
         for key, spec in stage.data_specs():
             sources = list(spec.sources) + ([spec.eval] if spec.eval else [])
             for source in sources:
@@ -337,18 +346,47 @@ def stage_specific_errors(stage: StageSpec) -> list[str]:
     return list(check()) if check else []
 
 
-def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None) -> list[str]:
+def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None,
+               key: str = "model") -> list[str]:
     if ref in earlier:
         return []
     if ref in all_names:
         return [f"stage '{ref}' runs later; a stage can only use stages before it"]
     if ref.startswith((".", "/", "~")) or resolve_local(ref, recipe_path):
-        return [] if resolve_local(ref, recipe_path) else [f"local folder '{ref}' does not exist"]
+        local = resolve_local(ref, recipe_path)
+        if local is None:
+            return [f"local {'file' if ref.endswith('.gguf') else 'folder'} '{ref}' does not exist"]
+        return _check_local_model(ref, local, tokenizer_only=key in TOKENIZER_FIELDS)
     hint = suggest(ref, earlier)
     if hint and "/" not in ref:
         return [f"unknown stage '{ref}'{hint}"]
+    if ref.endswith(".gguf"):  # a GGUF file in a Hub repo: owner/name/file.gguf
+        return [] if HUB_ID.match(ref.rpartition("/")[0]) else [f"'{ref}' is not a local .gguf file or one in a Hub repo"]
     if not HUB_ID.match(ref):
         return [f"'{ref}' is not an earlier stage, an existing local folder, or a Hub id"]
+    return []
+
+
+TOKENIZER_FIELDS = ("tokenizer", "load")  # reference fields that need only a tokenizer
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def _check_local_model(ref: str, local: Path, *, tokenizer_only: bool = False) -> list[str]:
+    """Problems loading a local model reference: a folder of weights (or a LoRA adapter), or a GGUF file."""
+    from importlib.util import find_spec
+
+    if local.is_file():
+        if local.suffix != ".gguf":
+            return [f"'{ref}' is a file; give a model folder (with config.json) or a .gguf file"]
+        with local.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return [f"'{ref}' is not a GGUF file (it does not start with the GGUF magic bytes)"]
+        return [] if find_spec("gguf") else [f"'{ref}': reading a GGUF file needs the `gguf` package (pip install gguf)"]
+    expected = MODEL_FILES + (TOKENIZER_FILES if tokenizer_only else ())
+    if not any((local / name).is_file() for name in expected):
+        return [f"local folder '{ref}' holds no {'tokenizer' if tokenizer_only else 'model'} "
+                f"(none of {', '.join(expected)}); for a GGUF file, name the .gguf file itself"]
     return []
 
 

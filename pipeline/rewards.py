@@ -65,7 +65,11 @@ def check_function(name: str) -> list[str]:
 
 
 class RewardModelScorer:
-    """A sequence-classification reward model as a reward function (prompt + completion -> score)."""
+    """A sequence-classification reward model as a reward function (prompt + completion -> score).
+
+    Sequences longer than the model takes (its tokenizer's `model_max_length`, which the reward stage sets
+    to the length it trained at, and its position embeddings) are cut from the left, as in training.
+    """
 
     def __init__(self, path: str, batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification
@@ -78,12 +82,13 @@ class RewardModelScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=compute_dtype(),
                                                                         use_safetensors=True).eval()
         self.model.to(PartialState().device)  # this rank's GPU, or the CPU
+        self.max_length = max_tokens(self.tokenizer, self.model.config)
         self.batch_size = batch_size
         self.__name__ = f"reward_model:{path}"  # TRL names logged reward columns after this
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
-        encoded = [encode(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        encoded = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(encoded), self.batch_size):
@@ -92,20 +97,43 @@ class RewardModelScorer:
         return scores
 
 
+def max_tokens(tokenizer, config) -> int | None:
+    """The longest sequence a model takes: its tokenizer's `model_max_length` and its position embeddings,
+    whichever is smaller; None where neither states a limit."""
+    from pipeline.modeling import NO_LIMIT
+
+    limits = [tokenizer.model_max_length, getattr(config.get_text_config(), "max_position_embeddings", None)]
+    limits = [n for n in limits if n and n < NO_LIMIT]
+    return min(limits) if limits else None
+
+
+def plain_text(messages: list[dict[str, Any]], tokenizer) -> str:
+    """Chat messages as plain text for a tokenizer without a chat template (a BERT-like encoder):
+    "User: ..." turns separated by the tokenizer's separator token, "[SEP]", where it has one."""
+    separator = f" {tokenizer.sep_token} " if tokenizer.sep_token else "\n\n"
+    return separator.join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
 def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = None) -> list[int]:
     """Token ids of prompt + completion exactly as the reward model is trained on and scores them.
 
-    Chat data goes through the chat template (which carries its own special tokens); plain text
-    gets the tokenizer's special tokens ([CLS] ... [SEP] for BERT-like encoders) and an EOS where
-    the tokenizer has one. Over-long sequences are cut from the left, so the final replies, the
-    part that differs between chosen and rejected, are kept (TRL's RewardTrainer would drop them).
+    Chat data goes through the chat template (which carries its own special tokens), or, where the
+    tokenizer has none, becomes plain text (`plain_text`). Plain text gets the tokenizer's special
+    tokens ([CLS] ... [SEP] for BERT-like encoders) and an EOS where the tokenizer has one. Over-long
+    sequences are cut from the left, so the final replies, the part that differs between chosen and
+    rejected, are kept (TRL's RewardTrainer would drop them).
     """
-    if isinstance(prompt, list):
+    if isinstance(prompt, list) and tokenizer.chat_template is not None:
         messages = prompt + (completion if isinstance(completion, list)
                              else [{"role": "assistant", "content": completion}])
         ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer(prompt + completion_text(completion), add_special_tokens=True)["input_ids"]
+        if isinstance(prompt, list):
+            replies = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            text = plain_text(prompt + replies, tokenizer)
+        else:
+            text = prompt + completion_text(completion)
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
             ids.append(tokenizer.eos_token_id)
     if max_length is not None and len(ids) > max_length:

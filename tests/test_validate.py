@@ -23,7 +23,8 @@ def test_valid_recipe_passes(tmp_path, capsys):
     assert "valid (3 stages" in out
 
 
-@pytest.mark.parametrize("recipe", ["quickstart.yaml", "smollm2-135m-sft-lora.yaml", "llama3-8b-qlora-sft.yaml"])
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "smollm2-135m-sft-lora.yaml", "smollm2-135m-chain.yaml",
+                                    "llama3-8b-qlora-sft.yaml"])
 def test_shipped_recipes_validate(recipe, capsys):
     assert main(["validate", str(REPO / "recipes" / recipe)]) == 0, capsys.readouterr().err
 
@@ -54,6 +55,13 @@ CASES = {
         lambda s: s[2]["dataset"].update(path="data/nope.jsonl"), ["stage 'sft'", "dataset", "'data/nope.jsonl' not found"]),
     "missing local model folder": (
         lambda s: s[2].update(model="./no/such/folder"), ["stage 'sft'", "local folder './no/such/folder' does not exist"]),
+    "a data file as the model": (
+        lambda s: s[2].update(model=str(DATA / "sft.jsonl")), ["stage 'sft'", "is a file; give a model folder"]),
+    "a folder without a model": (
+        lambda s: s[2].update(model=str(DATA)), ["stage 'sft'", "holds no model (none of config.json"]),
+    "a model mapping naming a file that is not GGUF": (
+        lambda s: s[2].update(model={"path": str(REPO / "tests"), "gguf_file": "conftest.py"}),
+        ["stage 'sft'", "is a file; give a model folder"]),
     "unknown stage type": (
         lambda s: s[2].update(type="stf"), ["stage 'sft'", "unknown stage type 'stf'", "did you mean 'sft'"]),
     "duplicate stage name": (
@@ -73,6 +81,16 @@ CASES = {
     "fresh model without tokenizer": (
         lambda s: s[1].pop("tokenizer"), ["stage 'base'", "needs `tokenizer:`"]),
 }
+
+
+def test_gguf_file_is_checked(tmp_path, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a model")
+    code, out = validate(tmp_path, capsys, mutate(lambda s: s[2].update(model={"path": str(tmp_path), "gguf_file": "model.gguf"})))
+    assert code != 0 and f"'{fake}' is not a GGUF file" in out
+    fake.write_bytes(b"GGUF" + bytes(20))  # the magic bytes: loadable as far as validate can tell without reading it
+    code, out = validate(tmp_path, capsys, mutate(lambda s: s[2].update(model=str(fake))))
+    assert code == 0, out
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -21,13 +21,13 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     from trl import DPOTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preferences import to_pairwise
     from pipeline.preflight import check_dpo_lengths, check_padding
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
-    path = ctx.resolve(spec.model)
+    path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},

@@ -63,6 +63,19 @@ def best_of_n(texts: list[str], scores: list[float], n: int) -> tuple[list[str],
     return picks, best
 
 
+def metric_names(refs: list[str], ctx: StageContext) -> dict[str, str]:
+    """The name each model goes by in metric keys: a stage or Hub id as written, a local folder or file by its
+    own name (`accuracy/my-model`, not the whole path), unless two would share one."""
+    from pathlib import Path
+
+    from pipeline.recipe import resolve_local
+
+    names = {ref: ref if ctx.stage_output(ref) is not None or resolve_local(ref, ctx.recipe.path) is None
+             else Path(ref).name.removesuffix(".gguf") for ref in refs}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {ref: ref if name in shared else name for ref, name in names.items()}
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -131,21 +144,23 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         scorer.model.to(device)
     reference = load(spec.reference) if spec.reference else None
     metrics: dict[str, float] = {}
+    named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
     table = [{"prompt": prompt_text(p), "answer": a, "responses": {}} for p, a in
              zip(prompts[:spec.num_samples_table], answers[:spec.num_samples_table])]
 
-    for label in spec.models:
-        model, tokenizer = load(label)
+    for ref in spec.models:
+        label = named[ref]
+        model, tokenizer = load(ref)
         if reference is not None and reference[1].get_vocab() != tokenizer.get_vocab():
-            raise DataError(f"{where}: KL needs the same tokenizer, and '{label}' and '{spec.reference}' differ")
+            raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.distributed).
         results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
         responses = [row["response"] for row in results]
         metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers)["exact_match"]
         if scorer is not None:
-            scores[label] = [row["score"] for row in results]
-            metrics[f"reward/{label}"] = mean(scores[label])
+            scores[ref] = [row["score"] for row in results]
+            metrics[f"reward/{label}"] = mean(scores[ref])
         if reference is not None:
             metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
                 predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
@@ -159,7 +174,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
             metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
         for i, row in enumerate(table):
             row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),
-                                       "reward": scores[label][i] if label in scores else None}
+                                       "reward": scores[ref][i] if ref in scores else None}
         del model
 
     if spec.baseline is not None:
@@ -168,13 +183,14 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
             scores[spec.baseline] = map_shards(indices, lambda share: scorer(
                 [prompts[i] for i in share], greedy(model, tokenizer, [prompts[i] for i in share])) if share else [])
         win_rate = load_metric("win_rate")
-        for label in spec.models:
-            if label != spec.baseline:
-                metrics[f"win_rate/{label}"] = win_rate.compute(predictions=scores[label],
-                                                                references=scores[spec.baseline])["win_rate"]
+        for ref in spec.models:
+            if ref != spec.baseline:
+                metrics[f"win_rate/{named[ref]}"] = win_rate.compute(predictions=scores[ref],
+                                                                     references=scores[spec.baseline])["win_rate"]
 
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "samples.json").write_text(json.dumps(
-            {"models": spec.models, "baseline": spec.baseline, "rows": table}, indent=1))
+            {"models": [named[ref] for ref in spec.models], "baseline": named.get(spec.baseline), "rows": table},
+            indent=1))
     return metrics

@@ -52,7 +52,7 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
 
     from pipeline import training
     from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preflight import check_prompt_lengths
 
     where = f"stage '{spec.name}'"
@@ -60,7 +60,7 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     require_columns(train, spec.formats(), where)
     if any(t.function == "exact_match" for t in spec.rewards) and "answer" not in train.column_names:
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
-    path = ctx.resolve(spec.model)
+    path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
     functions, weights = build_rewards(spec, ctx)

@@ -97,7 +97,7 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
 
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_tokenizer
+    from pipeline.modeling import load_tokenizer, stage_base
     from pipeline.ppo import PPOConfig, PPOTrainer
     from pipeline.rewards import build_reward_terms
     from pipeline.training import make_config
@@ -111,7 +111,7 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     # Every PPO step is a whole rollout: log each one unless the recipe says otherwise.
     config: PPOConfig = make_config(spec.args_class, {"logging_steps": 1, **ctx.recipe.stage_args(spec)},
                                     output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
-    path = ctx.resolve(spec.model)
+    path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     value_model = ctx.resolve(spec.value_model) if spec.value_model else None
     if value_model is not None:

@@ -59,7 +59,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
 
     from pipeline import training
     from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config
+    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config, stage_base
 
     tokenizer_ref = spec.tokenizer or spec.model
     tokenizer = load_tokenizer(ctx.resolve(tokenizer_ref), trust_remote_code=spec.trust_remote_code)
@@ -74,7 +74,8 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
     if isinstance(spec.model, dict):
         model = fresh_model(spec.model, tokenizer, spec.block_size)
     else:
-        model = load_causal_lm(ctx.resolve(spec.model), quantization=spec.quantization,
+        path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
+        model = load_causal_lm(path, quantization=spec.quantization,
                                trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.peft is not None:
         from peft import get_peft_model

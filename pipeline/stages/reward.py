@@ -6,7 +6,6 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 from pipeline.context import StageContext
@@ -49,22 +48,12 @@ def held_back_load_report():
         logger.removeFilter(drop)
 
 
-def load_reward_model(path: str, spec: RewardSpec, ctx: StageContext, tokenizer):
-    """AutoModelForSequenceClassification with one label, from full weights or an upstream adapter."""
+def load_reward_model(path: str, spec: RewardSpec, tokenizer):
+    """AutoModelForSequenceClassification with one label, from full weights (see `modeling.stage_base`)."""
     from transformers import AutoModelForSequenceClassification
 
-    from accelerate import PartialState
+    from pipeline.modeling import compute_dtype, quantization_config
 
-    from pipeline.modeling import compute_dtype, is_adapter, quantization_config, save_merged
-
-    if is_adapter(path):  # merge the upstream adapter once; the score head is built on the merged model
-        merged = ctx.stage_dir / "merged-init"
-        with PartialState().main_process_first():  # the main process writes it; the other ranks then find it
-            if not merged.is_dir():
-                partial = ctx.stage_dir / "merged-init.partial"  # renamed once whole, so a killed merge is redone
-                save_merged(path, partial, trust_remote_code=spec.trust_remote_code)
-                os.replace(partial, merged)
-        path = str(merged)
     kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
     # transformers reports the score head's fresh weights as MISSING in a table; that is expected here, so its
     # report is held back and only weights missing beyond the head are reported.
@@ -86,29 +75,30 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     from trl import RewardTrainer
 
     from pipeline import training
-    from pipeline.data import DataError
-    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype
+    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype, stage_base
     from pipeline.preferences import to_pairwise
+    from pipeline.rewards import max_tokens
     from pipeline.preflight import check_padding
 
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
-    path = ctx.resolve(spec.model)
+    # an upstream adapter merged (or a GGUF file dequantized) once: the score head is built on that model
+    path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if tokenizer.pad_token is None:  # encoders without EOS or PAD: add one rather than fail
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    if isinstance(train[0]["prompt"], list) and tokenizer.chat_template is None:
-        raise DataError(f"{where}: conversational pairs need a chat template; the tokenizer of '{spec.model}' has none")
-    model = load_reward_model(path, spec, ctx, tokenizer)
+    model = load_reward_model(path, spec, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
-    train_ids, truncated_train = tokenize_pairs(train, tokenizer, args.max_length)
-    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, args.max_length)
+    # At most what the model's positions take (an encoder's 512 under TRL's default max_length of 1024)
+    max_length = min((n for n in (args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
+    train_ids, truncated_train = tokenize_pairs(train, tokenizer, max_length)
+    eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, max_length)
     if truncated_train or truncated_eval:
-        PartialState().print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer than "
-              f"max_length={args.max_length} and were cut from the left (final replies kept)", flush=True)
+        PartialState().print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer "
+                             f"than max_length={max_length} and were cut from the left (final replies kept)", flush=True)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_ids, eval_dataset=eval_ids, processing_class=tokenizer,
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
@@ -120,6 +110,10 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
     metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
+    # The saved tokenizer cuts as training did, so `tokenizer(text, truncation=True)` scores what was trained on.
+    tokenizer.truncation_side = "left"
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
     # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
     training.save(trainer, tokenizer, spec, ctx, task="seq-cls", merge_default=True)
     return metrics

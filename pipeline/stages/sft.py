@@ -2,7 +2,10 @@
 
 Every input format becomes prompt/completion, which TRL trains with completion-only loss:
 - `messages`: the last (assistant) message is the completion, the turns before it the prompt;
-- `instruction`/`input`/`output` (Alpaca): the prompt is rendered through `prompt_template`;
+- `instruction`/`input`/`output` (Alpaca): a user turn (instruction, then input) and the assistant's reply,
+  through the chat template, when the model's tokenizer has one and no `prompt_template` is given (the model
+  is then trained in the format it is served with); otherwise the prompt is rendered through `prompt_template`
+  (default: the Alpaca templates);
 - `instruction`/`instances` (Self-Instruct): one Alpaca row per instance `{input, output}`;
 - `prompt`/`completion`: as given; `text`: plain language modelling on the whole text.
 """
@@ -26,8 +29,11 @@ ALPACA_TEMPLATE_NO_INPUT = (
 )
 
 
-def to_prompt_completion(dataset, data_format: str, template: str | None, where: str):
-    """Rewrite rows of any supported format as prompt/completion (or leave `text` as is)."""
+def to_prompt_completion(dataset, data_format: str, template: str | None, where: str, chat: bool = False):
+    """Rewrite rows of any supported format as prompt/completion (or leave `text` as is).
+
+    `chat`: the tokenizer has a chat template, so Alpaca rows without a `template` become chat messages.
+    """
     if data_format == "text":
         return dataset.select_columns(["text"])
     if data_format == "prompt-completion":
@@ -40,8 +46,12 @@ def to_prompt_completion(dataset, data_format: str, template: str | None, where:
         dataset = dataset.map(flatten, batched=True, remove_columns=dataset.column_names)
         data_format = "alpaca"
     if data_format == "alpaca":
-        def render(row: dict[str, Any]) -> dict[str, str]:
+        def render(row: dict[str, Any]) -> dict[str, Any]:
             extra = (row.get("input") or "").strip()
+            if chat and template is None:
+                request = row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+                return {"prompt": [{"role": "user", "content": request}],
+                        "completion": [{"role": "assistant", "content": row["output"]}]}
             chosen = template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
             return {"prompt": chosen.format(instruction=row["instruction"].strip(), input=extra),
                     "completion": row["output"]}
@@ -59,17 +69,17 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     from trl import SFTTrainer
 
     from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype
+    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preflight import check_padding, check_sft_lengths
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     data_format = require_columns(train, spec.formats(), where)
-    train = to_prompt_completion(train, data_format, spec.prompt_template, where)
-    held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where)
-
-    model_path = ctx.resolve(spec.model)
+    model_path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    chat = tokenizer.chat_template is not None
+    train = to_prompt_completion(train, data_format, spec.prompt_template, where, chat)
+    held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where, chat)
     if data_format == "messages" and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")

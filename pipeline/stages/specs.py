@@ -85,7 +85,8 @@ class SFTSpec(TrainStageSpec):
     """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only."""
 
     # Alpaca-style rows (instruction/input/output) are rendered with this template; `{instruction}`
-    # and `{input}` are filled in. Default: the Alpaca templates (with and without input).
+    # and `{input}` are filled in. Default: the model's chat template (one user turn), or where the
+    # tokenizer has none, the Alpaca templates (with and without input).
     prompt_template: str | None = None
 
     args_class = "trl.SFTConfig"
