@@ -315,7 +315,7 @@ def test_a_launch_of_another_size_skips_finished_stages_and_refuses_their_checkp
     """World size is recorded per stage and per launch: a 1-process run killed mid-stage is not resumed by a
     2-process launch (the global batch would double), the 1-process rerun is, and a later 2-process launch
     skips every finished stage while their records still say how they were trained."""
-    recipe = write_recipe(tmp_path, tiny_stages(pretrain_steps=40)[:2])
+    recipe = write_recipe(tmp_path, tiny_stages(pretrain_steps=400)[:2])  # long enough to be killed mid-stage
     run_dir = tmp_path / "run"
     command, env = kill_at_checkpoint(recipe, run_dir / "base" / "checkpoints", "checkpoint-*/trainer_state.json",
                                       settle=0.5)

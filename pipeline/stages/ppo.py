@@ -108,8 +108,10 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     terms = spec.reward_terms()
     if any(t.function == "exact_match" for t in terms) and "answer" not in train.column_names:
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
-    # Every PPO step is a whole rollout: log each one unless the recipe says otherwise.
-    config: PPOConfig = make_config(spec.args_class, {"logging_steps": 1, **ctx.recipe.stage_args(spec)},
+    # Every PPO step is a whole rollout: log each one unless the stage's own args say otherwise (a recipe's
+    # `defaults: {logging_steps: N}` is sized for Trainer steps; the train_reward_first/last summary needs them all).
+    config: PPOConfig = make_config(spec.args_class, {**ctx.recipe.stage_args(spec),
+                                                      "logging_steps": spec.args.get("logging_steps", 1)},
                                     output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
