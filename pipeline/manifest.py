@@ -36,9 +36,9 @@ def _bytes_digest(path: Path, mtime_ns: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pipeline.manifest import package_versions
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes",
              "deepspeed", "safetensors", "evaluate", "gguf")
@@ -65,13 +66,7 @@ def code_digest(module: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return package_versions(LIBRARIES)
 
 
 def resolved_hardware() -> dict[str, Any]:
