@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pipeline.prompts import left_padded, prompt_token_ids
-from pipeline.tasks import exact_match
+from pipeline.answers import AnswerCheck, answer_check
 
 
 def prompt_text(prompt: Any) -> str:
@@ -75,7 +75,7 @@ def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
     return out
 
 
-def accuracy(responses: list[str], answers: list[str]) -> float:
-    """Fraction of responses whose extracted answer equals the reference exactly."""
-    return sum(exact_match(r, a) for r, a in zip(responses, answers)) / max(len(answers), 1)
+def accuracy(responses: list[str], answers: list, is_correct: AnswerCheck = answer_check()) -> float:
+    """Fraction of responses whose answer (read by `is_correct`, `pipeline.answers`) equals the reference exactly."""
+    return sum(is_correct(r, a) for r, a in zip(responses, answers)) / max(len(answers), 1)
 

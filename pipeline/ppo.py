@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
+from pipeline.answers import AnswerCheck, answer_check
 from pipeline.prompts import encode_prompts
 from pipeline.training import TrainingDiverged
 
@@ -305,7 +306,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, model: ActorCritic, tokenizer, prompts_dataset,
                  reward_functions: list[Callable], reward_weights: list[float], reward_names: list[str],
                  ref_model: nn.Module | None = None,
-                 callbacks: list[Callable[[int, dict], None]] | None = None):
+                 callbacks: list[Callable[[int, dict], None]] | None = None,
+                 is_correct: AnswerCheck = answer_check()):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers import get_scheduler
@@ -331,6 +333,7 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.dataset = prompts_dataset
         self.reward_functions, self.reward_weights, self.reward_names = reward_functions, reward_weights, reward_names
+        self.is_correct = is_correct  # how held-out accuracy reads answers
         self.callbacks = callbacks or []
         trainable = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel for all parameters, on CPU too (measured 5x faster per step than the default loop)
@@ -595,6 +598,7 @@ class PPOTrainer:
         """
         from pipeline.rewards import exact_match_reward
 
+        accuracy = exact_match_reward(self.is_correct)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard = dataset.select(range(rank, len(dataset), world))
         names = ["kl"] + [f"reward/{n}" for n in self.reward_names] + (["accuracy"] if "answer" in dataset.column_names else [])
@@ -610,7 +614,7 @@ class PPOTrainer:
             values = [float((kl * batch.mask).sum())]
             values += [float(v.sum()) for v in self.term_scores(batch).values()]
             if "answer" in columns:
-                values.append(sum(exact_match_reward(batch.prompts, self.completions(batch), columns["answer"])))
+                values.append(sum(accuracy(batch.prompts, self.completions(batch), columns["answer"])))
             sums += torch.tensor(values, device=sums.device)
         sums = self.all_reduce_sum(sums)
         return {f"eval_{k}": float(v) / len(dataset) for k, v in zip(names, sums)}

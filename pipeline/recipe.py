@@ -165,6 +165,17 @@ def import_object(dotted: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def callable_problems(dotted: str) -> list[str]:
+    """Problems with a user function named `package.module:function`, for `pipeline validate`."""
+    if ":" not in dotted:
+        return [f"'{dotted}' is not a `package.module:function` path"]
+    try:
+        function = import_object(dotted)
+    except (ImportError, AttributeError, ValueError) as err:
+        return [f"cannot import '{dotted}': {err}"]
+    return [] if callable(function) else [f"'{dotted}' is not callable"]
+
+
 def config_fields(dotted: str) -> set[str]:
     return {f.name for f in dataclasses.fields(import_object(dotted)) if f.init}
 

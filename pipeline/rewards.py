@@ -1,6 +1,6 @@
 """Reward functions for RL stages, all with TRL's reward-function signature `f(prompts, completions, **columns)`.
 
-- `exact_match`: 1 if the completion's answer equals the row's `answer` column, else 0;
+- `exact_match`: 1 if the completion's answer (read as `pipeline.answers` says) equals the row's `answer`, else 0;
 - `format`: 1 for a short one-line answer, else 0 (penalises rambling and missing EOS);
 - a reward model: its scalar score of prompt + completion (`RewardModelScorer`);
 - any user function named `package.module:function`.
@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.tasks import exact_match
+from pipeline.answers import AnswerCheck, answer_check
 
 RewardFn = Callable[..., list[float]]
 
@@ -24,8 +24,13 @@ def completion_text(completion: Any) -> str:
     return completion
 
 
-def exact_match_reward(prompts: list, completions: list, answer: list[str], **_: Any) -> list[float]:
-    return [float(exact_match(completion_text(c), a)) for c, a in zip(completions, answer)]
+def exact_match_reward(is_correct: AnswerCheck = answer_check()) -> RewardFn:
+    """The `exact_match` reward, reading each completion's answer with `is_correct` (`pipeline.answers`)."""
+
+    def exact_match_reward(prompts: list, completions: list, answer: list, **_: Any) -> list[float]:
+        return [float(is_correct(completion_text(c), a)) for c, a in zip(completions, answer)]
+
+    return exact_match_reward  # TRL logs a reward function under its name: rewards/exact_match_reward/mean
 
 
 def format_reward(prompts: list, completions: list, **_: Any) -> list[float]:
@@ -37,12 +42,15 @@ def format_reward(prompts: list, completions: list, **_: Any) -> list[float]:
     return scores
 
 
-BUILTIN: dict[str, RewardFn] = {"exact_match": exact_match_reward, "format": format_reward}
+BUILTIN = ("exact_match", "format")
 
 
-def resolve_function(name: str) -> RewardFn:
-    if name in BUILTIN:
-        return BUILTIN[name]
+def resolve_function(name: str, is_correct: AnswerCheck = answer_check()) -> RewardFn:
+    """A `function:` reward term: a built-in (`exact_match` reads answers with `is_correct`) or a user function."""
+    if name == "exact_match":
+        return exact_match_reward(is_correct)
+    if name == "format":
+        return format_reward
     from pipeline.recipe import import_object
 
     return import_object(name)
@@ -57,11 +65,9 @@ def check_function(name: str) -> list[str]:
 
         return [f"'{name}' is not a built-in ({', '.join(BUILTIN)}){suggest(name, BUILTIN)} "
                 "nor a `package.module:function` path"]
-    try:
-        function = resolve_function(name)
-    except (ImportError, AttributeError) as err:
-        return [f"cannot import '{name}': {err}"]
-    return [] if callable(function) else [f"'{name}' is not callable"]
+    from pipeline.recipe import callable_problems
+
+    return callable_problems(name)
 
 
 class RewardModelScorer:
@@ -142,15 +148,17 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = Non
     return ids
 
 
-def build_reward_terms(terms, resolve: Callable[[str], str]) -> tuple[list[RewardFn], list[float], list[str]]:
-    """(functions, weights, names) for a stage's reward terms; `resolve` maps a stage name to its output folder."""
+def build_reward_terms(terms, resolve: Callable[[str], str], is_correct: AnswerCheck = answer_check()
+                       ) -> tuple[list[RewardFn], list[float], list[str]]:
+    """(functions, weights, names) for a stage's reward terms; `resolve` maps a stage name to its output folder,
+    `is_correct` is how `exact_match` reads answers."""
     functions, weights, names = [], [], []
     for term in terms:
         if term.reward_model:
             functions.append(RewardModelScorer(resolve(term.reward_model)))
             names.append(term.reward_model.rstrip("/").rsplit("/", 1)[-1])
         else:
-            functions.append(resolve_function(term.function))
+            functions.append(resolve_function(term.function, is_correct))
             names.append(term.function.rsplit(":", 1)[-1])
         weights.append(term.weight)
     return functions, weights, names

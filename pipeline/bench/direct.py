@@ -70,7 +70,7 @@ def grpo(model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> Any:
     from pipeline.rewards import exact_match_reward
 
     model, tokenizer = causal_lm(model_dir)
-    return GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=GRPOConfig(output_dir=str(out), **args),
+    return GRPOTrainer(model=model, reward_funcs=[exact_match_reward()], args=GRPOConfig(output_dir=str(out), **args),
                        train_dataset=rows(train, ["prompt", "answer"]), processing_class=tokenizer)
 
 
@@ -90,7 +90,7 @@ def ppo(model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> Any:
     spec = PPOSpec(name="direct", type="ppo", model=str(model_dir), dataset=None)
     model, reference = build_models(spec, str(model_dir), config.value_head_init_std)
     prompts = rows(train, ["prompt", "answer"])
-    return PPOTrainer(config, model, AutoTokenizer.from_pretrained(model_dir), prompts, [exact_match_reward], [1.0],
+    return PPOTrainer(config, model, AutoTokenizer.from_pretrained(model_dir), prompts, [exact_match_reward()], [1.0],
                       ["exact_match"], ref_model=reference)
 
 

@@ -46,7 +46,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
                        peft={"r": 16, "lora_alpha": 32} if mode == "lora" else None)
         actor_critic, reference = build_models(spec, model, 0.0)
         prompts = load_dataset("json", data_files=str(DATA / "prompts.jsonl"), split="train")
-        trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward], [1.0],
+        trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward()], [1.0],
                              ["exact_match"], ref_model=reference)
         history = trainer.train(Path(out) / "checkpoints")
     later = history[1:] or history  # the first step pays for warming up kernels and allocator

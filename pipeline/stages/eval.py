@@ -83,13 +83,13 @@ def mean(values: list[float]) -> float:
 def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
+    from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.distributed import map_shards
     from pipeline.generation import generate, generate_ids, prompt_text, response_logprobs
     from pipeline.metrics import load_metric
     from pipeline.modeling import load_causal_lm, load_tokenizer
     from pipeline.rewards import RewardModelScorer
-    from pipeline.tasks import exact_match as is_correct
 
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
@@ -139,6 +139,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         return out
 
     exact_match = load_metric("exact_match")
+    is_correct = answer_check(spec.answer_extractor)
     scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model else None
     if scorer is not None:
         scorer.model.to(device)
@@ -157,7 +158,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         # Each process scores its share of the prompts; every process gets all the results (pipeline.distributed).
         results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
         responses = [row["response"] for row in results]
-        metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers)["exact_match"]
+        metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers,
+                                                           answer_extractor=spec.answer_extractor)["exact_match"]
         if scorer is not None:
             scores[ref] = [row["score"] for row in results]
             metrics[f"reward/{label}"] = mean(scores[ref])
@@ -170,7 +172,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         if spec.best_of_n is not None:
             n = spec.best_of_n.n
             metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(
-                predictions=[row["bon_pick"] for row in results], references=answers)["exact_match"]
+                predictions=[row["bon_pick"] for row in results], references=answers,
+                answer_extractor=spec.answer_extractor)["exact_match"]
             metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
         for i, row in enumerate(table):
             row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),

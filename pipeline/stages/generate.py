@@ -66,12 +66,12 @@ def make_pairs(responses: list[Any], scores: list[float], mode: str, min_margin:
 def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
+    from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.distributed import map_shards
     from pipeline.generation import generate
     from pipeline.modeling import load_causal_lm, load_tokenizer
     from pipeline.rewards import RewardModelScorer, build_reward_terms, completion_text
-    from pipeline.tasks import exact_match
 
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
@@ -98,7 +98,8 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     del model
     completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
                    for j, t in enumerate(texts)]
-    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve)
+    is_correct = answer_check(spec.answer_extractor)
+    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
     for function in functions:
         if isinstance(function, RewardModelScorer):
             function.model.to(device)
@@ -151,9 +152,9 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
                "distinct_responses": sum(len(set(texts[i * k:(i + 1) * k])) for i in range(len(rows))) / len(texts)}
     if "answer" in rows.column_names:  # how often the labels agree with the checkable answer
         answers = [str(a) for a in rows["answer"]]
-        metrics["sample_accuracy"] = sum(exact_match(t, answers[j // k]) for j, t in enumerate(texts)) / len(texts)
+        metrics["sample_accuracy"] = sum(is_correct(t, answers[j // k]) for j, t in enumerate(texts)) / len(texts)
         for side in ("chosen", "rejected"):
-            metrics[f"{side}_accuracy"] = sum(exact_match(completion_text(p[side]), str(p["answer"]))
+            metrics[f"{side}_accuracy"] = sum(is_correct(completion_text(p[side]), str(p["answer"]))
                                               for p in pairwise) / len(pairwise)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,16 +8,9 @@ training, since a rising sampled reward alone can hide a worse policy.
 
 from __future__ import annotations
 
+from pipeline.answers import AnswerCheck
 from pipeline.context import StageContext
 from pipeline.stages.specs import GRPOSpec
-
-
-def build_rewards(spec: GRPOSpec, ctx: StageContext) -> tuple[list, list[float]]:
-    from pipeline.rewards import RewardModelScorer, resolve_function
-
-    functions = [RewardModelScorer(ctx.resolve(term.reward_model)) if term.reward_model
-                 else resolve_function(term.function) for term in spec.rewards]
-    return functions, [term.weight for term in spec.rewards]
 
 
 def reward_trend(history: list[dict]) -> dict[str, float]:
@@ -29,7 +22,7 @@ def reward_trend(history: list[dict]) -> dict[str, float]:
     return {"train_reward_first": sum(rewards[:quarter]) / quarter, "train_reward_last": sum(rewards[-quarter:]) / quarter}
 
 
-def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int) -> float:
+def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck) -> float:
     """Greedy exact match of the trainer's policy on the held-out rows, each process answering its share.
 
     `unwrap_model_for_generation` hands generation the plain model, with its full weights gathered once
@@ -44,16 +37,18 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int) -> floa
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
         responses = map_shards(list(held_out["prompt"]), lambda share: generate(
             model, tokenizer, share, max_new_tokens=max_new_tokens) if share else [])
-    return accuracy(responses, [str(a) for a in held_out["answer"]])
+    return accuracy(responses, list(held_out["answer"]), is_correct)
 
 
 def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     from trl import GRPOTrainer
 
     from pipeline import training
+    from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preflight import check_prompt_lengths
+    from pipeline.rewards import build_reward_terms
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -63,7 +58,8 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
-    functions, weights = build_rewards(spec, ctx)
+    is_correct = answer_check(spec.answer_extractor)
+    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
     args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
@@ -72,11 +68,11 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names
-    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval) if measure else None
+    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     metrics.update(reward_trend(trainer.state.log_history))
     if measure:
-        metrics.update(initial_eval_accuracy=initial,
-                       eval_accuracy=held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval))
+        final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct)
+        metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics

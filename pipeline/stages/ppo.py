@@ -96,6 +96,7 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
 
 
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
+    from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.modeling import load_tokenizer, stage_base
     from pipeline.ppo import PPOConfig, PPOTrainer
@@ -120,8 +121,10 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
         require_same_vocabulary(tokenizer, load_tokenizer(value_model, trust_remote_code=spec.trust_remote_code),
                                 f"{where}: value_model {spec.value_model}")
     model, reference = build_models(spec, path, config.value_head_init_std, value_model)
-    functions, weights, names = build_reward_terms(terms, ctx.resolve)
-    trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
+    is_correct = answer_check(spec.answer_extractor)
+    functions, weights, names = build_reward_terms(terms, ctx.resolve, is_correct)
+    trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference,
+                         is_correct=is_correct)
 
     initial = trainer.evaluate(held_out)  # policy == reference here: the SFT model's numbers
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -142,11 +142,43 @@ class RewardTermSpec:
 
 
 @dataclass(kw_only=True)
+class AnswerExtractorSpec:
+    """How the `exact_match` reward and held-out accuracy read the answer in a response (`pipeline.answers`).
+
+    Give one of `regex` or `function`. Without `answer_extractor:` a stage uses the quickstart's rule: the first
+    word of the first line, trailing punctuation and a leading "A:" dropped.
+    """
+
+    regex: str | None = None  # the first capture group (or the whole match) of the first match; e.g. "####\\s*(\\S+)"
+    function: str | None = None  # `package.module:function`, response text -> answer text
+
+    def check(self) -> list[str]:
+        import re
+
+        from pipeline.recipe import callable_problems
+
+        if (self.regex is None) == (self.function is None):
+            return ["answer_extractor: give exactly one of `regex` or `function`"]
+        if self.function is not None:
+            return [f"answer_extractor.function: {p}" for p in callable_problems(self.function)]
+        try:
+            re.compile(self.regex)
+        except re.error as err:
+            return [f"answer_extractor.regex: {self.regex!r} is not a valid regular expression: {err}"]
+        return []
+
+
+def answer_extractor_problems(extractor: AnswerExtractorSpec | None) -> list[str]:
+    return extractor.check() if extractor is not None else []
+
+
+@dataclass(kw_only=True)
 class GRPOSpec(TrainStageSpec):
     """Group-relative policy optimisation with `trl.GRPOTrainer` on prompts (with `answer` for rule rewards)."""
 
     rewards: list[RewardTermSpec]
     max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
 
     args_class = "trl.GRPOConfig"
 
@@ -155,7 +187,7 @@ class GRPOSpec(TrainStageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.rewards else ["`rewards` must list at least one reward"]
-        return problems + reward_term_problems(self.rewards)
+        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
@@ -183,6 +215,7 @@ class PPOSpec(TrainStageSpec):
     # score head become the critic (InstructGPT); it must share the policy's tokenizer. Default: the policy's
     # own trunk with a fresh value head (a LoRA adapter on the shared base when `peft` is set).
     value_model: str | None = None
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
 
     ref_fields = ("model", "value_model")
     args_class = "pipeline.ppo.PPOConfig"
@@ -196,7 +229,7 @@ class PPOSpec(TrainStageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
-        return problems + reward_term_problems(self.rewards)
+        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
@@ -231,6 +264,7 @@ class EvalSpec(StageSpec):
     max_new_tokens: int = 16
     batch_size: int = 64  # prompts per generation/scoring batch
     num_samples_table: int = 8  # prompts whose responses are saved to samples.json and shown in the report
+    answer_extractor: AnswerExtractorSpec | None = None  # how accuracy/<model> reads the answer in a response
     trust_remote_code: bool = False
 
     ref_fields = ("models", "reward_model", "baseline", "reference")
@@ -247,7 +281,7 @@ class EvalSpec(StageSpec):
             problems.append("dataset.eval: an eval stage scores every row of `dataset`; list held-out files as its sources")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
-        return problems
+        return problems + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return {"prompts with answers": ("prompt", "answer") + ((self.reference_column,) if self.reference_column else ())}
@@ -301,6 +335,7 @@ class GenerateSpec(StageSpec):
     min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
     output_format: str = "pairwise"  # what data.jsonl holds: pairwise or listwise (all responses, best first)
     batch_size: int = 64  # prompts per generation batch
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and the *_accuracy metrics
     trust_remote_code: bool = False
 
     ref_fields = ("model",)
@@ -311,7 +346,7 @@ class GenerateSpec(StageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
-        problems += reward_term_problems(self.rewards)
+        problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
         problems += self.judge.check() if self.judge else []
         if self.num_samples < 2:
             problems.append(f"num_samples: must be at least 2 to make a pair, got {self.num_samples}")

@@ -1,0 +1,72 @@
+"""`answer_extractor:`: GSM8K-style answers scored by the exact_match reward and eval metric from the recipe alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import tiny_stages, write_recipe
+
+GSM8K = r"####\s*(\S+)"
+ROWS = [  # references as GSM8K writes them (a worked solution ending in `#### N`) and as a bare number
+    {"prompt": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+     "answer": "In May she sold 48/2 = 24.\nAltogether 48+24 = 72.\n#### 72"},
+    {"prompt": "What is 40 + 2?", "answer": "42"},
+    {"prompt": "What is 3 * 3?", "answer": "9"},
+]
+RESPONSES = ["48 + 24 = 72 clips\n#### 72", "40 plus 2 makes\n#### 42", "It is 9"]  # the last states no `####`
+
+
+def last_word(response: str) -> str:
+    """A user extractor, named in a recipe as `tests.test_answers:last_word`."""
+    words = response.split()
+    return words[-1] if words else ""
+
+
+def gsm8k_recipe(tmp_path, extractor: dict) -> str:
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 4))
+    stages = tiny_stages() + [
+        {"name": "grpo", "type": "grpo", "model": "sft", "dataset": str(data), "answer_extractor": extractor,
+         "rewards": [{"function": "exact_match"}]},
+        {"name": "ev", "type": "eval", "models": ["sft"], "dataset": str(data), "answer_extractor": extractor},
+    ]
+    return str(write_recipe(tmp_path, stages))
+
+
+@pytest.mark.parametrize("extractor, expected", [({"regex": GSM8K}, [1.0, 1.0, 0.0]),
+                                                 ({"function": "tests.test_answers:last_word"}, [0.0, 1.0, 1.0])])
+def test_recipe_extractor_scores_reward_and_eval_metric(extractor, expected, tmp_path):
+    from pipeline.answers import answer_check
+    from pipeline.metrics import load_metric
+    from pipeline.recipe import load_recipe
+    from pipeline.rewards import build_reward_terms
+
+    recipe = load_recipe(gsm8k_recipe(tmp_path, extractor))
+    grpo, ev = recipe.stage("grpo"), recipe.stage("ev")
+    (reward,), _, _ = build_reward_terms(grpo.rewards, str, answer_check(grpo.answer_extractor))
+    answers = [row["answer"] for row in ROWS]
+    assert reward([row["prompt"] for row in ROWS], RESPONSES, answer=answers) == expected
+    metric = load_metric("exact_match").compute(predictions=RESPONSES, references=answers,
+                                                answer_extractor=ev.answer_extractor)
+    assert metric["exact_match"] == pytest.approx(sum(expected) / 3)
+
+
+def test_default_extractor_is_the_quickstart_rule():
+    from pipeline.answers import answer_check
+
+    is_correct = answer_check()
+    assert is_correct("A: 19.\nmore", "19") and is_correct("7 is it", 7) and not is_correct("#### 42", "42")
+
+
+@pytest.mark.parametrize("extractor, expected", [
+    ({"regex": "####\\s*(\\S+"}, "stage 'grpo': answer_extractor.regex: '####\\\\s*(\\\\S+' is not a valid regular"),
+    ({"function": "tests.test_answers:no_such_function"}, "stage 'grpo': answer_extractor.function: cannot import"),
+    ({"function": "last_word"}, "answer_extractor.function: 'last_word' is not a `package.module:function` path"),
+    ({"regex": GSM8K, "function": "tests.test_answers:last_word"}, "give exactly one of `regex` or `function`"),
+])
+def test_bad_extractor_is_refused_by_validate(extractor, expected, tmp_path, capsys):
+    assert main(["validate", gsm8k_recipe(tmp_path, extractor)]) != 0
+    assert expected in capsys.readouterr().err
