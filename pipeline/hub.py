@@ -1,7 +1,9 @@
 """Publish a stage's output to the Hugging Face Hub with a model card (`push_to_hub:` and `pipeline push`).
 
-The upload is one commit: the output folder's weights (or LoRA adapter, or that adapter merged into its base)
-and tokenizer, plus a README.md model card with the recipe excerpt, lineage, metrics and package versions.
+The upload is one `HfApi.upload_folder` commit: the output folder's weights (or LoRA adapter, or that adapter
+merged into its base) and tokenizer, plus a README.md model card with the recipe excerpt, lineage, metrics and
+package versions. (With `hf_xet` installed, upload_folder splits a folder into several commits only past ~250
+files or 100 MB of small non-LFS files; a model folder has a dozen files, its weights in LFS/Xet.)
 The token is never touched here: `huggingface_hub` reads it from HF_TOKEN or the user's saved login, and
 HF_ENDPOINT picks the server, so no token reaches a file, a log or the card.
 """
@@ -9,6 +11,8 @@ HF_ENDPOINT picks the server, so no token reaches a file, a log or the card.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +21,9 @@ import yaml
 
 from pipeline.recipe import HUB_ID, PushSpec, resolve_local
 
-# Never uploaded: training_args.bin is a pickle (loading it runs code; the card carries the recipe instead),
-# README.md is replaced by the card.
-SKIPPED_FILES = ("training_args.bin", "README.md")
+# Never uploaded: training_args.bin is a pickle (loading it runs code; the card carries the recipe instead).
+# A README.md the trainer wrote is replaced by the card.
+IGNORED_FILES = ["training_args.bin"]
 PUSH_RECORD = "pushed.json"
 
 
@@ -122,7 +126,7 @@ def model_card(run_dir: Path, name: str, repo_id: str, folder: Path) -> str:
 
 def push_stage(run_dir: Path, name: str, push: PushSpec, log: Callable[[str], None] = print) -> str:
     """Upload stage `name`'s output and model card to `push.repo_id` in one commit; return the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     from pipeline.modeling import is_adapter, save_merged
 
@@ -135,22 +139,26 @@ def push_stage(run_dir: Path, name: str, push: PushSpec, log: Callable[[str], No
     if record is None or record["status"] not in ("completed", "skipped") or not output.is_dir():
         raise ValueError(f"stage '{name}' has no finished output in {run_dir} to push")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = output
+        # upload_folder commits one folder as it is: the card must be a file in it, and the stage's output stays
+        # as the stage wrote it. So the folder is the merged model, or links to the output's files (not copies:
+        # weights may be gigabytes), plus the card.
+        folder = Path(tmp) / "upload"
         if push.merge_adapter and is_adapter(output):
-            folder = Path(tmp)
             save_merged(output, folder, task="seq-cls" if record["type"] == "reward" else "causal-lm")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in SKIPPED_FILES)
-        if not any(p.suffix == ".safetensors" for p in files):
+        else:
+            shutil.copytree(output.resolve(), folder, copy_function=os.symlink)
+        if not any(folder.rglob("*.safetensors")):
             raise ValueError(f"stage '{name}' ({record['type']}) wrote no model weights to push")
         card = model_card(run_dir, name, push.repo_id, folder)
-        operations = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+        (folder / "README.md").unlink(missing_ok=True)  # a link to the trainer's README: never write through it
+        (folder / "README.md").write_text(card)
         api = HfApi()
         api.create_repo(push.repo_id, private=push.private, exist_ok=True)
         if push.revision:
             api.create_branch(push.repo_id, branch=push.revision, exist_ok=True)
         message = f"Upload stage '{name}' ({record['type']}) of recipe '{summary['recipe']}'"
-        commit = api.create_commit(push.repo_id, operations=operations, revision=push.revision, commit_message=message)
+        commit = api.upload_folder(repo_id=push.repo_id, folder_path=folder, revision=push.revision,
+                                   ignore_patterns=IGNORED_FILES, commit_message=message)
     (run_dir / name / PUSH_RECORD).write_text(json.dumps(
         {"fingerprint": record.get("fingerprint"), "push": vars(push), "commit_url": commit.commit_url}, indent=1))
     log(f"[{name}] pushed to {push.repo_id}: {commit.commit_url}")

@@ -199,6 +199,7 @@ def test_push_hook_uploads_the_stage_output_and_card(chain):
     assert set(uploaded) == produced | {"README.md"}
     assert all(uploaded[name] == (output / name).read_bytes() for name in produced)  # byte for byte
     card = uploaded["README.md"].decode()
+    assert (output / "README.md").read_bytes() != uploaded["README.md"]  # the card is not written into the output
     assert card.startswith("---\n") and "library_name: peft" in card and "- dpo" in card
     assert "1. `tok` (tokenizer) from scratch" in card and "4. `dpo` (dpo) from stage `sft`" in card
     assert "- name: gen\n  type: generate" in card  # the recipe excerpt includes the data-producing stage
