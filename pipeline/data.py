@@ -1,7 +1,7 @@
 """Reading datasets: local JSONL/JSON/Parquet/CSV or Hub ids, renames, mixtures, held-out splits.
 
-Local JSONL is parsed here rather than by `datasets` so that a malformed line is reported
-with its file and line number before any training starts.
+Local JSONL is read by `datasets`; a file it cannot read is parsed again here, so that a malformed line
+is reported with its file and line number before any training starts.
 """
 
 from __future__ import annotations
@@ -83,9 +83,38 @@ def mixed_column(rows: list[dict[str, Any]]) -> tuple[str, int, str, str] | None
     return None
 
 
+def from_json_lines(path: Path) -> Dataset | None:
+    """A JSONL file read by `datasets` (pyarrow's parser), or None where it fails: a malformed line, a column
+    of mixed kinds, a key first seen after the first 10 MB chunk, no rows.
+
+    Measured on a 21 MB, 150k-row chat file: 0.33 s and +95 MB peak memory on the first read, 0.05 s once
+    cached (as when a stage reads what the pre-run check read); parsed by hand, 1.5 s and +260 MB every time.
+    The cost is the cache: an Arrow copy of each version of the file (11 MB here) in HF_DATASETS_CACHE, as
+    for parquet, CSV and Hub data.
+    """
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)  # its error log names no line: `read_local` then says which one
+    try:
+        # on_mixed_types=None: a column of mixed kinds is an error, not an untyped `Json` column that fails later
+        # elsewhere (and message dicts with different keys get one struct type, as `Dataset.from_list` gives).
+        # keep_in_memory: in memory as before, so trainers' `map`s write no cache files.
+        return load_dataset("json", data_files=str(path), split="train", on_mixed_types=None, keep_in_memory=True)
+    except (DatasetGenerationError, ValueError):
+        return None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def read_local(path: Path) -> Dataset:
     name = path.name.removesuffix(".gz")
     if name.endswith(".jsonl"):
+        dataset = from_json_lines(path)
+        if dataset is not None:
+            return dataset
         rows = read_jsonl(path)
         try:
             return Dataset.from_list(rows)

@@ -41,6 +41,21 @@ def test_jsonl_errors_name_the_line(tmp_path):
         read_jsonl(path)
 
 
+def test_jsonl_through_datasets_is_typed_as_its_rows(tmp_path):
+    """`datasets` reads the file (`from_json_lines`) with the types `Dataset.from_list` gives the rows, message dicts with
+    different keys included; a key first seen after its first 10 MB chunk, which it cannot read, is read by hand."""
+    from pipeline.data import from_json_lines, read_local
+
+    rows = [{"messages": [{"role": "user", "content": "x"}], "score": 1},
+            {"messages": [{"role": "user", "content": "y", "name": "n"}], "score": 0.5}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = Dataset.from_list(rows)
+    assert from_json_lines(path).features == expected.features and read_local(path).to_list() == expected.to_list()
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "x" * 1000}] * 11_000) + '{"text": "y", "late": 1}\n')
+    assert from_json_lines(path) is None and len(read_local(path)) == 11_001
+
+
 def test_mixture_weights_and_held_out_split(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(100)))
