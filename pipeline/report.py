@@ -95,11 +95,11 @@ def plot_curves(history: list[dict], out: Path, title: str) -> Series:
 
 
 def eval_table(metrics: dict[str, float], models: list[str]) -> dict[str, dict[str, float]]:
-    """{family: {model or model@bonN: value}} from an eval stage's `family/model[@bonN]` metrics."""
+    """{family: {model or model@bonN or model@passK: value}} from an eval stage's `family/model[@...]` metrics."""
     table: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         family, _, label = key.partition("/")
-        if family in EVAL_FAMILIES and label.split("@bon")[0] in models:
+        if family in EVAL_FAMILIES and label.split("@")[0] in models:
             table.setdefault(family, {})[label] = value
     return table
 
@@ -110,7 +110,7 @@ def plot_eval(table: dict[str, dict[str, float]], out: Path, title: str) -> dict
     drawn: dict[str, dict[str, float]] = {}
     for ax, (family, values) in zip(axes, table.items()):
         bars = ax.bar(range(len(values)), list(values.values()), color=[
-            "tab:orange" if "@bon" in label else "tab:blue" for label in values])
+            "tab:orange" if "@" in label else "tab:blue" for label in values])  # sampled: best-of-N, pass@k
         ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right", fontsize="small")
         ax.bar_label(bars, fmt="%.3g", fontsize="small")
         ax.set_title(family)
@@ -241,7 +241,7 @@ def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str
 def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) -> list[str]:
     """Metric table (model x metric), bar chart and sample responses of one eval stage."""
     samples = _read(run_dir / name / "output" / "samples.json")
-    models = samples["models"] if samples else sorted({k.partition("/")[2].split("@bon")[0] for k in stage["metrics"]})
+    models = samples["models"] if samples else sorted({k.partition("/")[2].split("@")[0] for k in stage["metrics"]})
     table = eval_table(stage["metrics"], models)
     if not table:
         return ["No eval metrics yet."]

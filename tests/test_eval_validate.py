@@ -29,6 +29,9 @@ CASES = {
     "win rate without a judge": (evaluation(baseline="sft"), ["stage 'ev'", "baseline: needs `reward_model`"]),
     "best-of-N without a judge": (evaluation(best_of_n={"n": 4}), ["best_of_n: needs `reward_model`"]),
     "best-of-1": (evaluation(reward_model="rm", best_of_n={"n": 1}), ["best_of_n.n: must be at least 2"]),
+    "pass@k from fewer than k samples": (evaluation(pass_at_k={"k": 8, "n": 4}),
+                                         ["stage 'ev'", "pass_at_k.n: must be at least k (8), got 4"]),
+    "pass@0": (evaluation(pass_at_k={"k": 0}), ["pass_at_k.k: must be at least 1, got 0"]),
     "unknown model": (evaluation(models=["sft", "sfy"]), ["stage 'ev'", "models: unknown stage 'sfy'", "did you mean 'sft'"]),
     "model listed twice": (evaluation(models=["sft", "sft"]), ["models: 'sft' is listed twice"]),
     "eval typo": (evaluation(reward_modle="rm"), ["unknown key 'reward_modle'", "did you mean 'reward_model'"]),
@@ -59,7 +62,8 @@ def test_bad_eval_or_generate_stage_is_reported(case, tmp_path, capsys):
 def test_generated_data_feeds_a_later_stage_by_name(tmp_path, capsys):
     stages = stages_with(generation())
     stages.append({"name": "dpo", "type": "dpo", "model": "sft", "dataset": "gen"})
-    stages.append(evaluation(reward_model="rm", baseline="sft", reference="sft", best_of_n={"n": 4}, models=["sft", "dpo"]))
+    stages.append(evaluation(reward_model="rm", baseline="sft", reference="sft", best_of_n={"n": 4}, models=["sft", "dpo"],
+                             pass_at_k={"k": 8, "n": 16}))
     assert main(["validate", str(write_recipe(tmp_path, stages))]) == 0, capsys.readouterr().err
 
 

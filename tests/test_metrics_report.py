@@ -45,8 +45,20 @@ def test_perplexity_module():
     assert result["mean_perplexity"] == pytest.approx((2 ** 1.5 + 2) / 2)
 
 
+def test_pass_at_k_module_is_the_unbiased_estimator():
+    from pipeline.metrics.pass_at_k.pass_at_k import pass_at_k
+
+    # n=4, c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6; c=2: 1 - 1/6; k=1 is c/n; n-c < k: every draw holds a hit.
+    assert pass_at_k(4, 1, 2) == 0.5 and pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8) and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(4, 0, 4) == 0.0
+    result = load_metric("pass_at_k").compute(predictions=[1, 2, 0], references=[4, 4, 4], k=2)
+    assert result == {"pass_at_k": pytest.approx((0.5 + 5 / 6 + 0.0) / 3)}
+    with pytest.raises(ValueError, match="n=4, c=1, k=5"):
+        pass_at_k(4, 1, 5)
+
+
 def test_unknown_metric_lists_the_shipped_ones():
-    with pytest.raises(ValueError, match="exact_match, perplexity, sequence_kl, win_rate"):
+    with pytest.raises(ValueError, match="exact_match, pass_at_k, perplexity, sequence_kl, win_rate"):
         load_metric("accuracy")
 
 
@@ -90,10 +102,10 @@ def test_plot_curves_draws_the_logged_values(tmp_path):
 
 
 def test_plot_eval_draws_one_bar_per_model_and_metric(tmp_path):
-    metrics = {"accuracy/sft": 0.25, "accuracy/sft@bon4": 0.5, "accuracy/dpo": 0.3, "reward/sft": -1.0,
-               "win_rate/dpo": 0.6, "accuracy/other": 1.0}  # `other` was not among the scored models
+    metrics = {"accuracy/sft": 0.25, "accuracy/sft@bon4": 0.5, "accuracy/sft@pass8": 0.7, "accuracy/dpo": 0.3,
+               "reward/sft": -1.0, "win_rate/dpo": 0.6, "accuracy/other": 1.0}  # `other` was not among the scored models
     table = eval_table(metrics, ["sft", "dpo"])
-    assert table == {"accuracy": {"sft": 0.25, "sft@bon4": 0.5, "dpo": 0.3}, "reward": {"sft": -1.0},
+    assert table == {"accuracy": {"sft": 0.25, "sft@bon4": 0.5, "sft@pass8": 0.7, "dpo": 0.3}, "reward": {"sft": -1.0},
                      "win_rate": {"dpo": 0.6}}
     assert plot_eval(table, tmp_path / "eval.png", "eval") == table
     assert Image.open(tmp_path / "eval.png").size == (3 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)

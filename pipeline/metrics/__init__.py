@@ -9,7 +9,7 @@ METRICS_DIR = Path(__file__).resolve().parent
 
 
 def load_metric(name: str):
-    """An `evaluate.EvaluationModule` shipped in this package (exact_match, win_rate, sequence_kl, perplexity)."""
+    """An `evaluate.EvaluationModule` shipped in this package (exact_match, win_rate, sequence_kl, perplexity, pass_at_k)."""
     import evaluate
 
     folder = METRICS_DIR / name

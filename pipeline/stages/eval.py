@@ -10,9 +10,11 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
   the mean over responses of sum_t log p_m(y_t) - log p_ref(y_t) (greedy responses would bias it);
 - `perplexity/<m>`: of the reference completions, where the rows have them;
 - `accuracy/<m>@bon<N>`, `reward/<m>@bon<N>`: best-of-N, the reward model's pick among N samples.
+- `accuracy/<m>@pass<k>`: pass@k, the chance that k samples hold at least one correct answer (what RL can
+  collect beyond greedy), estimated without bias from n >= k samples per prompt (Chen et al. 2021).
 
 Under `accelerate launch` each process scores its share of the prompts and the results are gathered:
-the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N) draw from each process's
+the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N, pass@k) draw from each process's
 random stream, so they vary with the process count as with the seed.
 
 Computations `evaluate` can express are local `evaluate` modules (`pipeline/metrics/`). Greedy responses
@@ -109,6 +111,12 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     def greedy(model, tokenizer, share: list[Any]) -> list[str]:
         return generate(model, tokenizer, share, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
 
+    def sample(model, tokenizer, share: list[Any], n: int, temperature: float) -> list[str]:
+        """`n` sampled responses per prompt, each prompt's consecutive."""
+        return generate(model, tokenizer, share, max_new_tokens=spec.max_new_tokens,
+                        batch_size=max(spec.batch_size // n, 1), do_sample=True, temperature=temperature,
+                        num_return_sequences=n)
+
     def per_prompt(model, tokenizer, share: list[int]) -> list[dict[str, Any]]:
         """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
         if not share:
@@ -130,12 +138,15 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
                 row["completion_logp"] = logp
         if spec.best_of_n is not None:
             n = spec.best_of_n.n
-            candidates = generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
-                                  batch_size=max(spec.batch_size // n, 1), do_sample=True,
-                                  temperature=spec.best_of_n.temperature, num_return_sequences=n)
+            candidates = sample(model, tokenizer, mine, n, spec.best_of_n.temperature)
             picks, best = best_of_n(candidates, scorer([p for p in mine for _ in range(n)], candidates), n)
             for row, pick, score in zip(out, picks, best):
                 row.update(bon_pick=pick, bon_score=score)
+        if spec.pass_at_k is not None:
+            n = spec.pass_at_k.samples
+            candidates = sample(model, tokenizer, mine, n, spec.pass_at_k.temperature)
+            for j, (row, i) in enumerate(zip(out, share)):
+                row["pass_correct"] = sum(is_correct(c, answers[i]) for c in candidates[j * n:(j + 1) * n])
         return out
 
     exact_match = load_metric("exact_match")
@@ -175,6 +186,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
                 predictions=[row["bon_pick"] for row in results], references=answers,
                 answer_extractor=spec.answer_extractor)["exact_match"]
             metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
+        if spec.pass_at_k is not None:
+            k, n = spec.pass_at_k.k, spec.pass_at_k.samples
+            metrics[f"accuracy/{label}@pass{k}"] = load_metric("pass_at_k").compute(
+                predictions=[row["pass_correct"] for row in results], references=[n] * len(results), k=k)["pass_at_k"]
         for i, row in enumerate(table):
             row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),
                                        "reward": scores[ref][i] if ref in scores else None}

@@ -248,8 +248,27 @@ class BestOfNSpec:
 
 
 @dataclass(kw_only=True)
+class PassAtKSpec:
+    """pass@k: sample `n` responses per prompt and estimate the chance that `k` of them hold a correct answer."""
+
+    k: int = 8
+    n: int | None = None  # samples per prompt, at least k (default k); more than k lowers the estimate's variance
+    temperature: float = 1.0  # sampling temperature of the samples
+
+    @property
+    def samples(self) -> int:
+        return self.k if self.n is None else self.n
+
+    def check(self) -> list[str]:
+        problems = [] if self.k >= 1 else [f"pass_at_k.k: must be at least 1, got {self.k}"]
+        if self.samples < self.k:
+            problems.append(f"pass_at_k.n: must be at least k ({self.k}), got {self.n}")
+        return problems + ([] if self.temperature > 0 else [f"pass_at_k.temperature: must be > 0, got {self.temperature}"])
+
+
+@dataclass(kw_only=True)
 class EvalSpec(StageSpec):
-    """Score models on held-out prompts: accuracy, reward, win rate, KL, perplexity, best-of-N, sample responses.
+    """Score models on held-out prompts: accuracy, reward, win rate, KL, perplexity, best-of-N, pass@k, samples.
 
     Metrics are named `<metric>/<model>`, with the model as written in `models`.
     """
@@ -260,6 +279,7 @@ class EvalSpec(StageSpec):
     baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
     reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
     best_of_n: BestOfNSpec | None = None  # accuracy/<model>@bon<N> and reward/<model>@bon<N> (needs reward_model)
+    pass_at_k: PassAtKSpec | None = None  # accuracy/<model>@pass<k>: unbiased pass@k of n samples (no reward model)
     reference_column: str | None = None  # reference completions for perplexity/<model>; default `completion` if present
     max_new_tokens: int = 16
     batch_size: int = 64  # prompts per generation/scoring batch
@@ -275,8 +295,8 @@ class EvalSpec(StageSpec):
         for key in ("baseline", "best_of_n"):
             if getattr(self, key) is not None and self.reward_model is None:
                 problems.append(f"{key}: needs `reward_model` (it judges the responses)")
-        if self.best_of_n is not None:
-            problems += self.best_of_n.check()
+        for sampled in (self.best_of_n, self.pass_at_k):
+            problems += sampled.check() if sampled is not None else []
         if self.dataset.eval is not None:
             problems.append("dataset.eval: an eval stage scores every row of `dataset`; list held-out files as its sources")
         if self.max_new_tokens < 1:
