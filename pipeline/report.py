@@ -1,4 +1,6 @@
-"""`report.md`: the recipe, per-stage status, timings and metrics, training curves, eval results and samples.
+"""`report.md`: a headline table (each stage's key metric before -> after) with a chart of held-out accuracy
+across the eval stage's models (greedy, best-of-N, pass@k), then per-stage launches, metrics, training curves,
+eval results and samples, the recipe and package versions.
 
 Everything is rebuilt from the run directory (summary.json, manifest.json, each stage's log_history.json,
 result.json and an eval stage's samples.json), so `pipeline report RUN_DIR` works on any run, finished or not.
@@ -32,7 +34,6 @@ HEADLINES: dict[str, list[tuple[str, str | None, str]]] = {
             ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl")],
     "generate": [("sample exact match", None, "sample_accuracy")],
 }
-EVAL_HEADLINE_FAMILIES = ("accuracy", "reward")
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -120,15 +121,60 @@ def plot_eval(table: dict[str, dict[str, float]], out: Path, title: str) -> dict
     return drawn
 
 
+def sampled_name(variant: str) -> str:
+    """`bon4` -> `best-of-4`, `pass8` -> `pass@8`: the sampled accuracies of an eval stage, in words."""
+    return variant.replace("bon", "best-of-", 1) if variant.startswith("bon") else variant.replace("pass", "pass@", 1)
+
+
+def plot_accuracy(accuracy: dict[str, float], out: Path, title: str) -> dict[str, dict[str, float]]:
+    """The RLHF story in one chart: a bar per model of held-out greedy accuracy, in the eval stage's order, each
+    labelled with its value and gain over the first model; best-of-N and pass@k as markers over the bars, and
+    the first model's pass@k as a dashed line (what sampling can reach, so what RL can collect).
+
+    `accuracy` is `eval_table(...)["accuracy"]` ({model or model@variant: value}); returns what was drawn,
+    {"greedy" or variant: {model: value}}, plus {"reach": {variant: value}} for the dashed line.
+    """
+    greedy = {label: value for label, value in accuracy.items() if "@" not in label}
+    sampled: dict[str, dict[str, float]] = {}
+    for label, value in accuracy.items():
+        model, _, variant = label.partition("@")
+        if variant and model in greedy:
+            sampled.setdefault(variant, {})[model] = value
+    plt, fig, (ax,) = _figure(1)
+    fig.set_size_inches(max(PANEL_INCHES[0], 1.6 * len(greedy) + 2), PANEL_INCHES[1] + 1)
+    position = {model: i for i, model in enumerate(greedy)}
+    bars = ax.bar(range(len(greedy)), list(greedy.values()), color="tab:blue", label="greedy")
+    first = next(iter(greedy.values()))
+    ax.bar_label(bars, fontsize="small", labels=[f"{v:.2f}" + (f" ({v - first:+.2f})" if i else "")
+                                                 for i, v in enumerate(greedy.values())])
+    drawn = {"greedy": {model: float(bar.get_height()) for model, bar in zip(greedy, bars)}}
+    for variant, values in sampled.items():
+        pass_at_k = variant.startswith("pass")
+        dots = ax.scatter([position[m] for m in values], list(values.values()), zorder=3, label=sampled_name(variant),
+                          marker="^" if pass_at_k else "D", color="tab:green" if pass_at_k else "tab:orange")
+        drawn[variant] = {model: float(y) for model, (_, y) in zip(values, dots.get_offsets())}
+    first_model = next(iter(greedy))
+    for variant in (v for v in sampled if v.startswith("pass") and first_model in sampled[v]):
+        line = ax.axhline(sampled[variant][first_model], linestyle="--", color="tab:green",
+                          label=f"{first_model} {sampled_name(variant)}: what sampling can reach")
+        drawn.setdefault("reach", {})[variant] = float(line.get_ydata()[0])
+    ax.set_xticks(range(len(greedy)), list(greedy))
+    ax.set_ylim(0, 1.15)  # accuracies are 0..1; room above for the bar labels
+    ax.set_ylabel("held-out accuracy")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)  # below: clear of the bars
+    ax.grid(alpha=0.3, axis="y")
+    _save(plt, fig, out, title)
+    return drawn
+
+
 def headline(stage_type: str, metrics: dict[str, float]) -> str:
     """A stage's key metrics, before -> after where both were measured: `pair accuracy 0.52 -> 0.74`.
 
-    An eval stage lists its accuracy and reward per model; other stage types (or missing metrics) give "".
+    An eval stage lists its greedy accuracy and reward per model, and pass@k where measured; other stage types
+    (or missing metrics) give "".
     """
     if stage_type == "eval":
-        families = [(f, [(k.partition("/")[2], v) for k, v in metrics.items()
-                         if k.startswith(f"{f}/") and "@" not in k]) for f in EVAL_HEADLINE_FAMILIES]
-        return "; ".join(f"{f} " + ", ".join(f"{m} {v:.3g}" for m, v in values) for f, values in families if values)
+        return _eval_headline(metrics)
     parts = []
     for label, before, after in HEADLINES.get(stage_type, []):
         prefix = after.removesuffix("*")
@@ -140,6 +186,21 @@ def headline(stage_type: str, metrics: dict[str, float]) -> str:
             change = f"{metrics[was]:.3g} -> " if was in metrics else ""
             parts.append(f"{name} {change}{metrics[key]:.3g}")
     return ", ".join(parts)
+
+
+def _eval_headline(metrics: dict[str, float]) -> str:
+    """`accuracy sft 0.45, grpo 0.66; pass@8 sft 0.9; reward sft 1.5`: pass@k beside the greedy accuracy it bounds."""
+    greedy: dict[str, list[str]] = {"accuracy": [], "reward": []}
+    passes: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        family, _, label = key.partition("/")
+        model, _, variant = label.partition("@")
+        if family in greedy and not variant:
+            greedy[family].append(f"{model} {value:.3g}")
+        elif family == "accuracy" and variant.startswith("pass"):
+            passes.setdefault(sampled_name(variant), []).append(f"{model} {value:.3g}")
+    groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"]}
+    return "; ".join(f"{name} " + ", ".join(values) for name, values in groups.items() if values)
 
 
 def cell(value: Any) -> str:
@@ -192,7 +253,7 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run report: {summary['recipe']}", "",
              f"Recipe `{summary.get('recipe_path')}`, seed {manifest.get('seed')}"
              + (f", git commit `{commit[:12]}`" if commit else "") + ".", "",
-             "## Stages", "", "| stage | type | status | seconds | key metrics (before -> after) |",
+             "## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) |",
              "|---|---|---|---|---|"]
     for name, stage in stages.items():
         status = stage["status"]
@@ -200,6 +261,7 @@ def write_report(run_dir: Path) -> Path:
             status += f" (see {name}/error.txt)"
         shown = headline(stage["type"], stage["metrics"])
         lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} |")
+    lines += _accuracy_chart(run_dir, stages, plots)
     lines += launch_section(stages, manifest)
 
     for name, stage in stages.items():
@@ -238,11 +300,28 @@ def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str
     return lines
 
 
+def eval_models(run_dir: Path, name: str, metrics: dict[str, float]) -> list[str]:
+    """The models an eval stage scored, in its `models` order: from samples.json, else as its metrics list them."""
+    samples = _read(run_dir / name / "output" / "samples.json")
+    return samples["models"] if samples else list(dict.fromkeys(k.partition("/")[2].split("@")[0] for k in metrics))
+
+
+def _accuracy_chart(run_dir: Path, stages: dict[str, Any], plots: Path) -> list[str]:
+    """`plots/accuracy.png` of the last eval stage that measured held-out accuracy, embedded; none without one."""
+    for name, stage in reversed(stages.items()):
+        if stage["type"] != "eval":
+            continue
+        accuracy = eval_table(stage["metrics"], eval_models(run_dir, name, stage["metrics"])).get("accuracy")
+        if accuracy and any("@" not in label for label in accuracy):
+            plot_accuracy(accuracy, plots / "accuracy.png", f"{name}: held-out accuracy across stages")
+            return ["", "![held-out accuracy across stages](plots/accuracy.png)"]
+    return []
+
+
 def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) -> list[str]:
     """Metric table (model x metric), bar chart and sample responses of one eval stage."""
     samples = _read(run_dir / name / "output" / "samples.json")
-    models = samples["models"] if samples else sorted({k.partition("/")[2].split("@")[0] for k in stage["metrics"]})
-    table = eval_table(stage["metrics"], models)
+    table = eval_table(stage["metrics"], eval_models(run_dir, name, stage["metrics"]))
     if not table:
         return ["No eval metrics yet."]
     labels = list(dict.fromkeys(label for values in table.values() for label in values))

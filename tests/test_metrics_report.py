@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics import load_metric
-from pipeline.report import DPI, PANEL_INCHES, eval_table, plot_curves, plot_eval, write_report
+from pipeline.report import DPI, PANEL_INCHES, eval_table, plot_accuracy, plot_curves, plot_eval, write_report
 from pipeline.stages.eval import best_of_n
 from pipeline.stages.generate import make_pairs
 
@@ -143,6 +143,8 @@ def test_write_report_from_a_run_directory(tmp_path):
     assert "![rm curves](plots/rm.png)" in report and "![grpo curves](plots/grpo.png)" in report
     assert "| model | accuracy | reward |" in report and "| grpo | 0.4 | 1.5 |" in report and "| grpo@bon4 | 0.5 |" in report
     assert "![eval results](plots/eval.png)" in report
+    assert "![held-out accuracy across stages](plots/accuracy.png)" in report  # one model: its bar, no gain
+    assert (run / "plots" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "| What is 1 + 2? | 3 | ✓ `3\\|x\\n` (1.25) |" in report  # pipes escaped, newline shown, not broken
     assert "```yaml\nname: r\nstages:\n- name: rm\n  type: reward\n```" in report
     assert "| trl | 1.16.0 |" in report
@@ -150,6 +152,57 @@ def test_write_report_from_a_run_directory(tmp_path):
         assert Image.open(io.BytesIO((run / "plots" / f"{name}.png").read_bytes())).format == "PNG"
     rm_plot = Image.open(run / "plots" / "rm.png")
     assert rm_plot.size == (2 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # loss and accuracy panels
+
+
+ACCURACY = {"sft": 0.45, "sft@bon8": 0.6, "sft@pass8": 0.9, "dpo": 0.5, "grpo": 0.66, "grpo@pass8": 0.93, "ppo": 0.62}
+
+
+def test_plot_accuracy_draws_greedy_bars_and_sampled_markers(tmp_path):
+    drawn = plot_accuracy(ACCURACY, tmp_path / "accuracy.png", "eval")
+    assert drawn == {"greedy": {"sft": 0.45, "dpo": 0.5, "grpo": 0.66, "ppo": 0.62}, "bon8": {"sft": 0.6},
+                     "pass8": {"sft": 0.9, "grpo": 0.93}, "reach": {"pass8": 0.9}}  # the line: the first model's pass@8
+    assert list(drawn["greedy"]) == ["sft", "dpo", "grpo", "ppo"]  # the eval stage's order, not sorted
+    assert plot_accuracy({"dpo": 0.5, "dpo@bon4": 0.6}, tmp_path / "b.png", "eval") == {
+        "greedy": {"dpo": 0.5}, "bon4": {"dpo": 0.6}}  # no pass@k: no line
+
+
+def fake_run(run, stages: dict[str, dict]) -> None:
+    """A run directory holding only summary.json, as a run that wrote nothing else leaves it."""
+    for stage in stages.values():
+        stage.setdefault("status", "completed")
+        stage["output"] = ""
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"recipe": "r", "stages": stages}))
+
+
+def test_report_opens_with_the_headline_table_and_accuracy_chart(tmp_path):
+    run = tmp_path / "run"
+    eval_metrics = {f"accuracy/{label}": value for label, value in ACCURACY.items()} | {"reward/sft": 1.5}
+    fake_run(run, {"sft": {"type": "sft", "metrics": {"initial_eval_loss": 8.5, "eval_loss": 0.2}},
+                   "grpo": {"type": "grpo", "metrics": {"initial_eval_accuracy": 0.45, "eval_accuracy": 0.66}},
+                   "eval": {"type": "eval", "metrics": eval_metrics}})
+    report = write_report(run).read_text()
+    lines = report.splitlines()
+    assert lines[4:7] == ["## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) |"]
+    assert lines[8:11] == ["| sft | sft | completed |   | held-out loss 8.5 -> 0.2 |",
+                           "| grpo | grpo | completed |   | exact match 0.45 -> 0.66 |",
+                           "| eval | eval | completed |   | accuracy sft 0.45, dpo 0.5, grpo 0.66, ppo 0.62; "
+                           "pass@8 sft 0.9, grpo 0.93; reward sft 1.5 |"]
+    assert lines[12] == "![held-out accuracy across stages](plots/accuracy.png)"  # under the table, before the rest
+    assert report.count("plots/accuracy.png") == 1
+    chart = Image.open(run / "plots" / "accuracy.png")
+    assert chart.format == "PNG" and len(chart.convert("L").getcolors(4096)) > 10
+    assert "| sft@pass8 | 0.9 |" in report and "| grpo@pass8 | 0.93 |" in report  # in the eval stage's table too
+
+
+def test_report_without_an_eval_stage_has_no_accuracy_chart(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, {"sft": {"type": "sft", "metrics": {"initial_eval_loss": 8.5, "eval_loss": 0.2}},
+                   "eval": {"type": "eval", "status": "pending", "metrics": {}}})
+    report = write_report(run).read_text()
+    assert "## Headline" in report and "| sft | sft | completed |   | held-out loss 8.5 -> 0.2 |" in report
+    assert "| eval | eval | pending |   |   |" in report
+    assert "accuracy.png" not in report and not (run / "plots" / "accuracy.png").exists()
 
 
 def test_headline_is_each_stage_types_key_metric_before_and_after():
