@@ -34,9 +34,9 @@ def measure_ppo(run_dir: Path, steps: int, completions: int, max_new_tokens: int
     from datasets import load_dataset
 
     from pipeline.modeling import load_tokenizer
-    from pipeline.ppo import PPOConfig, PPOTrainer
+    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
     from pipeline.recipe import TrainStageSpec
-    from pipeline.rewards import RewardModelScorer
+    from pipeline.reward_functions import RewardModelScorer
     from pipeline.stages.ppo import build_models
 
     sft = str(run_dir / "sft" / "output")
@@ -60,7 +60,7 @@ def measure_grpo(run_dir: Path, steps: int, completions: int, max_new_tokens: in
     from trl import GRPOConfig, GRPOTrainer
 
     from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config, use_bf16
-    from pipeline.rewards import RewardModelScorer
+    from pipeline.reward_functions import RewardModelScorer
 
     sft = str(run_dir / "sft" / "output")
     args = GRPOConfig(output_dir="/tmp/bench-grpo", max_steps=steps, per_device_train_batch_size=completions,

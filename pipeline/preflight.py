@@ -19,7 +19,7 @@ from pipeline.data_checks import Rows, identical_pairs, row_problems, split_prob
 from pipeline.recipe import Recipe, StageSpec, resolve_local
 
 MIN_FREE_BYTES = 1 << 30
-# Columns that built-in rule rewards (pipeline.rewards) read from each training row.
+# Columns that built-in rule rewards (pipeline.reward_functions) read from each training row.
 REWARD_COLUMNS = {"exact_match": ("answer",)}
 PREFERENCE_STAGE_TYPES = ("reward", "dpo")
 UNSPLIT_STAGE_TYPES = ("eval", "generate")  # they read every row; the others hold out `test_size`

@@ -42,7 +42,7 @@ def test_recipe_extractor_scores_reward_and_eval_metric(extractor, expected, tmp
     from pipeline.answers import answer_check
     from pipeline.metrics import load_metric
     from pipeline.recipe import load_recipe
-    from pipeline.rewards import build_reward_terms
+    from pipeline.reward_functions import build_reward_terms
 
     recipe = load_recipe(gsm8k_recipe(tmp_path, extractor))
     grpo, ev = recipe.stage("grpo"), recipe.stage("ev")

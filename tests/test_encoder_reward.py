@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.rewards import RewardModelScorer
+from pipeline.reward_functions import RewardModelScorer
 from tests.conftest import DATA, MINILM, needs_minilm, summary, write_recipe
 
 pytestmark = needs_minilm

@@ -76,7 +76,7 @@ def test_generate_writes_rm_labelled_pairs(chain):
     assert {"answer", "kind"} <= set(pairs[0])  # the prompt row's other columns travel along
 
     # The labels are the reward model's scores: rescore a few pairs independently.
-    from pipeline.rewards import RewardModelScorer
+    from pipeline.reward_functions import RewardModelScorer
 
     scorer = RewardModelScorer(chain["stages"]["rm"]["output"])
     sample = pairs[:5]
@@ -150,7 +150,7 @@ def test_eval_metrics_match_the_saved_responses(chain):
             ((row["responses"]["dpo"]["reward"], row["responses"]["sft"]["reward"]) for row in samples["rows"])]
     assert metrics["win_rate/dpo"] == pytest.approx(sum(wins) / EVAL_ROWS)
     # The rewards are the reward model's scores of those greedy responses.
-    from pipeline.rewards import RewardModelScorer
+    from pipeline.reward_functions import RewardModelScorer
 
     prompts = [json.loads(line)["prompt"] for line in (DATA / "eval.jsonl").read_text().splitlines()[:3]]
     shown = [row["responses"]["sft"] for row in samples["rows"][:3]]

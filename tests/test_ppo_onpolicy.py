@@ -18,7 +18,7 @@ from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.modeling import load_tokenizer
-from pipeline.ppo import PPOConfig, PPOTrainer, policy_loss
+from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer, policy_loss
 from pipeline.stages.ppo import build_models
 from pipeline.stages.specs import PPOSpec
 from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.modeling import base_model_path, is_adapter
-from pipeline.rewards import RewardModelScorer
+from pipeline.reward_functions import RewardModelScorer
 from tests.conftest import DATA, REALDATA, needs_realdata, summary, tiny_stages, write_recipe
 
 PREFS = {"path": str(DATA / "prefs.jsonl"), "max_samples": 600, "test_size": 0.15}

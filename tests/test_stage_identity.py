@@ -27,7 +27,8 @@ def test_code_digest_follows_the_modules_a_stage_imports(package_copy):
     (package_copy / "report.py").write_text((package_copy / "report.py").read_text() + "\n# not run by ppo\n")
     identity.code_digest.cache_clear()
     assert identity.code_digest("pipeline.stages.ppo") == before
-    (package_copy / "ppo.py").write_text((package_copy / "ppo.py").read_text() + "\n# the trainer changed\n")
+    (package_copy / "algorithms" / "ppo_trainer.py").write_text(
+        (package_copy / "algorithms" / "ppo_trainer.py").read_text() + "\n# the trainer changed\n")
     identity.code_digest.cache_clear()
     assert identity.code_digest("pipeline.stages.ppo") != before  # imported inside a function by stages/ppo.py
     assert identity.code_digest("pipeline.stages.tokenizer") == identity.code_digest("pipeline.stages.tokenizer")

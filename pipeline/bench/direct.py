@@ -67,7 +67,7 @@ def dpo(model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> Any:
 def grpo(model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> Any:
     from trl import GRPOConfig, GRPOTrainer
 
-    from pipeline.rewards import exact_match_reward
+    from pipeline.reward_functions import exact_match_reward
 
     model, tokenizer = causal_lm(model_dir)
     return GRPOTrainer(model=model, reward_funcs=[exact_match_reward()], args=GRPOConfig(output_dir=str(out), **args),
@@ -80,8 +80,8 @@ def ppo(model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> Any:
 
     from transformers import AutoTokenizer
 
-    from pipeline.ppo import PPOConfig, PPOTrainer
-    from pipeline.rewards import exact_match_reward
+    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+    from pipeline.reward_functions import exact_match_reward
     from pipeline.stages.ppo import build_models
     from pipeline.stages.specs import PPOSpec
 

@@ -34,8 +34,8 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     from datasets import load_dataset
 
     from pipeline.modeling import load_tokenizer
-    from pipeline.ppo import PPOConfig, PPOTrainer
-    from pipeline.rewards import exact_match_reward
+    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+    from pipeline.reward_functions import exact_match_reward
     from pipeline.stages.ppo import build_models
     from pipeline.stages.specs import PPOSpec
 

@@ -88,10 +88,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.distributed import map_shards
-    from pipeline.generation import generate, generate_ids, prompt_text, response_logprobs
+    from pipeline.decoding import generate, generate_ids, prompt_text, response_logprobs
     from pipeline.metrics import load_metric
     from pipeline.modeling import load_causal_lm, load_tokenizer
-    from pipeline.rewards import RewardModelScorer
+    from pipeline.reward_functions import RewardModelScorer
 
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)

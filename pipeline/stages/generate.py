@@ -33,7 +33,7 @@ def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], jud
                  batch_size: int = 64) -> list[float]:
     """Expected rating in 1..scale under the judge's next-token distribution over the rating digits."""
     from pipeline.data import DataError
-    from pipeline.generation import prompt_text
+    from pipeline.decoding import prompt_text
     from pipeline.prompts import encode_prompts
 
     digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, judge.scale + 1)]
@@ -69,9 +69,9 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.distributed import map_shards
-    from pipeline.generation import generate
+    from pipeline.decoding import generate
     from pipeline.modeling import load_causal_lm, load_tokenizer
-    from pipeline.rewards import RewardModelScorer, build_reward_terms, completion_text
+    from pipeline.reward_functions import RewardModelScorer, build_reward_terms, completion_text
 
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)

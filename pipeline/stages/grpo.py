@@ -1,7 +1,7 @@
 """`grpo` stage: group-relative policy optimisation with `trl.GRPOTrainer`.
 
 Rewards are a weighted list of reward-model stages, built-in rule rewards and user functions
-(see `pipeline.rewards`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
+(see `pipeline.reward_functions`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
 (`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
 training, since a rising sampled reward alone can hide a worse policy.
 """
@@ -32,7 +32,7 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
     from trl.models.utils import unwrap_model_for_generation
 
     from pipeline.distributed import map_shards
-    from pipeline.generation import accuracy, generate
+    from pipeline.decoding import accuracy, generate
 
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
         responses = map_shards(list(held_out["prompt"]), lambda share: generate(
@@ -48,7 +48,7 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.data import DataError, require_columns
     from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
     from pipeline.preflight import check_prompt_lengths
-    from pipeline.rewards import build_reward_terms
+    from pipeline.reward_functions import build_reward_terms
 
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)

@@ -1,4 +1,5 @@
-"""`ppo` stage: RLHF with the project's PPO trainer (`pipeline.ppo`), from an SFT stage, rewarded by a reward model.
+"""`ppo` stage: RLHF with the project's PPO trainer (`pipeline.algorithms.ppo_trainer`), from an SFT stage,
+rewarded by a reward model.
 
 With `peft`, policy and critic are two LoRA adapters on one base, and the reference is the base
 with adapters disabled; without, the critic trunk and the reference are copies of the policy.
@@ -22,7 +23,7 @@ def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: st
     from peft import get_peft_model
 
     from pipeline.modeling import load_causal_lm, lora_config
-    from pipeline.ppo import ActorCritic, decoder_trunk
+    from pipeline.algorithms.ppo_trainer import ActorCritic, decoder_trunk
 
     policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                             revision=spec.revision)
@@ -51,7 +52,7 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
 
     from pipeline.data import DataError
     from pipeline.modeling import compute_dtype, lora_config, quantization_config
-    from pipeline.ppo import decoder_trunk
+    from pipeline.algorithms.ppo_trainer import decoder_trunk
 
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=spec.trust_remote_code,
@@ -99,8 +100,8 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline.answers import answer_check
     from pipeline.data import DataError, require_columns
     from pipeline.modeling import load_tokenizer, stage_base
-    from pipeline.ppo import PPOConfig, PPOTrainer
-    from pipeline.rewards import build_reward_terms
+    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+    from pipeline.reward_functions import build_reward_terms
     from pipeline.training import make_config
 
     where = f"stage '{spec.name}'"

@@ -1,7 +1,7 @@
 """`reward` stage: a one-score sequence-classification model trained with `trl.RewardTrainer`.
 
 Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized here (see
-`rewards.encode`) so over-long pairs are truncated from the left instead of silently dropped.
+`reward_functions.encode`) so over-long pairs are truncated from the left instead of silently dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pipeline.stages.specs import RewardSpec
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None):
     """chosen_ids/rejected_ids columns (TRL's pre-tokenized format) and how many pairs were truncated."""
-    from pipeline.rewards import encode
+    from pipeline.reward_functions import encode
 
     def tokenize(row):
         full = [encode(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
@@ -77,7 +77,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     from pipeline import training
     from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype, stage_base
     from pipeline.preferences import to_pairwise
-    from pipeline.rewards import max_tokens
+    from pipeline.reward_functions import max_tokens
     from pipeline.preflight import check_padding
 
     where = f"stage '{spec.name}'"

@@ -195,7 +195,7 @@ class GRPOSpec(TrainStageSpec):
 
 def reward_term_problems(terms: list[RewardTermSpec]) -> list[str]:
     """Each `rewards` entry's own problems, and those of a named reward function (importable, callable)."""
-    from pipeline.rewards import check_function
+    from pipeline.reward_functions import check_function
 
     problems = []
     for i, term in enumerate(terms):
@@ -207,7 +207,9 @@ def reward_term_problems(terms: list[RewardTermSpec]) -> list[str]:
 
 @dataclass(kw_only=True)
 class PPOSpec(TrainStageSpec):
-    """RLHF with the project's own PPO (`pipeline.ppo`): critic, GAE, clipping, KL to the reference."""
+    """RLHF with the project's own PPO: critic, GAE, clipping, KL to the reference.
+
+    The trainer is `pipeline.algorithms.ppo_trainer`; `args` are fields of its `PPOConfig`."""
 
     reward_model: str | None = None  # shorthand for `rewards: [{reward_model: NAME}]`
     rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted terms, as in `grpo`
@@ -218,7 +220,7 @@ class PPOSpec(TrainStageSpec):
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
 
     ref_fields = ("model", "value_model")
-    args_class = "pipeline.ppo.PPOConfig"
+    args_class = "pipeline.algorithms.ppo_trainer.PPOConfig"
 
     def reward_terms(self) -> list[RewardTermSpec]:
         own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []

@@ -596,7 +596,7 @@ class PPOTrainer:
         position of the greedy response, averaged over prompts (a sampled log-ratio of a greedy response can be
         negative). Prompts are split between processes and the sums gathered.
         """
-        from pipeline.rewards import exact_match_reward
+        from pipeline.reward_functions import exact_match_reward
 
         accuracy = exact_match_reward(self.is_correct)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
