@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel-eval", type=int, metavar="N",
                    help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
     p.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
+    p.add_argument("--alignment", metavar="SEEDS",
+                   help="run --recipe once per seed (e.g. 1,2,3) and thread count; table of each stage's gain: mean, worst seed")
+    p.add_argument("--alignment-threads", default="1,2", help="with --alignment: CPU thread counts (default 1,2)")
+    p.add_argument("--recipe", default="recipes/quickstart.yaml", help="with --alignment: the recipe")
+    p.add_argument("--work-dir", default="runs/bench-alignment",
+                   help="with --alignment: where the runs are kept (rerunning resumes them)")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -10,8 +10,14 @@ The task space of :mod:`pipeline.tasks` is split per kind into three pools:
 - held out: the questions of ``eval.jsonl`` and nothing else.
 
 The pretraining text states facts from the whole space ("7 plus 12 is 19."), so answering an RL
-or held-out question means carrying a fact over into the Q/A form: what RL can improve and
-``eval.jsonl`` measures.
+or held-out question means carrying a fact over into the Q/A form.
+
+The data tell InstructGPT's story: demonstrations are imperfect, comparisons are easier to get right.
+The SFT labeler answers correctly or says "I don't know." (``SKIP_RATE``); SFT imitates that, so its
+greedy reply to many held-out questions is the refusal while sampling still finds the answer (pass@k
+well above greedy accuracy). The preference labeler always prefers the right answer, mostly over the
+refusal, sometimes over a near miss. DPO, the reward model and RL learn from those preferences what
+the demonstrations could not teach: to give the answer the model has.
 """
 
 from __future__ import annotations
@@ -32,6 +38,17 @@ PRETRAIN_ROWS = 3000
 SFT_ROWS = 1500
 PREF_ROWS = 1500
 PROMPT_ROWS = 500
+# The demonstrations' labeler skips questions: in this share of rows it writes SKIP_REPLY instead of the answer.
+# SFT learns the habit, so its greedy reply to a question it is unsure of is the refusal, while the answer keeps
+# enough probability for sampling to find it: the headroom that preference learning and RL are for. (A labeler
+# who wrote wrong answers instead was tried: the SFT model then lost the facts themselves, and RL had nothing
+# to find.) The answers the labeler does give are right, so the habit costs the model no knowledge.
+SKIP_RATE = 0.4
+SKIP_REPLY = "I don't know."
+# Preference labelers compare two replies: the right answer against the demonstrations' refusal in this share
+# of pairs, against a near miss in the rest (the reward model ranks ~0.7 of near misses right: checking a sum
+# it was never shown is beyond a 1M-parameter model, so more of them would make a noisier reward).
+REFUSAL_PAIRS = 0.95
 
 Pools = dict[str, list[Task]]
 Row = dict[str, Any]
@@ -100,16 +117,20 @@ def _message(role: str, content: str) -> list[dict[str, str]]:
     return [{"role": role, "content": content}]
 
 
-def _sft_row(task: Task) -> Row:
-    messages = _message("user", task.question) + _message("assistant", task.answer)
-    return {"messages": messages, "answer": task.answer, "kind": task.kind}
+def _sft_row(task: Task, rng: random.Random) -> Row:
+    """A demonstration as the labeler writes it; `answer` is the right answer either way."""
+    reply = SKIP_REPLY if rng.random() < SKIP_RATE else task.answer
+    return {"messages": _message("user", task.question) + _message("assistant", reply), "answer": task.answer,
+            "kind": task.kind}
 
 
 def _pref_row(task: Task, rng: random.Random) -> Row:
+    """The right answer preferred to the refusal (REFUSAL_PAIRS of rows) or to a near miss."""
+    rejected = SKIP_REPLY if rng.random() < REFUSAL_PAIRS else plausible_wrong_answer(task, rng)
     return {
         "prompt": _message("user", task.question),
         "chosen": _message("assistant", task.answer),
-        "rejected": _message("assistant", plausible_wrong_answer(task, rng)),
+        "rejected": _message("assistant", rejected),
         "kind": task.kind,
     }
 
@@ -139,10 +160,10 @@ def generate_quickstart(out_dir: Path, seed: int = 0) -> dict[str, int]:
     def rng(name: str) -> random.Random:
         return random.Random(f"quickstart:{seed}:{name}")
 
-    pretrain_rng, pref_rng = rng("pretrain"), rng("prefs")
+    pretrain_rng, pref_rng, sft_rng = rng("pretrain"), rng("prefs"), rng("sft")
     files = {
         "pretrain.jsonl": [_pretrain_row(pretrain_rng, train) for _ in range(PRETRAIN_ROWS)],
-        "sft.jsonl": [_sft_row(t) for t in _balanced(rng("sft"), train, SFT_ROWS)],
+        "sft.jsonl": [_sft_row(t, sft_rng) for t in _balanced(sft_rng, train, SFT_ROWS)],
         "prefs.jsonl": [_pref_row(t, pref_rng) for t in _balanced(pref_rng, preference_pool, PREF_ROWS)],
         "prompts.jsonl": [_prompt_row(t) for t in _balanced(rng("prompts"), rl, PROMPT_ROWS)],
         "eval.jsonl": [_prompt_row(t) for kind in TASK_KINDS for t in held_out[kind]],

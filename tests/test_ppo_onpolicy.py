@@ -147,6 +147,24 @@ def test_ratio_is_one_before_the_first_update(model_dir, peft):
     assert float(approx_kl) == 0.0 and float(clip_fraction) == 0.0
 
 
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_every_parameter_with_a_gradient_is_trained_and_cleared(model_dir, peft):
+    """Policy and critic (with LoRA: both adapters, though peft freezes the one added last) are in the optimizer:
+    each update changes them, and no gradient is left to pile up into the next update's clipping norm."""
+    trainer = trainer_for(model_dir, peft, learning_rate=1e-2, ppo_epochs=1)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    rollout, _ = trainer.make_experience()
+    trainer.optimise(rollout)
+    named = dict(trainer.model.named_parameters())
+    assert any(".value." in n for n in before) == peft  # the critic's adapter is trainable
+    for name, param in named.items():
+        if param.requires_grad:
+            assert id(param) in optimized, name
+            assert param.grad is None or not param.grad.any(), name
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+
+
 def test_nan_loss_is_a_one_line_training_error(model_dir, monkeypatch):
     from pipeline.training import TrainingDiverged
 

@@ -44,10 +44,10 @@ def chain(tmp_path_factory):
 
 def test_reward_model_ranks_held_out_pairs(chain):
     metrics = chain["rm"]["metrics"]
-    assert 0.3 <= metrics["initial_eval_accuracy"] <= 0.7  # untrained head: chance
-    # This 28k-parameter model barely tells near-miss pairs apart (observed 0.42 -> 0.52), so here it must
-    # only have learned something; the quickstart's own reward model is held to a real bound in test_quickstart.
-    assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"]
+    # Most pairs are the right answer against "I don't know.", so even an untrained head ranks them one way or
+    # the other almost every time (observed 0.12 and 0.99): it must learn which way. The quickstart's own reward
+    # model is held to a real bound in test_quickstart.
+    assert metrics["eval_accuracy"] > 0.5
     assert metrics["eval_loss"] < 0.693  # below the Bradley-Terry loss of a constant scorer, log 2
 
 

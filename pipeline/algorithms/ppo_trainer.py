@@ -234,6 +234,10 @@ class ActorCritic(nn.Module):
         for module in (policy, critic_trunk):  # PPO's ratio must be exactly 1 before the first update
             if module is not None:
                 disable_dropout_in_model(module)
+        if self.uses_adapters:
+            # peft leaves the adapter it added last frozen; the optimizer is built from what is trainable now, so
+            # without this the critic's adapter got gradients that nothing applied or cleared
+            self.use_adapter("policy")
 
     @classmethod
     def with_new_head(cls, policy: nn.Module, critic_trunk: nn.Module | None, hidden_size: int, init_std: float):

@@ -197,6 +197,13 @@ def command(args) -> int:
     def log(message: str) -> None:  # progress to stderr, so --json leaves stdout one JSON object
         print(message, file=sys.stderr, flush=True)
 
+    if args.alignment:
+        from pipeline.bench.alignment import alignment_table, run_alignment
+
+        results = run_alignment(Path(args.recipe), [int(s) for s in args.alignment.split(",")],
+                                [int(t) for t in args.alignment_threads.split(",")], Path(args.work_dir), log)
+        print(json.dumps(results) if args.json else alignment_table(results))
+        return 0
     if args.threads:  # children inherit it; torch reads it when it starts
         import torch
 
