@@ -46,9 +46,10 @@ PROMPT_ROWS = 500
 SKIP_RATE = 0.4
 SKIP_REPLY = "I don't know."
 # Preference labelers compare two replies: the right answer against the demonstrations' refusal in this share
-# of pairs, against a near miss in the rest (the reward model ranks ~0.7 of near misses right: checking a sum
-# it was never shown is beyond a 1M-parameter model, so more of them would make a noisier reward).
-REFUSAL_PAIRS = 0.95
+# of pairs, against a near miss in the rest. The reward model's errors are near misses (checking a sum it never
+# saw is beyond a 1M-parameter model: it ranks about half of them right); at 5% of pairs, one seed's held-out
+# split held enough of them to pull its pair accuracy to 0.949.
+REFUSAL_PAIRS = 0.97
 
 Pools = dict[str, list[Task]]
 Row = dict[str, Any]
