@@ -18,6 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import load_dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.config.specs import TrainStageSpec
+from pipeline.models.loading import load_causal_lm, load_tokenizer, lora_config, use_bf16
+from pipeline.models.reward_functions import RewardModelScorer
+from pipeline.stages.ppo import build_models
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "quickstart" / "prompts.jsonl"
@@ -31,14 +39,6 @@ def peak_memory_mb() -> float:
 
 
 def measure_ppo(run_dir: Path, steps: int, completions: int, max_new_tokens: int) -> dict:
-    from datasets import load_dataset
-
-    from pipeline.modeling import load_tokenizer
-    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
-    from pipeline.recipe import TrainStageSpec
-    from pipeline.reward_functions import RewardModelScorer
-    from pipeline.stages.ppo import build_models
-
     sft = str(run_dir / "sft" / "output")
     spec = TrainStageSpec(name="bench", type="ppo", model=sft, dataset=None, peft=LORA)
     config = PPOConfig(max_steps=steps, rollout_batch_size=completions, mini_batch_size=8, ppo_epochs=2,
@@ -56,12 +56,6 @@ def measure_ppo(run_dir: Path, steps: int, completions: int, max_new_tokens: int
 
 
 def measure_grpo(run_dir: Path, steps: int, completions: int, max_new_tokens: int) -> dict:
-    from datasets import load_dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config, use_bf16
-    from pipeline.reward_functions import RewardModelScorer
-
     sft = str(run_dir / "sft" / "output")
     args = GRPOConfig(output_dir="/tmp/bench-grpo", max_steps=steps, per_device_train_batch_size=completions,
                       num_generations=8, max_completion_length=max_new_tokens, logging_steps=1, save_strategy="no",

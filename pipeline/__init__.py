@@ -18,5 +18,5 @@ logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed sh
 # - DeepSpeed, when installed, logs on import in every process of a CPU machine that it chose the CPU.
 logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 # - `datasets` draws a progress bar for every map and filter (hundreds per run); the run's own progress lines
-#   (pipeline.progress) say where it is. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
+#   (pipeline.runtime.progress) say where it is. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -1,4 +1,4 @@
-"""Command line: `pipeline validate|run|report|push|make-data|bench`."""
+"""Command line: `pipeline validate|run|report|push`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.bench.workloads import SIZES, WORKLOADS
-from pipeline.distributed import rank_label
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.config.schema import RecipeError, suggest
+from pipeline.config.specs import PushSpec
+from pipeline.data.loading import DataError
+from pipeline.outputs.hub import push_stage
+from pipeline.outputs.report import write_report
+from pipeline.run.runner import RunError, Runner
+from pipeline.runtime.distributed import LaunchChanged, MainProcessFailed, rank_label
+from pipeline.training.trainers import TrainingDiverged
+from pipeline.validation.preflight import check_data, check_launch, check_output_dir, output_dir_problem
+from pipeline.validation.recipe_checks import load_recipe
 
 
 def run_dir_for(recipe, output_dir: str | None) -> Path:
@@ -22,8 +29,6 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.preflight import check_data, check_launch, output_dir_problem
-
     recipe = load_recipe(args.recipe, args.set)
     check_launch(recipe)
     problem = output_dir_problem(run_dir_for(recipe, None))
@@ -35,16 +40,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.preflight import check_data, check_launch, check_output_dir
-    from pipeline.runner import Runner
-
     recipe = load_recipe(args.recipe, args.set)
     selected = [s.strip() for s in args.stages.split(",")] if args.stages else None
     names = [s.name for s in recipe.stages]
     unknown = [s for s in selected or [] if s not in names]
     if unknown:
-        from pipeline.schema import suggest
-
         raise RecipeError([f"--stages: unknown stage '{s}'{suggest(s, names)}" for s in unknown])
     check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
@@ -63,16 +63,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import write_report
-
     print(write_report(Path(args.run_dir)))
     return 0
 
 
 def cmd_push(args) -> int:
-    from pipeline.hub import push_stage
-    from pipeline.recipe import PushSpec
-
     push = PushSpec(repo_id=args.repo_id, private=args.private, revision=args.revision, merge_adapter=args.merge_adapter)
     try:
         push_stage(Path(args.run_dir), args.stage, push)
@@ -80,20 +75,6 @@ def cmd_push(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def cmd_make_data(args) -> int:
-    from pipeline.datagen import generate_quickstart
-
-    counts = generate_quickstart(Path(args.out_dir), seed=args.seed)
-    print(", ".join(f"{name}: {n} rows" for name, n in counts.items()))
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from pipeline.bench.suite import command
-
-    return command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,38 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-adapter", action="store_true", help="upload a LoRA adapter merged into its base")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("make-data", parents=[common], help="regenerate the quickstart datasets")
-    p.add_argument("out_dir", nargs="?", default="data/quickstart")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("bench", parents=[common], help="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
-    p.add_argument("--stages", default=",".join(WORKLOADS), help="comma-separated stage types")
-    p.add_argument("--model-size", default="small", choices=list(SIZES),
-                   help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")
-    p.add_argument("--steps", type=int, default=10, help="training steps per measurement")
-    p.add_argument("--repeats", type=int, default=3, help="pipeline/direct pairs per stage, interleaved; medians reported")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, one per core); "
-                   "1 keeps measurements stable on a machine other processes are using")
-    p.add_argument("--pairing", default="auto", choices=["auto", "concurrent", "interleaved"],
-                   help="run each pipeline/direct pair at once on separate cores (cancels the machine's speed "
-                   "drift; needs --threads N and 2N cores) or one after the other; auto: concurrent where possible")
-    p.add_argument("--json", action="store_true", help="print one JSON object {STAGE_TYPE: {metric: number}}")
-    p.add_argument("--scaling", action="store_true",
-                   help="step time vs sequence length, batch size and model size, then --memory")
-    p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
-    p.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
-    p.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
-    p.add_argument("--parallel-eval", type=int, metavar="N",
-                   help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
-    p.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
-    p.add_argument("--alignment", metavar="SEEDS",
-                   help="run --recipe once per seed (e.g. 1,2,3) and thread count; table of each stage's gain: mean, worst seed")
-    p.add_argument("--alignment-threads", default="1,2", help="with --alignment: CPU thread counts (default 1,2)")
-    p.add_argument("--recipe", default="recipes/quickstart.yaml", help="with --alignment: the recipe")
-    p.add_argument("--work-dir", default="runs/bench-alignment",
-                   help="with --alignment: where the runs are kept (rerunning resumes them)")
-    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
@@ -186,10 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 def is_user_error(err: Exception) -> bool:
     """Errors whose message says everything: bad data, a diverged loss, a failure the main process reported,
     a run that cannot go on as asked."""
-    from pipeline.data import DataError
-    from pipeline.distributed import LaunchChanged, MainProcessFailed
-    from pipeline.runner import RunError
-    from pipeline.training import TrainingDiverged
 
     return isinstance(err, (DataError, TrainingDiverged, MainProcessFailed, RunError, LaunchChanged))
 

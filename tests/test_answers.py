@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.answers import answer_check, first_word
 from tests.conftest import tiny_stages, write_recipe
 
 GSM8K = r"####\s*(\S+)"
@@ -39,10 +40,10 @@ def gsm8k_recipe(tmp_path, extractor: dict) -> str:
 @pytest.mark.parametrize("extractor, expected", [({"regex": GSM8K}, [1.0, 1.0, 0.0]),
                                                  ({"function": "tests.test_answers:last_word"}, [0.0, 1.0, 1.0])])
 def test_recipe_extractor_scores_reward_and_eval_metric(extractor, expected, tmp_path):
-    from pipeline.answers import answer_check
+    from pipeline.data.answers import answer_check
     from pipeline.metrics import load_metric
-    from pipeline.recipe import load_recipe
-    from pipeline.reward_functions import build_reward_terms
+    from pipeline.models.reward_functions import build_reward_terms
+    from pipeline.validation.recipe_checks import load_recipe
 
     recipe = load_recipe(gsm8k_recipe(tmp_path, extractor))
     grpo, ev = recipe.stage("grpo"), recipe.stage("ev")
@@ -55,7 +56,7 @@ def test_recipe_extractor_scores_reward_and_eval_metric(extractor, expected, tmp
 
 
 def test_default_extractor_is_the_quickstart_rule():
-    from pipeline.answers import answer_check
+    from pipeline.data.answers import answer_check
 
     is_correct = answer_check()
     assert is_correct("A: 19.\nmore", "19") and is_correct("7 is it", 7) and not is_correct("#### 42", "42")
@@ -70,3 +71,28 @@ def test_default_extractor_is_the_quickstart_rule():
 def test_bad_extractor_is_refused_by_validate(extractor, expected, tmp_path, capsys):
     assert main(["validate", gsm8k_recipe(tmp_path, extractor)]) != 0
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (" 19.\n", "19"),
+        ("19 because 7 + 12 = 19", "19"),
+        ("", ""),
+        ("  \n\t", ""),
+        ("19\nWhat is 3 + 4?", "19"),
+        ("A: d.", "d"),
+        ("12, since 12 > 7", "12"),
+    ],
+)
+def test_first_word_is_the_default_answer(response: str, expected: str) -> None:
+    assert first_word(response) == expected
+
+
+def test_default_answer_check_is_an_exact_match_of_the_first_word() -> None:
+    exact_match = answer_check()
+    assert exact_match(" 19.\n", "19")
+    assert exact_match("19 because...", "19")
+    assert not exact_match("", "19")
+    assert not exact_match("190", "19")
+    assert not exact_match("1 9", "19")

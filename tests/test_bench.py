@@ -1,4 +1,4 @@
-"""`pipeline bench`: tiny measurements end to end (fresh processes); shape, not speed."""
+"""`python -m bench`: tiny measurements end to end (fresh processes); shape, not speed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 
 def test_bench_json_for_sft():
-    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--json", "--stages", "sft", "--steps", "2",
+    done = subprocess.run([sys.executable, "-m", "bench", "--json", "--stages", "sft", "--steps", "2",
                            "--repeats", "1", "--model-size", "tiny"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)  # stdout is exactly one JSON object
@@ -27,7 +27,7 @@ def test_bench_json_for_sft():
 
 
 def test_bench_rejects_unknown_stage_type():
-    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--stages", "sftt"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "bench", "--stages", "sftt"], capture_output=True,
                           text=True, cwd=REPO)
     assert done.returncode == 2 and "sftt" in done.stderr
 
@@ -35,7 +35,7 @@ def test_bench_rejects_unknown_stage_type():
 def test_bench_memory_lora_and_qlora_hold_less_training_state():
     """`--memory` counts each variant's training state from its tensors: LoRA keeps gradients and optimizer
     state for its adapter only, QLoRA also stores the frozen weights in 4 bits."""
-    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--memory", "--json", "--model-size", "tiny",
+    done = subprocess.run([sys.executable, "-m", "bench", "--memory", "--json", "--model-size", "tiny",
                            "--steps", "1"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     memory = json.loads(done.stdout)
@@ -59,8 +59,8 @@ def test_a_failing_process_of_a_concurrent_pair_stops_its_partner(tmp_path):
 
     import pytest
 
-    from pipeline.bench.suite import measure_pair
-    from pipeline.bench.workloads import WORKLOADS, build_model, split_data
+    from bench.suite import measure_pair
+    from bench.workloads import WORKLOADS, build_model, split_data
 
     model = build_model(tmp_path / "model", "tiny")
     train, held_out = split_data(tmp_path / "data", WORKLOADS["sft"].data, 64)
@@ -76,7 +76,7 @@ def test_a_failing_process_of_a_concurrent_pair_stops_its_partner(tmp_path):
 
 
 def test_bench_ppo_reports_update_time_and_memory_per_mode():
-    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--ppo", "--json", "--model-size", "tiny",
+    done = subprocess.run([sys.executable, "-m", "bench", "--ppo", "--json", "--model-size", "tiny",
                            "--steps", "2"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)
@@ -88,7 +88,7 @@ def test_bench_ppo_reports_update_time_and_memory_per_mode():
 
 def test_bench_parallel_eval_json():
     """`--parallel-eval 2`: the eval stage on one process and on two; the same metrics either way."""
-    done = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--parallel-eval", "2", "--model-size", "tiny",
+    done = subprocess.run([sys.executable, "-m", "bench", "--parallel-eval", "2", "--model-size", "tiny",
                            "--eval-rows", "9", "--threads", "1", "--json"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout)

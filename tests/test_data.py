@@ -8,8 +8,8 @@ import pytest
 from datasets import Dataset
 
 from pipeline.cli import main
-from pipeline.data import DataError, load_source, load_splits, read_jsonl
-from pipeline.recipe import DatasetSpec, SourceSpec
+from pipeline.config.specs import DatasetSpec, SourceSpec
+from pipeline.data.loading import DataError, load_source, load_splits, read_jsonl
 from pipeline.stages.sft import to_prompt_completion
 from tests.conftest import REALDATA, needs_realdata, summary, tiny_stages, write_recipe
 
@@ -44,7 +44,7 @@ def test_jsonl_errors_name_the_line(tmp_path):
 def test_jsonl_through_datasets_is_typed_as_its_rows(tmp_path):
     """`datasets` reads the file (`from_json_lines`) with the types `Dataset.from_list` gives the rows, message dicts with
     different keys included; a key first seen after its first 10 MB chunk, which it cannot read, is read by hand."""
-    from pipeline.data import from_json_lines, read_local
+    from pipeline.data.loading import from_json_lines, read_local
 
     rows = [{"messages": [{"role": "user", "content": "x"}], "score": 1},
             {"messages": [{"role": "user", "content": "y", "name": "n"}], "score": 0.5}]

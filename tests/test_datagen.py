@@ -1,18 +1,21 @@
-"""Tests for the quickstart task family (pipeline.tasks) and data generator (pipeline.datagen)."""
+"""Tests for the quickstart task family (tasks) and data generator (datagen)."""
 
 from __future__ import annotations
 
 import json
 import random
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline.datagen import REFUSAL_PAIRS, SKIP_RATE, SKIP_REPLY, generate_quickstart
-from pipeline.tasks import TASK_KINDS, Task, all_tasks, exact_match, extract_answer, make_task, plausible_wrong_answer
+# The quickstart's generator is an example beside the package, run as a script: its folder is its import path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "quickstart"))
+from datagen import REFUSAL_PAIRS, SKIP_RATE, SKIP_REPLY, generate_quickstart  # noqa: E402
+from tasks import TASK_KINDS, Task, all_tasks, make_task, plausible_wrong_answer  # noqa: E402
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data" / "quickstart"
 FILES = ("pretrain.jsonl", "sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl")
@@ -113,30 +116,6 @@ def test_plausible_wrong_answer_is_never_right() -> None:
                 assert re.fullmatch(r"[a-z]" if kind == "letter" else r"\d+", wrong)
 
 
-@pytest.mark.parametrize(
-    ("response", "expected"),
-    [
-        (" 19.\n", "19"),
-        ("19 because 7 + 12 = 19", "19"),
-        ("", ""),
-        ("  \n\t", ""),
-        ("19\nWhat is 3 + 4?", "19"),
-        ("A: d.", "d"),
-        ("12, since 12 > 7", "12"),
-    ],
-)
-def test_extract_answer(response: str, expected: str) -> None:
-    assert extract_answer(response) == expected
-
-
-def test_exact_match() -> None:
-    assert exact_match(" 19.\n", "19")
-    assert exact_match("19 because...", "19")
-    assert not exact_match("", "19")
-    assert not exact_match("190", "19")
-    assert not exact_match("1 9", "19")
-
-
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         generate_quickstart(tmp_path / name, seed=seed)
@@ -150,7 +129,7 @@ def test_committed_data_matches_generator(data: dict[str, list[dict[str, Any]]])
     if not REPO_DATA.is_dir():
         pytest.skip("data/quickstart not generated")
     for name in FILES:
-        assert read(REPO_DATA / name) == data[name], f"{name}: rerun python -m pipeline.datagen"
+        assert read(REPO_DATA / name) == data[name], f"{name}: rerun python -m datagen"
 
 
 def test_eval_is_held_out(data: dict[str, list[dict[str, Any]]]) -> None:

@@ -233,7 +233,7 @@ def _on_main_worker(rank: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     from accelerate import PartialState
 
-    from pipeline.distributed import map_shards, on_main
+    from pipeline.runtime.distributed import map_shards, on_main
 
     state = PartialState(cpu=True)
     seen = {"decision": on_main(state, lambda: f"decided by rank {state.process_index}", "deciding"),
@@ -274,9 +274,9 @@ def test_zero3_chain_trains_then_generates_sharded(tmp_path):
     whole models, not the shards an earlier Trainer's DeepSpeed config left switched on ("'weight' must be
     2-D" before); eval and generate split the prompts between the processes, and the gathered results are
     those of one process."""
-    from pipeline.context import StageContext
-    from pipeline.recipe import load_recipe
-    from pipeline.stages import runner_for
+    from pipeline.stages import STAGE_TYPES
+    from pipeline.stages.context import StageContext
+    from pipeline.validation.recipe_checks import load_recipe
 
     held_out = {"path": str(DATA / "eval.jsonl"), "max_samples": 13}  # odd: the two shards differ in size
     stages = tiny_stages(pretrain_steps=3)[:2] + [
@@ -304,7 +304,7 @@ def test_zero3_chain_trains_then_generates_sharded(tmp_path):
     # The same eval stage in one process (this one) on the same models: the same greedy responses, same metrics.
     loaded = load_recipe(recipe)
     spec = next(s for s in loaded.stages if s.name == "ev")
-    alone = runner_for("eval")(spec, StageContext(loaded, spec, run_dir))
+    alone = STAGE_TYPES["eval"].run(spec, StageContext(loaded, spec, run_dir))
     assert alone == pytest.approx(out["ev"]["metrics"], abs=1e-6)
     sharded = json.loads((run_dir / "ev" / "output" / "samples.json").read_text())["rows"]
     single = json.loads((run_dir / "ev" / "output.partial" / "samples.json").read_text())["rows"]

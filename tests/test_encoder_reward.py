@@ -4,13 +4,12 @@ template, left truncation in training, in the saved tokenizer and in the scorer,
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.reward_functions import RewardModelScorer
+from pipeline.models.reward_functions import RewardModelScorer
 from tests.conftest import DATA, MINILM, needs_minilm, summary, write_recipe
 
 pytestmark = needs_minilm

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.modeling import is_adapter, load_causal_lm, load_tokenizer
+from pipeline.data.answers import answer_check
+from pipeline.models.loading import is_adapter, load_causal_lm, load_tokenizer
 from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
 from tests.fake_hub import FakeHub
 
@@ -76,7 +77,7 @@ def test_generate_writes_rm_labelled_pairs(chain):
     assert {"answer", "kind"} <= set(pairs[0])  # the prompt row's other columns travel along
 
     # The labels are the reward model's scores: rescore a few pairs independently.
-    from pipeline.reward_functions import RewardModelScorer
+    from pipeline.models.reward_functions import RewardModelScorer
 
     scorer = RewardModelScorer(chain["stages"]["rm"]["output"])
     sample = pairs[:5]
@@ -99,9 +100,9 @@ def test_dpo_trains_on_the_generated_pairs(chain):
 
 
 def test_generate_with_a_judge_and_a_rule_reward(chain):
-    from pipeline.stages.generate import judge_scores
-    from pipeline.stages.specs import JudgeSpec
-    from pipeline.tasks import exact_match
+    exact_match = answer_check()
+
+    from pipeline.stages.generate import JudgeSpec, judge_scores
 
     metrics = chain["stages"]["gen_judge"]["metrics"]
     out = Path(chain["stages"]["gen_judge"]["output"])
@@ -138,7 +139,7 @@ def test_eval_metrics_match_the_saved_responses(chain):
     assert set(metrics) == expected
     samples = json.loads((Path(chain["stages"]["eval"]["output"]) / "samples.json").read_text())
     assert samples["models"] == ["sft", "dpo"] and len(samples["rows"]) == EVAL_ROWS  # every row in the table
-    from pipeline.tasks import exact_match
+    exact_match = answer_check()
 
     for model in ("sft", "dpo"):
         responses = [row["responses"][model] for row in samples["rows"]]
@@ -150,7 +151,7 @@ def test_eval_metrics_match_the_saved_responses(chain):
             ((row["responses"]["dpo"]["reward"], row["responses"]["sft"]["reward"]) for row in samples["rows"])]
     assert metrics["win_rate/dpo"] == pytest.approx(sum(wins) / EVAL_ROWS)
     # The rewards are the reward model's scores of those greedy responses.
-    from pipeline.reward_functions import RewardModelScorer
+    from pipeline.models.reward_functions import RewardModelScorer
 
     prompts = [json.loads(line)["prompt"] for line in (DATA / "eval.jsonl").read_text().splitlines()[:3]]
     shown = [row["responses"]["sft"] for row in samples["rows"][:3]]
@@ -227,8 +228,8 @@ def test_token_reaches_the_hub_and_no_file_or_log(chain):
 def test_push_hook_is_idempotent_and_cli_push_merges(chain, monkeypatch, capfd):
     import huggingface_hub
 
-    from pipeline.hub import push_if_configured
-    from pipeline.recipe import load_recipe
+    from pipeline.outputs.hub import push_if_configured
+    from pipeline.validation.recipe_checks import load_recipe
 
     recipe = load_recipe(chain["run"].parent / "recipe.yaml")
     with FakeHub() as hub:

@@ -81,8 +81,8 @@ def test_bad_push_to_hub_is_reported(push, expected, tmp_path, capsys):
 
 def test_push_to_hub_does_not_change_the_fingerprint(tmp_path):
     """Publishing settings are not inputs: adding them to a finished stage must not retrain it."""
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import fingerprint
+    from pipeline.run.runner import fingerprint
+    from pipeline.validation.recipe_checks import load_recipe
 
     plain = load_recipe(write_recipe(tmp_path, tiny_stages()))
     stages = tiny_stages()

@@ -6,8 +6,9 @@ import importlib.util
 
 import torch
 
-from pipeline import modeling, training
 from pipeline.cli import main
+from pipeline.models import loading as modeling
+from pipeline.training import trainers as training
 from tests.conftest import summary, tiny_stages, write_recipe
 
 

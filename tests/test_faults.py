@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-import secrets
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -82,7 +82,7 @@ def test_killed_at_any_moment_the_rerun_gives_the_uninterrupted_metrics(tmp_path
 def test_resume_passes_over_cut_short_and_final_checkpoints(tmp_path):
     """A kill while the Trainer writes a checkpoint leaves it without (a whole) trainer_state.json, written last;
     from the one at max_steps transformers would train a step too many."""
-    from pipeline.training import last_checkpoint
+    from pipeline.training.trainers import last_checkpoint
 
     states = [(6, json.dumps({"global_step": 6, "max_steps": 24})), (12, '{"global_st'), (18, None),
               (24, json.dumps({"global_step": 24, "max_steps": 24}))]
@@ -128,7 +128,7 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path, capsys, whe
 def test_nearly_full_disk_is_reported_before_training(tmp_path, capsys, monkeypatch):
     import shutil
 
-    from pipeline import preflight
+    from pipeline.validation import preflight
 
     # The free-space figure is faked (filling a real disk is not an option here); the check is real.
     usage = shutil.disk_usage(tmp_path)

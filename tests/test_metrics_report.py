@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.metrics import load_metric
-from pipeline.report import DPI, PANEL_INCHES, eval_table, plot_accuracy, plot_curves, plot_eval, write_report
+from pipeline.outputs.report import DPI, PANEL_INCHES, eval_table, plot_accuracy, plot_curves, plot_eval, write_report
 from pipeline.stages.eval import best_of_n
 from pipeline.stages.generate import make_pairs
 
@@ -206,7 +206,7 @@ def test_report_without_an_eval_stage_has_no_accuracy_chart(tmp_path):
 
 
 def test_headline_is_each_stage_types_key_metric_before_and_after():
-    from pipeline.report import headline
+    from pipeline.outputs.report import headline
 
     assert headline("sft", {"train_loss": 3.0, "initial_eval_loss": 8.55, "eval_loss": 0.18}) == "held-out loss 8.55 -> 0.18"
     assert headline("dpo", {"eval_loss": 0.6, "initial_eval_rewards/accuracies": 0.5, "eval_rewards/accuracies": 0.63,

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from pipeline.cli import main
-from pipeline.modeling import is_adapter
-from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe, kill_at_checkpoint
+from pipeline.models.loading import is_adapter
+from tests.conftest import DATA, REPO, kill_at_checkpoint, summary, tiny_stages, write_recipe
 
 PROMPTS = {"path": str(DATA / "prompts.jsonl"), "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 64}}
 KL_BOUND = 2.0  # nats per response: the bound these tiny runs must stay under
@@ -71,8 +71,8 @@ def test_ppo_logs_every_metric(ppo_run):
 
 def test_lora_ppo_holds_one_copy_of_the_base(ppo_run):
     """Policy and critic are adapters on one base; the reference is that base with adapters off."""
-    from pipeline.recipe import load_recipe
     from pipeline.stages.ppo import build_models
+    from pipeline.validation.recipe_checks import load_recipe
 
     recipe = load_recipe(ppo_run[0] / "recipe.yaml")
     sft_output = ppo_run[1]["sft"]["output"]

@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from pipeline.algorithms.ppo_trainer import (AdaptiveKLController, PPOConfig, explained_variance, gae, kl_per_token,
-                                             masked_whiten, policy_loss, shaped_rewards, value_loss)
+from pipeline.algorithms.ppo_trainer import (
+    AdaptiveKLController,
+    PPOConfig,
+    explained_variance,
+    gae,
+    kl_per_token,
+    masked_whiten,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
 
 T = torch.tensor
 

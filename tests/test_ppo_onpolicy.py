@@ -17,10 +17,9 @@ from datasets import Dataset
 from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.modeling import load_tokenizer
 from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer, policy_loss
-from pipeline.stages.ppo import build_models
-from pipeline.stages.specs import PPOSpec
+from pipeline.models.loading import load_tokenizer
+from pipeline.stages.ppo import PPOSpec, build_models
 from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
 from tests.conftest import DATA
 
@@ -166,7 +165,7 @@ def test_every_parameter_with_a_gradient_is_trained_and_cleared(model_dir, peft)
 
 
 def test_nan_loss_is_a_one_line_training_error(model_dir, monkeypatch):
-    from pipeline.training import TrainingDiverged
+    from pipeline.training.trainers import TrainingDiverged
 
     trainer = trainer_for(model_dir, peft=True)
     rollout, _ = trainer.make_experience()

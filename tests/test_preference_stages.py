@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.modeling import base_model_path, is_adapter
-from pipeline.reward_functions import RewardModelScorer
+from pipeline.models.loading import base_model_path, is_adapter
+from pipeline.models.reward_functions import RewardModelScorer
 from tests.conftest import DATA, REALDATA, needs_realdata, summary, tiny_stages, write_recipe
 
 PREFS = {"path": str(DATA / "prefs.jsonl"), "max_samples": 600, "test_size": 0.15}
@@ -163,12 +163,12 @@ def test_length_grouping_on_preference_pairs(tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.data import read_local
-    from pipeline.modeling import load_tokenizer
-    from pipeline.preferences import to_pairwise
+    from pipeline.data.loading import read_local
+    from pipeline.data.preferences import to_pairwise
+    from pipeline.models.loading import load_tokenizer
     from pipeline.stages.reward import pair_length, tokenize_pairs
-    from pipeline.preflight import check_padding
-    from pipeline.training import batch_by_length
+    from pipeline.training.length_checks import check_padding
+    from pipeline.training.trainers import batch_by_length
 
     hh = {"path": str(REALDATA / "hh-rlhf-harmless-base-test.jsonl.gz"), "max_samples": 200, "test_size": 40}
     grouped = {"train_sampling_strategy": "group_by_length", "max_steps": 5, "per_device_train_batch_size": 8,

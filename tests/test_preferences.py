@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from datasets import Dataset
 
-from pipeline.data import DataError, read_local
-from pipeline.preferences import PREFERENCE_FORMATS, detect_preference_format, to_pairwise
+from pipeline.data.loading import DataError, read_local
+from pipeline.data.preferences import PREFERENCE_FORMATS, detect_preference_format, to_pairwise
 from tests.conftest import REALDATA, needs_realdata
 
 

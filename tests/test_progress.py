@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import progress
+from pipeline.runtime import progress
 from tests.conftest import REPO
 
 

@@ -1,7 +1,7 @@
 """The quickstart recipe's measured claims, on its own real stages, run end to end as a user runs it (minutes).
 
 tok -> base -> sft -> rm -> dpo, grpo, ppo -> eval, then PPO again with full fine-tuning. The claims are the ones
-the README's multi-seed table holds for 3 seeds on 1 and 2 threads (`pipeline bench --alignment`): the reward
+the README's multi-seed table holds for 3 seeds on 1 and 2 threads (`python -m bench --alignment`): the reward
 model ranks >= 0.95 of held-out pairs, and DPO, GRPO and PPO (rewarded by the reward model alone) each raise
 held-out greedy exact match by >= 10 points over SFT, with KL to SFT bounded. The worst seed's gains are well
 above the bound (see the README); a change that breaks alignment falls below it.

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.modeling import base_model_path, is_adapter, load_causal_lm
+from pipeline.models.loading import base_model_path, is_adapter, load_causal_lm
 from tests.conftest import DATA, REPO, SMOLLM2_GGUF, needs_smollm2, summary, write_recipe
 
 pytestmark = [needs_smollm2, pytest.mark.slow]

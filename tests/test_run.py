@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import REPO, summary, tiny_stages, write_recipe, kill_at_checkpoint
+from tests.conftest import REPO, kill_at_checkpoint, summary, tiny_stages, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
 
 
 def test_git_state_outside_a_repository(tmp_path):
-    from pipeline.manifest import git_state
+    from pipeline.run.manifest import git_state
 
     assert git_state(tmp_path) == {"commit": None, "dirty": None}  # not "clean": there is nothing to compare
     assert len(git_state(REPO)["commit"] or "") == 40 or not (REPO / ".git").exists()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import training
 from pipeline.cli import main
-from pipeline.modeling import base_model_path, is_adapter, load_causal_lm
+from pipeline.models.loading import base_model_path, is_adapter, load_causal_lm
 from pipeline.stages import ppo as ppo_stage
+from pipeline.training import trainers as training
 from tests.conftest import DATA, summary, tiny_stages, write_recipe
 
 IDS = torch.arange(10, 30).unsqueeze(0)  # 20 ordinary tokens of the tiny vocabulary, no padding

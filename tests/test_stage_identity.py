@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import pipeline.stage_identity as identity
+import pipeline.run.stage_identity as identity
 from pipeline.cli import main
 from tests.conftest import DATA, REPO, summary, write_recipe
 
@@ -24,13 +24,13 @@ def package_copy(tmp_path, monkeypatch):
 
 def test_code_digest_follows_the_modules_a_stage_imports(package_copy):
     before = identity.code_digest("pipeline.stages.ppo")
-    (package_copy / "report.py").write_text((package_copy / "report.py").read_text() + "\n# not run by ppo\n")
+    (package_copy / "outputs" / "report.py").write_text((package_copy / "outputs" / "report.py").read_text() + "\n# not run by ppo\n")
     identity.code_digest.cache_clear()
     assert identity.code_digest("pipeline.stages.ppo") == before
     (package_copy / "algorithms" / "ppo_trainer.py").write_text(
         (package_copy / "algorithms" / "ppo_trainer.py").read_text() + "\n# the trainer changed\n")
     identity.code_digest.cache_clear()
-    assert identity.code_digest("pipeline.stages.ppo") != before  # imported inside a function by stages/ppo.py
+    assert identity.code_digest("pipeline.stages.ppo") != before  # imported by stages/ppo.py
     assert identity.code_digest("pipeline.stages.tokenizer") == identity.code_digest("pipeline.stages.tokenizer")
 
 

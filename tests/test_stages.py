@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main
-from pipeline.modeling import is_adapter, load_causal_lm
+from pipeline.models.loading import is_adapter, load_causal_lm
 from tests.conftest import summary, tiny_stages, write_recipe
 
 
@@ -28,7 +28,7 @@ def test_mixtral_moe_pretrain(tmp_path):
     # Unrouted experts get no gradient: DDP must search for unused parameters there, and only there.
     from transformers import TrainingArguments
 
-    from pipeline.training import make_config
+    from pipeline.training.trainers import make_config
 
     def find_unused(model_dir: str) -> bool | None:
         return make_config("transformers.TrainingArguments", {}, output_dir=str(tmp_path / "args"), seed=0,

@@ -17,7 +17,7 @@ One PPO step, for a batch of prompts x:
   6. KL control  beta fixed, or adapted towards `kl_target` (Ziegler et al., 2019)
 
 On-policy by construction: every forward pass (rollout scoring, reference, updates) sees the same ids,
-attention mask and positions that `generate` saw (prompts rendered by `pipeline.prompts`, the mask carried
+attention mask and positions that `generate` saw (prompts rendered by `pipeline.data.prompts`, the mask carried
 with the rollout, never rebuilt from pad ids), and dropout is off in every model, so before the first
 update pi_theta / pi_old is exactly 1.
 
@@ -38,11 +38,18 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from transformers.trainer_utils import SchedulerType
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
-from pipeline.answers import AnswerCheck, answer_check
-from pipeline.prompts import encode_prompts
-from pipeline.training import TrainingDiverged
+from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.prompts import encode_prompts
+from pipeline.models.loading import process_defaults, use_bf16
+from pipeline.models.reward_functions import exact_match_reward
+from pipeline.training.trainers import TrainingDiverged
 
 
 @dataclass
@@ -106,7 +113,6 @@ class PPOConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.target_kl is not None and not self.target_kl > 0:
             raise ValueError(f"target_kl must be > 0 (or null to never stop early), got {self.target_kl}")
-        from transformers.trainer_utils import SchedulerType
 
         valid = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in valid:
@@ -312,12 +318,6 @@ class PPOTrainer:
                  ref_model: nn.Module | None = None,
                  callbacks: list[Callable[[int, dict], None]] | None = None,
                  is_correct: AnswerCheck = answer_check()):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from transformers import get_scheduler
-
-        from pipeline.modeling import process_defaults, use_bf16
-
         self.config = config
         bf16 = use_bf16() if config.bf16 is None else config.bf16
         report_to = None if config.report_to in ("none", ["none"], []) else config.report_to
@@ -532,8 +532,6 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------- loop
     def train(self, checkpoint_dir: Path) -> list[dict[str, float]]:
-        from tqdm.auto import tqdm
-
         self.resume(checkpoint_dir)
         progress = tqdm(total=self.config.max_steps, initial=self.step, desc="ppo",
                         disable=not self.accelerator.is_main_process)
@@ -600,7 +598,6 @@ class PPOTrainer:
         position of the greedy response, averaged over prompts (a sampled log-ratio of a greedy response can be
         negative). Prompts are split between processes and the sums gathered.
         """
-        from pipeline.reward_functions import exact_match_reward
 
         accuracy = exact_match_reward(self.is_correct)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import evaluate
+
 METRICS_DIR = Path(__file__).resolve().parent
 
 
 def load_metric(name: str):
     """An `evaluate.EvaluationModule` shipped in this package (exact_match, win_rate, sequence_kl, perplexity, pass_at_k)."""
-    import evaluate
-
     folder = METRICS_DIR / name
     if not (folder / f"{name}.py").is_file():
         names = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())

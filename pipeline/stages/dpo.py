@@ -8,8 +8,35 @@ otherwise, so the replies being compared are not the part cut away.
 
 from __future__ import annotations
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import DPOSpec
+from dataclasses import dataclass
+
+from trl import DPOTrainer
+
+from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
+from pipeline.data.preferences import to_pairwise
+from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training import trainers as training
+from pipeline.training.length_checks import check_dpo_lengths, check_padding
+
+
+@dataclass(kw_only=True)
+class DPOSpec(TrainStageSpec):
+    """Direct preference optimisation with `trl.DPOTrainer` against a frozen reference.
+
+    With `peft`, the reference is the same base with the adapter disabled (one copy of the
+    weights); without it, TRL keeps a frozen copy of the starting model.
+    """
+
+    args_class = "trl.DPOConfig"
+    continues_adapter = True
+    preference_data = True
+    headline_metrics = (("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
+                        ("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins"))
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PREFERENCE_FORMATS
 
 
 def pair_length(row: dict) -> int:
@@ -18,13 +45,6 @@ def pair_length(row: dict) -> int:
 
 
 def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
-    from trl import DPOTrainer
-
-    from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
-    from pipeline.preferences import to_pairwise
-    from pipeline.preflight import check_dpo_lengths, check_padding
-
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
@@ -44,3 +64,6 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     metrics.update(lengths)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics
+
+
+STAGE = StageType("dpo", DPOSpec, run)

@@ -24,10 +24,115 @@ to the first `num_samples_table` prompts are saved to `samples.json` in the outp
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import EvalSpec
+from accelerate import PartialState
+
+from pipeline.config.paths import resolve_local
+from pipeline.config.specs import AnswerExtractorSpec, DatasetSpec, StageSpec, answer_extractor_problems
+from pipeline.data.answers import answer_check
+from pipeline.data.loading import DataError, require_columns
+from pipeline.metrics import load_metric
+from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
+from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.models.reward_functions import RewardModelScorer
+from pipeline.runtime.distributed import map_shards
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+
+
+def sampled_name(variant: str) -> str:
+    """`bon4` -> `best-of-4`, `pass8` -> `pass@8`: the sampled accuracies of an eval stage, in words."""
+    return variant.replace("bon", "best-of-", 1) if variant.startswith("bon") else variant.replace("pass", "pass@", 1)
+
+
+@dataclass(kw_only=True)
+class BestOfNSpec:
+    """Best-of-N reranking: sample `n` responses per prompt and keep the one the reward model scores highest."""
+
+    n: int = 4
+    temperature: float = 1.0  # sampling temperature of the N candidates
+
+    def check(self) -> list[str]:
+        problems = [] if self.n >= 2 else [f"best_of_n.n: must be at least 2, got {self.n}"]
+        return problems + ([] if self.temperature > 0 else [f"best_of_n.temperature: must be > 0, got {self.temperature}"])
+
+@dataclass(kw_only=True)
+class PassAtKSpec:
+    """pass@k: sample `n` responses per prompt and estimate the chance that `k` of them hold a correct answer."""
+
+    k: int = 8
+    n: int | None = None  # samples per prompt, at least k (default k); more than k lowers the estimate's variance
+    temperature: float = 1.0  # sampling temperature of the samples
+
+    @property
+    def samples(self) -> int:
+        return self.k if self.n is None else self.n
+
+    def check(self) -> list[str]:
+        problems = [] if self.k >= 1 else [f"pass_at_k.k: must be at least 1, got {self.k}"]
+        if self.samples < self.k:
+            problems.append(f"pass_at_k.n: must be at least k ({self.k}), got {self.n}")
+        return problems + ([] if self.temperature > 0 else [f"pass_at_k.temperature: must be > 0, got {self.temperature}"])
+
+@dataclass(kw_only=True)
+class EvalSpec(StageSpec):
+    """Score models on held-out prompts: accuracy, reward, win rate, KL, perplexity, best-of-N, pass@k, samples.
+
+    Metrics are named `<metric>/<model>`, with the model as written in `models`.
+    """
+
+    models: list[str]  # stage names, local folders or Hub ids; a LoRA adapter folder is merged into its base
+    dataset: DatasetSpec  # every row is scored (no split): `prompt` and the checkable `answer`
+    reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
+    baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
+    reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
+    best_of_n: BestOfNSpec | None = None  # accuracy/<model>@bon<N> and reward/<model>@bon<N> (needs reward_model)
+    pass_at_k: PassAtKSpec | None = None  # accuracy/<model>@pass<k>: unbiased pass@k of n samples (no reward model)
+    reference_column: str | None = None  # reference completions for perplexity/<model>; default `completion` if present
+    max_new_tokens: int = 16
+    batch_size: int = 64  # prompts per generation/scoring batch
+    num_samples_table: int = 8  # prompts whose responses are saved to samples.json and shown in the report
+    answer_extractor: AnswerExtractorSpec | None = None  # how accuracy/<model> reads the answer in a response
+    trust_remote_code: bool = False
+
+    ref_fields = ("models", "reward_model", "baseline", "reference")
+    holds_out = False
+    scores_models = True
+
+    def check(self) -> list[str]:
+        problems = [] if self.models else ["`models` must list at least one model"]
+        problems += [f"models: '{m}' is listed twice" for m in sorted({m for m in self.models if self.models.count(m) > 1})]
+        for key in ("baseline", "best_of_n"):
+            if getattr(self, key) is not None and self.reward_model is None:
+                problems.append(f"{key}: needs `reward_model` (it judges the responses)")
+        for sampled in (self.best_of_n, self.pass_at_k):
+            problems += sampled.check() if sampled is not None else []
+        if self.dataset.eval is not None:
+            problems.append("dataset.eval: an eval stage scores every row of `dataset`; list held-out files as its sources")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
+        return problems + answer_extractor_problems(self.answer_extractor)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return {"prompts with answers": ("prompt", "answer") + ((self.reference_column,) if self.reference_column else ())}
+
+    @classmethod
+    def headline(cls, metrics: dict[str, float]) -> str:
+        """`accuracy sft 0.45, grpo 0.66; pass@8 sft 0.9; reward sft 1.5`: pass@k beside the greedy accuracy it bounds."""
+        greedy: dict[str, list[str]] = {"accuracy": [], "reward": []}
+        passes: dict[str, list[str]] = {}
+        for key, value in metrics.items():
+            family, _, label = key.partition("/")
+            model, _, variant = label.partition("@")
+            if family in greedy and not variant:
+                greedy[family].append(f"{model} {value:.3g}")
+            elif family == "accuracy" and variant.startswith("pass"):
+                passes.setdefault(sampled_name(variant), []).append(f"{model} {value:.3g}")
+        groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"]}
+        return "; ".join(f"{name} " + ", ".join(values) for name, values in groups.items() if values)
 
 
 def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
@@ -68,9 +173,6 @@ def best_of_n(texts: list[str], scores: list[float], n: int) -> tuple[list[str],
 def metric_names(refs: list[str], ctx: StageContext) -> dict[str, str]:
     """The name each model goes by in metric keys: a stage or Hub id as written, a local folder or file by its
     own name (`accuracy/my-model`, not the whole path), unless two would share one."""
-    from pathlib import Path
-
-    from pipeline.recipe import resolve_local
 
     names = {ref: ref if ctx.stage_output(ref) is not None or resolve_local(ref, ctx.recipe.path) is None
              else Path(ref).name.removesuffix(".gguf") for ref in refs}
@@ -83,16 +185,6 @@ def mean(values: list[float]) -> float:
 
 
 def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
-    from accelerate import PartialState
-
-    from pipeline.answers import answer_check
-    from pipeline.data import DataError, require_columns
-    from pipeline.distributed import map_shards
-    from pipeline.decoding import generate, generate_ids, prompt_text, response_logprobs
-    from pipeline.metrics import load_metric
-    from pipeline.modeling import load_causal_lm, load_tokenizer
-    from pipeline.reward_functions import RewardModelScorer
-
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
@@ -166,7 +258,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         model, tokenizer = load(ref)
         if reference is not None and reference[1].get_vocab() != tokenizer.get_vocab():
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
-        # Each process scores its share of the prompts; every process gets all the results (pipeline.distributed).
+        # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
         results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
         responses = [row["response"] for row in results]
         metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers,
@@ -212,3 +304,6 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
             {"models": [named[ref] for ref in spec.models], "baseline": named.get(spec.baseline), "rows": table},
             indent=1))
     return metrics
+
+
+STAGE = StageType("eval", EvalSpec, run)

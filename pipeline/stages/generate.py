@@ -18,12 +18,114 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import GenerateSpec, JudgeSpec
+from pipeline.config.specs import (
+    PROMPT_FORMATS,
+    AnswerExtractorSpec,
+    DatasetSpec,
+    RewardTermSpec,
+    StageSpec,
+    answer_extractor_problems,
+)
+from pipeline.data.answers import answer_check
+from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import encode_prompts
+from pipeline.models.decoding import generate, prompt_text
+from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.models.reward_functions import (
+    RewardModelScorer,
+    build_reward_terms,
+    completion_text,
+    reward_term_problems,
+)
+from pipeline.runtime.distributed import map_shards
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+
+JUDGE_TEMPLATE = ("Rate the answer to the question from 1 (wrong or unhelpful) to {scale} (correct and helpful).\n\n"
+                  "Question: {prompt}\nAnswer: {response}\n\nReply with one digit.")
+
+@dataclass(kw_only=True)
+class JudgeSpec:
+    """LLM-as-a-judge: a causal LM prompted (through its chat template, if it has one) to rate a response.
+
+    The score is the expected rating under the judge's next-token distribution over the digits 1..scale
+    (as in G-Eval): smoother than one sampled rating, and it never fails to parse.
+    """
+
+    model: str  # a stage, local folder or Hub id
+    template: str = JUDGE_TEMPLATE  # `{prompt}`, `{response}` and `{scale}` are filled in
+    scale: int = 5  # ratings 1..scale; single digits, so at most 9
+    weight: float = 1.0  # added to the `rewards` terms with this weight
+
+    def check(self) -> list[str]:
+        problems = [] if 2 <= self.scale <= 9 else [f"judge.scale: must be 2..9 (single-digit ratings), got {self.scale}"]
+        try:
+            filled = self.template.format(prompt="\0p", response="\0r", scale=self.scale)
+            if "\0p" not in filled or "\0r" not in filled:
+                problems.append("judge.template: must contain {prompt} and {response}")
+        except (KeyError, IndexError, ValueError) as err:
+            problems.append(f"judge.template: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
+                            "write literal braces as {{ and }}")
+        return problems
+
+@dataclass(kw_only=True)
+class GenerateSpec(StageSpec):
+    """Collect preference data (RLAIF): sample responses from a policy, score them, write preference pairs.
+
+    The output folder's `data.jsonl` (pairwise by default) is read by any `reward` or `dpo` stage that
+    names this stage as its dataset `path`; `pairwise.jsonl` and `listwise.jsonl` are always written too.
+    """
+
+    model: str  # the policy: a stage, local folder or Hub id; a LoRA adapter folder is merged into its base
+    dataset: DatasetSpec  # prompts (`prompt`; `answer` for the exact_match reward); every row is used
+    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted reward models and rule functions
+    judge: JudgeSpec | None = None  # LLM-as-a-judge, added to `rewards` with its weight
+    num_samples: int = 4  # k responses per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    pairs: str = "best_worst"  # best_worst: one pair per prompt, top vs bottom score; all: every pair with a margin
+    min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
+    output_format: str = "pairwise"  # what data.jsonl holds: pairwise or listwise (all responses, best first)
+    batch_size: int = 64  # prompts per generation batch
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and the *_accuracy metrics
+    trust_remote_code: bool = False
+
+    ref_fields = ("model",)
+    holds_out = False
+    headline_metrics = (("sample exact match", None, "sample_accuracy"),)
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        return self.rewards
+
+    def tokenizer_ref(self) -> str | None:
+        return self.model
+
+    def refs(self) -> list[tuple[str, str]]:
+        return super().refs() + ([("judge.model", self.judge.model)] if self.judge else [])
+
+    def check(self) -> list[str]:
+        problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
+        problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        problems += self.judge.check() if self.judge else []
+        if self.num_samples < 2:
+            problems.append(f"num_samples: must be at least 2 to make a pair, got {self.num_samples}")
+        if self.temperature <= 0:
+            problems.append(f"temperature: must be > 0 (identical greedy samples make no pairs), got {self.temperature}")
+        for key, allowed in (("pairs", ("best_worst", "all")), ("output_format", ("pairwise", "listwise"))):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key}: must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        if self.dataset.eval is not None:
+            problems.append("dataset.eval: a generate stage samples for every row of `dataset`; list files as its sources")
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
 
 OUTPUT_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "responses", "scores")
 
@@ -32,9 +134,6 @@ OUTPUT_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected",
 def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], judge: JudgeSpec,
                  batch_size: int = 64) -> list[float]:
     """Expected rating in 1..scale under the judge's next-token distribution over the rating digits."""
-    from pipeline.data import DataError
-    from pipeline.decoding import prompt_text
-    from pipeline.prompts import encode_prompts
 
     digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, judge.scale + 1)]
     if any(len(ids) != 1 for ids in digit_ids):
@@ -64,15 +163,6 @@ def make_pairs(responses: list[Any], scores: list[float], mode: str, min_margin:
 
 
 def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
-    from accelerate import PartialState
-
-    from pipeline.answers import answer_check
-    from pipeline.data import DataError, require_columns
-    from pipeline.distributed import map_shards
-    from pipeline.decoding import generate
-    from pipeline.modeling import load_causal_lm, load_tokenizer
-    from pipeline.reward_functions import RewardModelScorer, build_reward_terms, completion_text
-
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
@@ -93,7 +183,7 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
                          num_return_sequences=k) if share else []
         return [texts[j * k:(j + 1) * k] for j in range(len(share))]
 
-    # Each process samples and scores its share of the prompts; every process gets all of it (pipeline.distributed).
+    # Each process samples and scores its share of the prompts; every process gets all of it (pipeline.runtime.distributed).
     texts = [text for group in map_shards(indices, sample) for text in group]
     del model
     completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
@@ -164,3 +254,6 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
             if name == spec.output_format:
                 (ctx.output_dir / "data.jsonl").write_text(text)
     return metrics
+
+
+STAGE = StageType("generate", GenerateSpec, run)

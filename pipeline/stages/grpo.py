@@ -1,16 +1,59 @@
 """`grpo` stage: group-relative policy optimisation with `trl.GRPOTrainer`.
 
 Rewards are a weighted list of reward-model stages, built-in rule rewards and user functions
-(see `pipeline.reward_functions`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
+(see `pipeline.models.reward_functions`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
 (`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
 training, since a rising sampled reward alone can hide a worse policy.
 """
 
 from __future__ import annotations
 
-from pipeline.answers import AnswerCheck
-from pipeline.context import StageContext
-from pipeline.stages.specs import GRPOSpec
+from dataclasses import dataclass
+
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from pipeline.config.specs import (
+    PROMPT_FORMATS,
+    AnswerExtractorSpec,
+    RewardTermSpec,
+    TrainStageSpec,
+    answer_extractor_problems,
+)
+from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.loading import DataError, require_columns
+from pipeline.models.decoding import accuracy, generate
+from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
+from pipeline.runtime.distributed import map_shards
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training import trainers as training
+from pipeline.training.length_checks import check_prompt_lengths
+
+
+@dataclass(kw_only=True)
+class GRPOSpec(TrainStageSpec):
+    """Group-relative policy optimisation with `trl.GRPOTrainer` on prompts (with `answer` for rule rewards)."""
+
+    rewards: list[RewardTermSpec]
+    max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
+
+    args_class = "trl.GRPOConfig"
+    continues_adapter = True
+    headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
+                        ("train reward", "train_reward_first", "train_reward_last"))
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        return self.rewards
+
+    def check(self) -> list[str]:
+        problems = [] if self.rewards else ["`rewards` must list at least one reward"]
+        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
 
 
 def reward_trend(history: list[dict]) -> dict[str, float]:
@@ -29,10 +72,6 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
     under ZeRO-3: called layer by layer through DeepSpeed's hooks instead, processes generating different
     numbers of tokens would wait on each other's gathers forever.
     """
-    from trl.models.utils import unwrap_model_for_generation
-
-    from pipeline.distributed import map_shards
-    from pipeline.decoding import accuracy, generate
 
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
         responses = map_shards(list(held_out["prompt"]), lambda share: generate(
@@ -41,15 +80,6 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
 
 
 def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
-    from trl import GRPOTrainer
-
-    from pipeline import training
-    from pipeline.answers import answer_check
-    from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
-    from pipeline.preflight import check_prompt_lengths
-    from pipeline.reward_functions import build_reward_terms
-
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     require_columns(train, spec.formats(), where)
@@ -76,3 +106,6 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
         metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics
+
+
+STAGE = StageType("grpo", GRPOSpec, run)

@@ -11,19 +11,70 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import dataclass, field
 
 import torch
+from peft import get_peft_model
+from transformers import AutoModelForSequenceClassification
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import PPOSpec
+from pipeline.algorithms.ppo_trainer import ActorCritic, PPOConfig, PPOTrainer, decoder_trunk
+from pipeline.config.specs import (
+    PROMPT_FORMATS,
+    AnswerExtractorSpec,
+    RewardTermSpec,
+    TrainStageSpec,
+    answer_extractor_problems,
+)
+from pipeline.data.answers import answer_check
+from pipeline.data.loading import DataError, require_columns
+from pipeline.models.loading import (
+    compute_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    quantization_config,
+    stage_base,
+)
+from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training.trainers import make_config
+
+
+@dataclass(kw_only=True)
+class PPOSpec(TrainStageSpec):
+    """RLHF with the project's own PPO: critic, GAE, clipping, KL to the reference.
+
+    The trainer is `pipeline.algorithms.ppo_trainer`; `args` are fields of its `PPOConfig`."""
+
+    reward_model: str | None = None  # shorthand for `rewards: [{reward_model: NAME}]`
+    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted terms, as in `grpo`
+    # The critic's starting point (TRL's `value_model`): a reward-model stage, folder or Hub id whose trunk and
+    # score head become the critic (InstructGPT); it must share the policy's tokenizer. Default: the policy's
+    # own trunk with a fresh value head (a LoRA adapter on the shared base when `peft` is set).
+    value_model: str | None = None
+    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
+
+    ref_fields = ("model", "value_model")
+    args_class = "pipeline.algorithms.ppo_trainer.PPOConfig"
+    zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
+    headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
+                        ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []
+        return own + list(self.rewards)
+
+    def check(self) -> list[str]:
+        problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
+        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PROMPT_FORMATS
 
 
 def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None):
     """(ActorCritic, frozen reference or None when the reference is the adapter-free base)."""
-    from peft import get_peft_model
-
-    from pipeline.modeling import load_causal_lm, lora_config
-    from pipeline.algorithms.ppo_trainer import ActorCritic, decoder_trunk
 
     policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                             revision=spec.revision)
@@ -47,12 +98,6 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
     The score head already maps a hidden state to the reward model's scale, so V starts near the score of
     the text so far instead of at 0. With `peft`, the trunk trains a LoRA adapter and the head in full.
     """
-    from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.data import DataError
-    from pipeline.modeling import compute_dtype, lora_config, quantization_config
-    from pipeline.algorithms.ppo_trainer import decoder_trunk
 
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=spec.trust_remote_code,
@@ -70,7 +115,6 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
 
 def require_same_vocabulary(policy_tokenizer, other_tokenizer, what: str) -> None:
     """The critic reads the policy's token ids: both tokenizers must map text to the same ids."""
-    from pipeline.data import DataError
 
     if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
         raise DataError(f"{what} has a different tokenizer from the policy; a critic must read the policy's "
@@ -97,13 +141,6 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
 
 
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
-    from pipeline.answers import answer_check
-    from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_tokenizer, stage_base
-    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
-    from pipeline.reward_functions import build_reward_terms
-    from pipeline.training import make_config
-
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     require_columns(train, spec.formats(), where)
@@ -140,3 +177,6 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
         (ctx.stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         save_policy(trainer.unwrapped, tokenizer, spec, ctx)
     return metrics
+
+
+STAGE = StageType("ppo", PPOSpec, run)

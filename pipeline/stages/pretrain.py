@@ -3,11 +3,52 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import PretrainSpec
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
+
+from pipeline.config.specs import TrainStageSpec
+from pipeline.data.loading import DataError, require_columns
+from pipeline.models.loading import load_causal_lm, load_tokenizer, lora_config, stage_base
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training import trainers as training
+
+
+@dataclass(kw_only=True)
+class PretrainSpec(TrainStageSpec):
+    """Causal-LM training on plain text packed into fixed-length blocks."""
+
+    # A mapping builds a fresh model: {architecture: llama|mixtral|<any model_type>, **config fields};
+    # a string continues pretraining of an earlier stage, local folder or Hub id.
+    model: str | dict[str, Any]
+    tokenizer: str | None = None  # a tokenizer stage, folder or Hub id; default: the model's own
+    text_column: str = "text"
+    block_size: int = 128  # tokens per training sequence; documents are joined with EOS and cut into blocks
+
+    ref_fields = ("model", "tokenizer")
+    args_class = "transformers.TrainingArguments"
+    headline_metrics = (("held-out loss", None, "eval_loss"),)
+
+    def check(self) -> list[str]:
+        problems = [] if self.block_size >= 1 else [f"block_size: must be >= 1, got {self.block_size}"]
+        if isinstance(self.model, dict):
+            problems += [] if self.tokenizer else ["a fresh `model:` config needs `tokenizer:`"]
+            if "architecture" not in self.model:
+                problems.append("model: a fresh config needs `architecture` (e.g. llama, mixtral)")
+        return problems
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return {"text": (self.text_column,)}
+
+    def fresh_model_config(self, tokens: dict[str, Any]) -> Any:
+        return fresh_config(self.model, self.block_size, tokens) if isinstance(self.model, dict) else None
+
+    def tokenizer_ref(self) -> str | None:
+        return self.tokenizer or (self.model if isinstance(self.model, str) else None)
 
 # Small Llama-style defaults (RMSNorm, RoPE, grouped-query attention, SwiGLU); a recipe overrides any.
 FRESH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -21,7 +62,6 @@ FRESH_DEFAULTS: dict[str, dict[str, Any]] = {
 def fresh_config(config_spec: dict[str, Any], block_size: int, tokens: dict[str, Any]):
     """The transformers config of a fresh model: `architecture` is any `model_type`; `tokens` gives
     `vocab_size` and the special token ids (the tokenizer's); the recipe's keys override everything."""
-    from transformers import AutoConfig
 
     options = dict(config_spec)
     architecture = options.pop("architecture")
@@ -31,7 +71,6 @@ def fresh_config(config_spec: dict[str, Any], block_size: int, tokens: dict[str,
 
 def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
     """A randomly initialised causal LM for `tokenizer`."""
-    from transformers import AutoModelForCausalLM
 
     tokens = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -55,12 +94,6 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
 
 
 def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
-    from transformers import DataCollatorForLanguageModeling, Trainer
-
-    from pipeline import training
-    from pipeline.data import DataError, require_columns
-    from pipeline.modeling import load_causal_lm, load_tokenizer, lora_config, stage_base
-
     tokenizer_ref = spec.tokenizer or spec.model
     tokenizer = load_tokenizer(ctx.resolve(tokenizer_ref), trust_remote_code=spec.trust_remote_code)
     train, held_out = ctx.splits(spec.dataset)
@@ -78,8 +111,6 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
         model = load_causal_lm(path, quantization=spec.quantization,
                                trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.peft is not None:
-        from peft import get_peft_model
-
         model = get_peft_model(model, lora_config(spec.peft, "CAUSAL_LM"))
 
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
@@ -92,3 +123,6 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
     metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
     training.save(trainer, tokenizer, spec, ctx)
     return metrics
+
+
+STAGE = StageType("pretrain", PretrainSpec, run)

@@ -6,15 +6,47 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from pipeline.context import StageContext
-from pipeline.stages.specs import RewardSpec
+from accelerate import PartialState
+from transformers import AutoModelForSequenceClassification
+from trl import RewardTrainer
+
+from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
+from pipeline.data.preferences import to_pairwise
+from pipeline.models.loading import (
+    compute_dtype,
+    load_tokenizer,
+    lora_config,
+    match_trainable_dtype,
+    quantization_config,
+    stage_base,
+)
+from pipeline.models.reward_functions import encode, max_tokens
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training import trainers as training
+from pipeline.training.length_checks import check_padding
+
+
+@dataclass(kw_only=True)
+class RewardSpec(TrainStageSpec):
+    """Sequence-classification reward model (one score) trained with `trl.RewardTrainer` (Bradley-Terry)."""
+
+    args_class = "trl.RewardConfig"
+    model_task = "seq-cls"
+    chat_needs_template = False
+    preference_data = True
+    headline_metrics = (("pair accuracy", "initial_eval_accuracy", "eval_accuracy"),)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return PREFERENCE_FORMATS
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None):
     """chosen_ids/rejected_ids columns (TRL's pre-tokenized format) and how many pairs were truncated."""
-    from pipeline.reward_functions import encode
 
     def tokenize(row):
         full = [encode(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected")]
@@ -37,7 +69,6 @@ HEAD_PREFIXES = ("score.", "classifier.")  # the one-score head transformers add
 @contextmanager
 def held_back_load_report():
     """Drop transformers' loading-report warning (the "LOAD REPORT ... MISSING" table) while loading."""
-    import logging
 
     logger = logging.getLogger("transformers.modeling_utils")
     drop = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
@@ -50,9 +81,6 @@ def held_back_load_report():
 
 def load_reward_model(path: str, spec: RewardSpec, tokenizer):
     """AutoModelForSequenceClassification with one label, from full weights (see `modeling.stage_base`)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.modeling import compute_dtype, quantization_config
 
     kwargs = {"quantization_config": quantization_config(spec.quantization)} if spec.quantization else {}
     # transformers reports the score head's fresh weights as MISSING in a table; that is expected here, so its
@@ -71,15 +99,6 @@ def load_reward_model(path: str, spec: RewardSpec, tokenizer):
 
 
 def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
-    from accelerate import PartialState
-    from trl import RewardTrainer
-
-    from pipeline import training
-    from pipeline.modeling import load_tokenizer, lora_config, match_trainable_dtype, stage_base
-    from pipeline.preferences import to_pairwise
-    from pipeline.reward_functions import max_tokens
-    from pipeline.preflight import check_padding
-
     where = f"stage '{spec.name}'"
     train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
     # an upstream adapter merged (or a GGUF file dequantized) once: the score head is built on that model
@@ -115,5 +134,8 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     if max_length is not None:
         tokenizer.model_max_length = max_length
     # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
-    training.save(trainer, tokenizer, spec, ctx, task="seq-cls", merge_default=True)
+    training.save(trainer, tokenizer, spec, ctx, merge_default=True)
     return metrics
+
+
+STAGE = StageType("reward", RewardSpec, run)

@@ -12,11 +12,42 @@ Every input format becomes prompt/completion, which TRL trains with completion-o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.context import StageContext
-from pipeline.data import DataError, require_columns
-from pipeline.stages.specs import SFTSpec
+from trl import SFTTrainer
+
+from pipeline.config.specs import TrainStageSpec
+from pipeline.data.loading import DataError, require_columns
+from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.stages.context import StageContext
+from pipeline.stages.contract import StageType
+from pipeline.training import trainers as training
+from pipeline.training.length_checks import check_padding, check_sft_lengths
+
+SFT_FORMATS = {
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "self-instruct": ("instruction", "instances"),  # one row per instance {input, output}
+    "text": ("text",),
+}
+
+@dataclass(kw_only=True)
+class SFTSpec(TrainStageSpec):
+    """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only."""
+
+    # Alpaca-style rows (instruction/input/output) are rendered with this template; `{instruction}`
+    # and `{input}` are filled in. Default: the model's chat template (one user turn), or where the
+    # tokenizer has none, the Alpaca templates (with and without input).
+    prompt_template: str | None = None
+
+    args_class = "trl.SFTConfig"
+    continues_adapter = True
+    headline_metrics = (("held-out loss", "initial_eval_loss", "eval_loss"),)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return SFT_FORMATS
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -66,12 +97,6 @@ def to_prompt_completion(dataset, data_format: str, template: str | None, where:
 
 
 def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
-    from trl import SFTTrainer
-
-    from pipeline import training
-    from pipeline.modeling import load_policy, load_tokenizer, match_trainable_dtype, starting_point
-    from pipeline.preflight import check_padding, check_sft_lengths
-
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     data_format = require_columns(train, spec.formats(), where)
@@ -99,3 +124,6 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     metrics.update(lengths)
     training.save(trainer, tokenizer, spec, ctx)
     return metrics
+
+
+STAGE = StageType("sft", SFTSpec, run)

@@ -1,9 +1,9 @@
-"""Exact match of the answer a response states (read as `pipeline.answers` says) against a reference answer."""
+"""Exact match of the answer a response states (read as `pipeline.data.answers` says) against a reference answer."""
 
 import datasets
 import evaluate
 
-from pipeline.answers import answer_check
+from pipeline.data.answers import answer_check
 
 
 class ExactMatch(evaluate.Metric):
@@ -14,7 +14,7 @@ class ExactMatch(evaluate.Metric):
                         "first word of the first line, punctuation and a leading 'A:' stripped.",
             citation="",
             inputs_description="predictions: model responses (str); references: answers (str); "
-                               "answer_extractor: optional pipeline.stages.specs.AnswerExtractorSpec",
+                               "answer_extractor: optional pipeline.config.specs.AnswerExtractorSpec",
             features=datasets.Features({"predictions": datasets.Value("string"),
                                         "references": datasets.Value("string")}),
         )

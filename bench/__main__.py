@@ -1,0 +1,111 @@
+"""`python -m bench`: throughput, memory, MFU, PPO updates, parallel eval and alignment gains, run from a checkout.
+
+The benchmarks read the checkout's `data/` and `recipes/`, so they live beside the package, not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.alignment import alignment_table, run_alignment
+from bench.parallel import parallel_table, run_parallel_eval
+from bench.ppo_update import ppo_table, run_ppo_bench
+from bench.scaling import memory_table, run_memory, run_scaling
+from bench.suite import check_finite, run_bench, table
+from bench.workloads import SIZES, WORKLOADS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench",
+                                     description="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
+    parser.add_argument("--stages", default=",".join(WORKLOADS), help="comma-separated stage types")
+    parser.add_argument("--model-size", default="small", choices=list(SIZES),
+                        help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="pipeline/direct pairs per stage, interleaved; medians reported")
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: torch's, one per core); "
+                        "1 keeps measurements stable on a machine other processes are using")
+    parser.add_argument("--pairing", default="auto", choices=["auto", "concurrent", "interleaved"],
+                        help="run each pipeline/direct pair at once on separate cores (cancels the machine's speed "
+                        "drift; needs --threads N and 2N cores) or one after the other; auto: concurrent where possible")
+    parser.add_argument("--json", action="store_true", help="print one JSON object {STAGE_TYPE: {metric: number}}")
+    parser.add_argument("--scaling", action="store_true",
+                        help="step time vs sequence length, batch size and model size, then --memory")
+    parser.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
+    parser.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
+    parser.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
+    parser.add_argument("--parallel-eval", type=int, metavar="N",
+                        help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
+    parser.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
+    parser.add_argument("--alignment", metavar="SEEDS",
+                        help="run --recipe once per seed (e.g. 1,2,3) and thread count; table of each stage's gain: mean, worst seed")
+    parser.add_argument("--alignment-threads", default="1,2", help="with --alignment: CPU thread counts (default 1,2)")
+    parser.add_argument("--recipe", default="recipes/quickstart.yaml", help="with --alignment: the recipe")
+    parser.add_argument("--work-dir", default="runs/bench-alignment",
+                        help="with --alignment: where the runs are kept (rerunning resumes them)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",")]
+    unknown = [s for s in stages if s not in WORKLOADS]
+    if unknown:
+        print(f"error: --stages: unknown stage type(s) {unknown}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+
+    def log(message: str) -> None:  # progress to stderr, so --json leaves stdout one JSON object
+        print(message, file=sys.stderr, flush=True)
+
+    if args.alignment:
+        results = run_alignment(Path(args.recipe), [int(s) for s in args.alignment.split(",")],
+                                [int(t) for t in args.alignment_threads.split(",")], Path(args.work_dir), log)
+        print(json.dumps(results) if args.json else alignment_table(results))
+        return 0
+    if args.threads:  # children inherit it; torch reads it when it starts
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # for the peak-FLOP/s measurement in this process
+    if args.scaling:
+        print(run_scaling(args.model_size, args.steps, log))
+        return 0
+    if args.ppo:
+        results = run_ppo_bench(args.model, args.model_size, args.steps, log)
+        print(json.dumps(results) if args.json else ppo_table(results))
+        return 0
+    if args.parallel_eval:
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_parallel_eval(args.model_size, args.parallel_eval, args.eval_rows, log)
+        report = parallel_table(results, args.model_size, args.eval_rows)
+        if args.json:
+            log(report)
+        print(json.dumps(results) if args.json else report)
+        return 0
+    if args.memory:
+        with contextlib.redirect_stdout(sys.stderr):
+            memory = run_memory(args.model_size, args.steps, log)
+        report = "\n".join(memory_table(memory, args.model_size, args.steps))
+        if args.json:
+            log(report)
+        print(json.dumps(memory) if args.json else report)
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time chatter (DeepSpeed's) must not reach stdout
+        results = run_bench(stages, args.model_size, args.steps, args.repeats, args.pairing, args.threads, log)
+    check_finite(results)
+    report = (f"model {args.model_size} {SIZES[args.model_size]}, {args.steps} steps, median of {args.repeats} "
+              f"{results[stages[0]]['pairing']} pairs, "
+              f"{results[stages[0]]['threads']} threads\n{table(results)}")
+    if args.json:
+        log(report)  # the table too, on stderr
+    print(json.dumps(results) if args.json else report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`python -m bench --ppo`: PPO's time per update and peak memory, full fine-tuning and LoRA.
+
+Each mode runs in a fresh process, so its peak resident memory is its own:
+    python -m bench.ppo_update '{"mode": "lora"|"full", "model": DIR, "steps": N}'
+
+prints `RESULT {json}`: seconds per PPO update (the optimisation phase of a step, median over steps),
+seconds of generation per step, and peak RSS, in total and above the process's footprint once the
+libraries are imported. The reward is exact match, so no reward model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from datasets import load_dataset
+
+from bench.workloads import DATA, build_model
+from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.models.loading import load_tokenizer
+from pipeline.models.reward_functions import exact_match_reward
+from pipeline.stages.ppo import PPOSpec, build_models
+
+PPO_ARGS = {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 16,
+            "learning_rate": 1e-5, "save_steps": 10**9, "logging_steps": 1}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(mode: str, model: str, steps: int) -> dict[str, float]:
+    baseline = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as out:
+        config = PPOConfig(max_steps=steps, output_dir=out, **PPO_ARGS)
+        spec = PPOSpec(name="bench", type="ppo", model=model, dataset=None,
+                       peft={"r": 16, "lora_alpha": 32} if mode == "lora" else None)
+        actor_critic, reference = build_models(spec, model, 0.0)
+        prompts = load_dataset("json", data_files=str(DATA / "prompts.jsonl"), split="train")
+        trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward()], [1.0],
+                             ["exact_match"], ref_model=reference)
+        history = trainer.train(Path(out) / "checkpoints")
+    later = history[1:] or history  # the first step pays for warming up kernels and allocator
+    return {"update_s": statistics.median(h["time/optimisation_s"] for h in later),
+            "generation_s": statistics.median(h["time/generation_s"] for h in later),
+            "peak_rss_mb": peak_rss_mb(), "peak_rise_mb": peak_rss_mb() - baseline}
+
+
+def run_ppo_bench(model: str | None, size: str, steps: int, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Both modes, each in its own process, on `model` (a folder) or a fresh Llama of `size`."""
+
+    if model is None:
+        model = str(build_model(Path(tempfile.gettempdir()) / "pipeline-bench" / f"model-{size}", size))
+    results = {}
+    for mode in ("full", "lora"):
+        log(f"ppo {mode}: {steps} steps on {model}")
+        job = json.dumps({"mode": mode, "model": model, "steps": steps})
+        done = subprocess.run([sys.executable, "-m", "bench.ppo_update", job], capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"bench ppo {mode} failed:\n{done.stderr[-3000:]}")
+        results[mode] = json.loads(lines[-1][len("RESULT "):])
+    return results
+
+
+def ppo_table(results: dict[str, dict[str, float]]) -> str:
+    rows = ["| mode | s per update | s generation per step | peak RSS MB | peak rise MB |", "|---|---|---|---|---|"]
+    for mode, r in results.items():
+        rows.append(f"| {mode} | {r['update_s']:.3f} | {r['generation_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['peak_rise_mb']:.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    print("RESULT " + json.dumps(measure(job["mode"], job["model"], job["steps"])), flush=True)

@@ -1,9 +1,0 @@
-"""`pipeline bench`: throughput, peak memory, MFU and the pipeline's overhead over plain TRL, per stage type.
-
-    workloads  what each stage type trains, the models (built from scratch) and the data
-    direct     the same training as the minimal TRL script a user would write
-    probe      instruments a child process: training-loop time, tokens, generation, peak memory
-    child      one measurement in a fresh process (`python -m pipeline.bench.child`)
-    suite      runs the children interleaved and reduces them to the per-stage table / JSON
-    scaling    step time against sequence length, batch size and model size; full vs LoRA vs QLoRA memory
-"""

@@ -1,0 +1,47 @@
+"""Where recipe references point: local paths (relative to the working directory or the recipe), Hub ids,
+and dotted `package.module:function` names."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_local(path: str, recipe_path: Path | None) -> Path | None:
+    """A relative path is looked up in the working directory, then next to the recipe, then its parent."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate if candidate.exists() else None
+    bases = [Path.cwd()]
+    if recipe_path is not None:
+        bases += [recipe_path.parent, recipe_path.parent.parent]
+    for base in bases:
+        if (base / candidate).exists():
+            return (base / candidate).resolve()
+    return None
+
+# ------------------------------------------------------------------------------ loading
+def import_object(dotted: str) -> Any:
+    """Import `package.module:attr` or `package.module.attr`."""
+    module, _, attr = dotted.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+def callable_problems(dotted: str) -> list[str]:
+    """Problems with a user function named `package.module:function`, for `pipeline validate`."""
+    if ":" not in dotted:
+        return [f"'{dotted}' is not a `package.module:function` path"]
+    try:
+        function = import_object(dotted)
+    except (ImportError, AttributeError, ValueError) as err:
+        return [f"cannot import '{dotted}': {err}"]
+    return [] if callable(function) else [f"'{dotted}' is not callable"]
+
+def config_fields(dotted: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(import_object(dotted)) if f.init}

@@ -1,0 +1,209 @@
+"""The recipe's building blocks as typed dataclasses: datasets, the stage contract (`StageSpec`) and the
+parts several stage types share (reward terms, answer extractors, LoRA quantization, Hub push).
+
+Plain data: nothing here imports an ML library. Each stage type's own spec lives in its module in
+`pipeline.stages`, next to the code that runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pipeline.config.paths import HUB_ID, callable_problems
+
+
+# ----------------------------------------------------------------------------- data specs
+@dataclass(kw_only=True)
+class SourceSpec:
+    """One dataset source: a local file or a Hub dataset id."""
+
+    path: str  # .jsonl/.json/.parquet/.csv file, a Hub dataset id, or the name of a data-producing stage
+    name: str | None = None  # Hub dataset configuration
+    split: str = "train"  # split to read from a Hub dataset or local file
+    columns: dict[str, str] = field(default_factory=dict)  # rename columns {old: new}
+    weight: float = 1.0  # in a mixture: fraction of this source's rows to take (>1 repeats rows)
+    max_samples: int | None = None  # cap on rows read from this source
+
+@dataclass(kw_only=True)
+class DatasetSpec:
+    """Training data (one source or a weighted mixture) and where the held-out split comes from."""
+
+    sources: list[SourceSpec]
+    test_size: float = 0.1  # held-out fraction (< 1) or number of rows (>= 1), split off with the recipe seed
+    eval: SourceSpec | None = None  # explicit held-out source; replaces the split when given
+
+
+# ---------------------------------------------------------------------------- stage specs
+@dataclass(kw_only=True)
+class StageSpec:
+    """The stage contract: what every stage type declares, with the defaults most types keep.
+
+    A stage type is a subclass (its recipe keys as fields) registered in `pipeline.stages` with the
+    function that runs it. Everything the runner, validation, report and Hub push need to know about a
+    type is read from here, never from its name.
+    """
+
+    name: str
+    type: str
+
+    ref_fields: ClassVar[tuple[str, ...]] = ()  # fields naming another stage, a local folder or a Hub id
+    args_class: ClassVar[str | None] = None  # dotted path of the config class `args` are checked against
+    # What the output folder holds: "causal-lm" or "seq-cls" weights (loadable, pushable, mergeable), or None
+    # (a tokenizer, data, or only metrics).
+    model_task: ClassVar[str | None] = None
+    continues_adapter: ClassVar[bool] = False  # `peft.adapter: continue` trains an upstream LoRA adapter further
+    preference_data: ClassVar[bool] = False  # reads pairwise/pointwise/listwise preferences (pipeline.data.preferences)
+    # Chat rows need the tokenizer's chat template; False: rendered as plain text where there is none (reward
+    # models on encoders).
+    chat_needs_template: ClassVar[bool] = True
+    holds_out: ClassVar[bool] = True  # splits `test_size` off its dataset; False: it reads every row (eval, generate)
+    scores_models: ClassVar[bool] = False  # its metrics are `<metric>/<model>` for each model it scores (eval)
+    zero3_unsupported: ClassVar[str | None] = None  # why the type cannot run under DeepSpeed ZeRO-3, if it cannot
+    # The console and report's key metrics: (label, metric before or None, metric after); a trailing `*`
+    # matches every metric with that prefix (one per reward term, say).
+    headline_metrics: ClassVar[tuple[tuple[str, str | None, str], ...]] = ()
+
+    def check(self) -> list[str]:
+        """Problems in this stage's own keys, one line each (cross-stage and library checks run elsewhere)."""
+        return []
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        """Accepted data formats: name -> required columns. Empty: the stage reads no dataset."""
+        return {}
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        """The weighted reward terms this stage scores responses with."""
+        return []
+
+    def tokenizer_ref(self) -> str | None:
+        """The stage, folder or Hub id this stage's tokenizer comes from, if it has one."""
+        return None
+
+    def fresh_model_config(self, tokens: dict[str, Any]) -> Any:
+        """The transformers config of the model this stage builds from scratch (None: it loads one), with the
+        tokenizer's vocabulary and special token ids in `tokens`."""
+        return None
+
+    def refs(self) -> list[tuple[str, str]]:
+        """(field, value) for every model/tokenizer reference this stage makes."""
+        out: list[tuple[str, str]] = []
+        for name in self.ref_fields:
+            value = getattr(self, name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str):
+                    out.append((name, item))
+        return out + [("rewards.reward_model", r.reward_model) for r in self.reward_terms() if r.reward_model]
+
+    def data_specs(self) -> list[tuple[str, DatasetSpec]]:
+        """(field, spec) for every dataset this stage reads."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), DatasetSpec)]
+
+    @classmethod
+    def headline(cls, metrics: dict[str, float]) -> str:
+        """The key metrics, before -> after where both were measured: `pair accuracy 0.52 -> 0.74`."""
+        parts = []
+        for label, before, after in cls.headline_metrics:
+            prefix = after.removesuffix("*")
+            for key in [after] if prefix == after else [k for k in metrics if k.startswith(prefix)]:
+                if key not in metrics:
+                    continue
+                name = label if prefix == after else f"{label} {key.removeprefix(prefix)}"
+                was = before.replace("*", key.removeprefix(prefix)) if before else None
+                change = f"{metrics[was]:.3g} -> " if was in metrics else ""
+                parts.append(f"{name} {change}{metrics[key]:.3g}")
+        return ", ".join(parts)
+
+
+@dataclass(kw_only=True)
+class QuantizationSpec:
+    """bitsandbytes k-bit loading of the base weights (QLoRA when combined with `peft`)."""
+
+    bits: int = 4  # 4 or 8
+    quant_type: str = "nf4"  # 4-bit: nf4 or fp4
+    double_quant: bool = True  # 4-bit: quantise the quantisation constants too
+    compute_dtype: str | None = None  # default: bfloat16 on GPUs that support it, else float32
+
+@dataclass(kw_only=True)
+class PushSpec:
+    """Upload a finished stage's output and a model card to the Hugging Face Hub (see `pipeline.outputs.hub`)."""
+
+    repo_id: str  # owner/name; the token comes from HF_TOKEN or the saved login, never from the recipe
+    private: bool = False  # create the repo as private (an existing repo keeps its visibility)
+    revision: str | None = None  # branch to commit to, created if missing; default: the main branch
+    merge_adapter: bool = False  # upload a LoRA adapter output merged into its base, as full weights
+
+    def check(self) -> list[str]:
+        problems = [] if HUB_ID.match(self.repo_id) else [f"repo_id: '{self.repo_id}' is not a Hub repo id (owner/name)"]
+        return problems + ([] if self.revision != "" else ["revision: must be a branch name or left out"])
+
+@dataclass(kw_only=True)
+class TrainStageSpec(StageSpec):
+    """Keys every model-training stage has."""
+
+    model: str  # a previous stage's name, a local folder, or a Hub id
+    dataset: DatasetSpec
+    args: dict[str, Any] = field(default_factory=dict)  # fields of the stage's TRL/transformers config
+    # peft.LoraConfig fields, plus `merge: true` to save merged weights and `adapter: stack|continue`
+    # (what to do with an upstream LoRA adapter: merge it and add a new one, or train it further)
+    peft: dict[str, Any] | None = None
+    quantization: QuantizationSpec | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None  # Hub revision of `model`
+    push_to_hub: PushSpec | None = None  # publishing only: not part of the stage's fingerprint
+
+    ref_fields = ("model",)
+    model_task = "causal-lm"
+
+    def tokenizer_ref(self) -> str | None:
+        return self.model
+
+
+PREFERENCE_FORMATS = {
+    "pairwise": ("chosen", "rejected"),
+    "pointwise": ("prompt", "response", "score"),
+    "listwise": ("prompt", "responses"),
+}
+
+PROMPT_FORMATS = {"prompts": ("prompt",)}
+
+@dataclass(kw_only=True)
+class RewardTermSpec:
+    """One weighted reward term. Give exactly one of `reward_model` or `function`."""
+
+    reward_model: str | None = None  # a reward stage, local folder or Hub id: its scalar score
+    function: str | None = None  # built-in (exact_match, format) or `package.module:function`
+    weight: float = 1.0
+
+    def check(self) -> list[str]:
+        if (self.reward_model is None) == (self.function is None):
+            return ["each reward needs exactly one of `reward_model` or `function`"]
+        return []
+
+@dataclass(kw_only=True)
+class AnswerExtractorSpec:
+    """How the `exact_match` reward and held-out accuracy read the answer in a response (`pipeline.data.answers`).
+
+    Give one of `regex` or `function`. Without `answer_extractor:` a stage uses the quickstart's rule: the first
+    word of the first line, trailing punctuation and a leading "A:" dropped.
+    """
+
+    regex: str | None = None  # the first capture group (or the whole match) of the first match; e.g. "####\\s*(\\S+)"
+    function: str | None = None  # `package.module:function`, response text -> answer text
+
+    def check(self) -> list[str]:
+        if (self.regex is None) == (self.function is None):
+            return ["answer_extractor: give exactly one of `regex` or `function`"]
+        if self.function is not None:
+            return [f"answer_extractor.function: {p}" for p in callable_problems(self.function)]
+        try:
+            re.compile(self.regex)
+        except re.error as err:
+            return [f"answer_extractor.regex: {self.regex!r} is not a valid regular expression: {err}"]
+        return []
+
+def answer_extractor_problems(extractor: AnswerExtractorSpec | None) -> list[str]:
+    return extractor.check() if extractor is not None else []

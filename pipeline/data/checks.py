@@ -1,0 +1,110 @@
+"""Row-level checks of a local dataset, in file order, so every problem names the file's own line numbers.
+
+Made before training (by `pipeline.validation.preflight`): the stages see rows after a seeded shuffle and split,
+where a position means nothing to the user. Errors are rows no stage can use; warnings are rows that
+train but teach nothing (a pair whose chosen equals its rejected), reported with their count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from datasets import Dataset
+
+from pipeline.config.schema import suggest
+
+VALID_ROLES = ("system", "user", "assistant", "tool")
+# Columns whose list values are chat messages (`responses` and `instances` hold lists of other things).
+MESSAGE_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+SHOWN_SPANS = 6
+
+
+def spans(numbers: list[int]) -> str:
+    """`3, 7, 101-110` for sorted line numbers; the first few runs, then how many more."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:SHOWN_SPANS])
+    return shown + (f" and {len(runs) - SHOWN_SPANS} more" if len(runs) > SHOWN_SPANS else "")
+
+
+class Rows:
+    """Names rows of one source as the user finds them: `lines 101-110` of a JSONL file, else `rows 3-5`."""
+
+    def __init__(self, where: str, kind: str, numbers: list[int]):
+        self.where, self.kind, self.numbers = where, kind, numbers
+
+    def one(self, index: int) -> str:
+        return f"{self.where}: {self.kind} {self.numbers[index]}"
+
+    def many(self, indices: list[int]) -> str:
+        plural = "s" if len(indices) > 1 else ""
+        return f"{self.where}: {self.kind}{plural} {spans([self.numbers[i] for i in indices])}"
+
+
+def message_problem(value: Any) -> str | None:
+    """What is wrong with one list of chat messages, or None."""
+    if not value:
+        return "an empty message list"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            return f"message {i} is not a {{role, content}} mapping: {message!r:.60}"
+        role = message["role"]
+        for key in ("role", "content"):  # a key some rows lack is null in theirs (the table has the column)
+            if message[key] is None:
+                return f"message {i} has no {key}"
+        if role not in VALID_ROLES:
+            return f"message {i} has role {role!r}; roles are {', '.join(VALID_ROLES)}{suggest(str(role), VALID_ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"message {i} has content of type {type(message['content']).__name__}; content is a string"
+    return None
+
+
+def grouped(problems: dict[str, list[int]], rows: Rows) -> list[str]:
+    """One line per kind of problem, with every row it occurs in."""
+    return [f"{rows.many(indices)}: {problem}" + (f" ({len(indices)} rows)" if len(indices) > 1 else "")
+            for problem, indices in problems.items()]
+
+
+def row_problems(dataset: Dataset, columns: tuple[str, ...], rows: Rows, *, sft_messages: bool = False) -> list[str]:
+    """Rows missing a value the stage needs, and malformed chat messages, in `columns`."""
+    problems: dict[str, list[int]] = defaultdict(list)
+    present = [c for c in columns if c in dataset.column_names]
+    for column in present:
+        for index, value in enumerate(dataset[column]):
+            if value is None:
+                problems[f"missing '{column}'"].append(index)
+            elif isinstance(value, list) and column in MESSAGE_COLUMNS:
+                problem = message_problem(value)
+                if problem is None and sft_messages and column == "messages" and value[-1]["role"] != "assistant":
+                    problem = "the last message must be the assistant's (it is what SFT trains on)"
+                if problem:
+                    problems[f"'{column}': {problem}"].append(index)
+    return grouped(problems, rows)
+
+
+def identical_pairs(dataset: Dataset, rows: Rows) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for pairwise rows whose chosen equals rejected: no preference, no gradient."""
+    same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"])) if c == r and c is not None]
+    if not same:
+        return [], []
+    if len(same) == len(dataset):
+        return [f"{rows.where}: in all {len(same)} rows 'chosen' equals 'rejected', so there is no preference "
+                "to learn (DPO and reward training would see zero gradient); check the columns"], []
+    return [], [f"{rows.many(same)}: 'chosen' equals 'rejected' in {len(same)} of {len(dataset)} rows; "
+                "these pairs teach nothing"]
+
+
+def split_problem(rows: int, test_size: float) -> str | None:
+    """Why a seeded split of `rows` rows with `test_size` leaves no training or no held-out rows, or None."""
+    held_out = int(test_size) if test_size >= 1 else math.ceil(rows * test_size)  # datasets rounds a fraction up
+    if held_out < rows:
+        return None
+    fix = "give fewer rows or a fraction such as 0.1" if test_size >= 1 else "add rows"
+    return f"test_size: {test_size:g} holds out {held_out} of the {rows} rows, leaving none to train on; {fix}"
+

@@ -1,0 +1,81 @@
+"""Batched greedy/sampled generation from prompts (chat messages or plain strings), response log-probs, exact match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.prompts import left_padded, prompt_token_ids
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as plain text for people and judges: a single message's content, else `role: content` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, batch_size: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0,
+                 num_return_sequences: int = 1) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per completion, `num_return_sequences` per prompt, in prompt order.
+
+    Prompts are tokenized as training saw them (`pipeline.data.prompts`). Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
+    or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
+    """
+    model.eval()
+    out: list[tuple[list[int], list[int]]] = []
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+    for start in range(0, len(prompts), batch_size):
+        prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        input_ids, attention_mask = left_padded(prompt_ids, tokenizer.pad_token_id)
+        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                   max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   **sampling)
+        for i, row in enumerate(generated.tolist()):
+            response = row[input_ids.shape[1]:]
+            if tokenizer.eos_token_id in response:
+                response = response[:response.index(tokenizer.eos_token_id) + 1]
+            out.append((prompt_ids[i // num_return_sequences], response))
+    return out
+
+
+def generate(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, batch_size: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1) -> list[str]:
+    """Completions (special tokens stripped), `num_return_sequences` per prompt, in prompt order."""
+    pairs = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         do_sample=do_sample, temperature=temperature, num_return_sequences=num_return_sequences)
+    return tokenizer.batch_decode([response for _, response in pairs], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 64) -> list[list[float]]:
+    """Log-prob of each response token given the prompt and the tokens before it, per (prompt, response) pair."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (prompt, response) in enumerate(chunk):  # right padding: positions stay 0..n-1
+            ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+            mask[i, :len(prompt) + len(response)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+        for i, (prompt, response) in enumerate(chunk):  # token t is predicted at position t - 1
+            out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(response)].tolist())
+    return out
+
+
+def accuracy(responses: list[str], answers: list, is_correct: AnswerCheck = answer_check()) -> float:
+    """Fraction of responses whose answer (read by `is_correct`, `pipeline.data.answers`) equals the reference exactly."""
+    return sum(is_correct(r, a) for r, a in zip(responses, answers)) / max(len(answers), 1)
+

@@ -1,0 +1,258 @@
+"""Loading and saving models and tokenizers: precision, LoRA, k-bit quantisation, adapters.
+
+A stage's output folder holds either full weights or a LoRA adapter (plus the tokenizer);
+`load_causal_lm` takes either, so every later stage can start from any earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from pipeline.config.specs import QuantizationSpec
+
+# Keys a recipe's `peft:` takes beyond peft.LoraConfig's own fields.
+PEFT_EXTRA_KEYS = ("merge", "adapter")
+# `peft.adapter`: what a stage starting from an upstream LoRA adapter does with it. "stack" merges it
+# into its base and trains a fresh adapter on top; "continue" trains that same adapter further.
+ADAPTER_MODES = ("stack", "continue")
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
+def use_bf16() -> bool:
+    """bf16 where a GPU supports it; fp32 on CPU, where bf16 matmul is ~200x slower."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def process_defaults() -> dict[str, Any]:
+    """`use_cpu` and `ddp_backend` for TrainingArguments (and the runner's PartialState) on this hardware.
+
+    accelerate sets up data parallelism between CPU processes only when told it is on CPU;
+    otherwise each process of a CPU-only `accelerate launch` trains alone as "the main process".
+    Under DeepSpeed (DS_ACCELERATOR=cpu) it must not be told that, but needs the gloo backend
+    named, or it again counts one process.
+    """
+
+    # torch.accelerator (CUDA, XPU, MPS, ...) exists from torch 2.6; the package allows 2.4
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if accelerator:
+        return {"use_cpu": False, "ddp_backend": None}
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    return {"use_cpu": not deepspeed, "ddp_backend": "gloo" if deepspeed and launched else None}
+
+
+def attn_implementation() -> str | None:
+    """FlashAttention-2 on GPUs computing in bf16 where `flash_attn` is installed; else None (transformers' default,
+    SDPA, which on GPUs dispatches to its own flash / memory-efficient kernels)."""
+
+    return "flash_attention_2" if use_bf16() and find_spec("flash_attn") is not None else None
+
+
+def compute_dtype() -> torch.dtype:
+    return torch.bfloat16 if use_bf16() else torch.float32
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A GGUF checkpoint (llama.cpp's format): `folder/file.gguf`, a local file or a file in a Hub repo."""
+    return str(path).endswith(".gguf")
+
+
+def stage_base(path: str, stage_dir: Path, *, trust_remote_code: bool = False) -> str:
+    """`path` as a folder of plain weights that a training stage can start from and name as its adapters' base.
+
+    An unmerged LoRA adapter is merged into its own base, and a GGUF file dequantized, once, into
+    `stage_dir/base` (with the tokenizer); any other path is returned as it is. The stage loads its model
+    from there, so an adapter it saves names that folder as `base_model_name_or_path` and plain `peft`
+    (`AutoPeftModelForCausalLM.from_pretrained(output)`) loads exactly the model the stage trained. Merging
+    the upstream adapter in memory only would leave the new adapter pointing at the raw base, silently
+    without the upstream training. The cost is one copy of the weights on disk per such stage.
+    """
+    if not (is_gguf(path) or is_adapter(path)):
+        return path
+
+    base = stage_dir / "base"
+    with PartialState().main_process_first():  # the main process writes it; the other ranks then find it
+        if not base.is_dir():
+            partial = stage_dir / "base.partial"  # renamed once whole, so a killed write is redone
+            if is_gguf(path):
+                model = load_causal_lm(path, trust_remote_code=trust_remote_code)
+                model.save_pretrained(partial, safe_serialization=True)
+                load_tokenizer(path, trust_remote_code=trust_remote_code).save_pretrained(partial)
+            else:
+                save_merged(Path(path), partial, trust_remote_code=trust_remote_code)
+            os.replace(partial, base)
+    return str(base)
+
+
+def starting_point(spec, stage_dir: Path, path: str) -> str:
+    """Where a training stage's model and tokenizer load from: `stage_base(path)`, except that an upstream
+    adapter trained further (`peft: {adapter: continue}`) stays an adapter on its own base."""
+    if (spec.peft or {}).get("adapter", "stack") == "continue" and is_adapter(path):
+        return path
+    return stage_base(path, stage_dir, trust_remote_code=spec.trust_remote_code)
+
+
+def load_policy(path: str, spec) -> tuple[Any, Any]:
+    """(model, peft_config to hand the trainer) for a training stage starting from `path`.
+
+    By default an upstream LoRA adapter is merged into its base and `peft:` stacks a fresh adapter
+    on top. With `peft: {adapter: continue}` the upstream adapter itself is trained further, on its
+    own base and with its own LoraConfig: the trainer gets the PeftModel and no new config, and DPO
+    and GRPO keep a frozen copy of the adapter (TRL's "ref" adapter) as the reference.
+    """
+    peft = spec.peft or {}
+    if peft.get("adapter", "stack") == "continue":
+        if not is_adapter(path):
+            raise ValueError(f"stage '{spec.name}': peft.adapter: continue needs `model` to be a LoRA adapter "
+                             f"(a stage trained with `peft` and no `merge: true`); {path} holds full weights")
+        model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                               merge_adapter=False)
+        return model, None
+    model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
+                           revision=spec.revision)
+    return model, (lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None)
+
+
+def lora_config(peft: dict[str, Any], task_type: str):
+    """A peft.LoraConfig from the recipe's `peft:` mapping, with small-model-friendly defaults."""
+
+    options = {**LORA_DEFAULTS, **{k: v for k, v in peft.items() if k not in PEFT_EXTRA_KEYS}}
+    return LoraConfig(task_type=task_type, **options)
+
+
+def quantized_compute_dtype(spec: QuantizationSpec) -> torch.dtype:
+    """The dtype k-bit layers compute in: the recipe's `compute_dtype`, else the hardware's."""
+    return getattr(torch, spec.compute_dtype) if spec.compute_dtype else compute_dtype()
+
+
+def quantization_config(spec: QuantizationSpec | None):
+    """bitsandbytes settings for k-bit loading, or None."""
+    if spec is None:
+        return None
+
+    dtype = quantized_compute_dtype(spec)
+    if spec.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
+                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype)
+
+
+def match_trainable_dtype(model, spec: QuantizationSpec | None) -> None:
+    """Give a k-bit model's trainable parameters the compute dtype again, after TRL made them bf16.
+
+    TRL casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's recipe for
+    GPUs). With fp32 compute, as on CPU, a plain layer such as a reward model's score head then
+    fails ("expected m1 and m2 to have the same dtype"), and bf16 LoRA matmuls are ~200x slower.
+    """
+    if spec is None or quantized_compute_dtype(spec) == torch.bfloat16:
+        return  # not quantized, or TRL's bf16 already is the compute dtype
+    dtype = quantized_compute_dtype(spec)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(dtype)
+
+
+def gguf_location(path: str) -> dict[str, str]:
+    """`from_pretrained` arguments for a GGUF file: its folder (or Hub repo) and `gguf_file`."""
+    folder, name = os.path.split(path)
+    return {"pretrained_model_name_or_path": folder or ".", "gguf_file": name}
+
+
+# Tokenizers that state no limit report 1e30 (transformers' VERY_LARGE_INTEGER); anything above this is no limit.
+NO_LIMIT = 10**9
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """AutoTokenizer with a pad token guaranteed (the EOS token where the tokenizer has no pad).
+
+    From a GGUF file, `model_max_length` (which GGUF does not carry: 1e30) is the model's context length.
+    """
+
+    if is_gguf(path):
+        where = gguf_location(path)
+        tokenizer = AutoTokenizer.from_pretrained(**where, trust_remote_code=trust_remote_code, revision=revision)
+        if tokenizer.model_max_length > NO_LIMIT:
+            config = AutoConfig.from_pretrained(**where, trust_remote_code=trust_remote_code, revision=revision)
+            tokenizer.model_max_length = getattr(config.get_text_config(), "max_position_embeddings", NO_LIMIT)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def base_model_path(path: str | Path) -> str:
+    """The base model an adapter folder was trained on."""
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, trust_remote_code: bool = False,
+                   revision: str | None = None, merge_adapter: bool = True):
+    """A causal LM from full weights, or from a LoRA adapter folder (merged into its base by default).
+
+    Weights load as safetensors only, so a pickle file in a downloaded repo is never executed.
+    """
+
+    kwargs: dict[str, Any] = dict(dtype=compute_dtype(), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation() is not None:
+        kwargs["attn_implementation"] = attn_implementation()
+    quant = quantization_config(quantization)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if is_gguf(path):
+        return load_gguf(path, revision=revision, **kwargs)
+    if not is_adapter(path):
+        return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_path(path), **kwargs)
+    model = PeftModel.from_pretrained(base, path, is_trainable=not merge_adapter)
+    if not merge_adapter:
+        return model
+    return model.merge_and_unload().requires_grad_(True)  # peft froze the base weights while it held them
+
+
+def load_gguf(path: str, **kwargs: Any):
+    """A causal LM from a GGUF file, dequantized to `dtype` (by the `gguf` package) as an ordinary model.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it (5.24); the same weights
+    rebuilt from its config are an ordinary model that trains, saves and merges adapters like any other.
+    """
+
+    kwargs.pop("use_safetensors", None)  # the weights are in the .gguf file
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(f"{path}: k-bit `quantization` of a GGUF model is done on its dequantized copy; "
+                         "start the stage from a stage or folder, not from the .gguf file itself")
+    loaded = AutoModelForCausalLM.from_pretrained(**gguf_location(path), **kwargs)
+    config = loaded.config
+    config.quantization_config = None  # the GgufConfig: left in, saving would record the weights as quantized
+    vars(config).pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype,
+                                             trust_remote_code=kwargs.get("trust_remote_code", False))
+    model.load_state_dict(loaded.state_dict())
+    model.name_or_path = path
+    return model
+
+
+def save_merged(adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False, task: str = "causal-lm") -> None:
+    """Merge a saved LoRA adapter into full-precision base weights and save those (with the tokenizer)."""
+    if task == "causal-lm":
+        model = load_causal_lm(str(adapter_dir), trust_remote_code=trust_remote_code, merge_adapter=True)
+    else:
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            str(adapter_dir), num_labels=1, dtype=compute_dtype(), trust_remote_code=trust_remote_code).merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)

@@ -1,0 +1,212 @@
+"""What every Trainer-based stage shares: config defaults, resume, divergence guard, saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from pipeline.config.paths import import_object
+from pipeline.models.loading import process_defaults, save_merged, use_bf16
+from pipeline.runtime.progress import StageProgress
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def gpu_fast_paths() -> dict[str, Any]:
+    """Config fields for the fast paths this machine can take (on CPU none apply; see README, Performance).
+
+    Liger's fused kernels and vLLM generation (GRPO, sharing the training GPU) need a GPU and their
+    package; each is used where both are there. Fused AdamW needs nothing: it is transformers' default
+    optimizer from torch 2.8, CPU included.
+    """
+
+    if not torch.cuda.is_available():
+        return {}
+    fast: dict[str, Any] = {"use_liger_kernel": find_spec("liger_kernel") is not None}
+    if find_spec("vllm") is not None:
+        fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
+    return fast
+
+
+def unused_parameters_possible(model) -> bool:
+    """Whether a training step can leave trainable parameters without a gradient: mixture-of-experts layers
+    skip the experts no token was routed to. Only then must DDP search the graph for them every step."""
+    config = model.config.get_text_config()
+    return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int, model=None):
+    """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
+
+    TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
+    models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
+    and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone, and
+    the GPU fast paths (`gpu_fast_paths`). Given the `model`, DDP looks for unused parameters only
+    where there can be some (transformers' default searches every step, and warns that it found none).
+    """
+    args = dict(args)
+    if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
+        args.setdefault("activation_checkpointing", args.pop("gradient_checkpointing"))
+    defaults: dict[str, Any] = dict(
+        bf16=use_bf16(), fp16=False, activation_checkpointing=False, report_to="none",
+        logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
+        seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(), **gpu_fast_paths(),
+    )
+    if model is not None:
+        defaults["ddp_find_unused_parameters"] = unused_parameters_possible(model)
+    cls = import_object(dotted)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
+    return cls(output_dir=output_dir, **{**defaults, **args})
+
+
+def batch_by_length(trainer, length_of: Callable[[dict[str, Any]], int]) -> None:
+    """Make `train_sampling_strategy: group_by_length` (or `batch_rebalance`) work on preference pairs.
+
+    transformers' length samplers read the `length_column_name` column, or infer lengths from
+    `input_ids`; TRL's tokenized pairs have neither, so training would stop at its first batch with a
+    ValueError. The column is added from each tokenized pair (`length_of`), and column pruning turned
+    off so the sampler still sees it (TRL's preference collators pick their own keys by name).
+    """
+
+    if trainer.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
+        return
+    trainer.args.remove_unused_columns = False
+    column = trainer.args.length_column_name
+    for split in ("train_dataset", "eval_dataset"):
+        dataset = getattr(trainer, split)
+        if isinstance(dataset, Dataset) and column not in dataset.column_names:  # streamed rows: no lengths up front
+            setattr(trainer, split, dataset.add_column(column, [length_of(row) for row in dataset]))
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop with a clear error the moment a logged loss is NaN or infinite."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, value in (logs or {}).items():
+            if "loss" in key and isinstance(value, float) and not math.isfinite(value):
+                raise TrainingDiverged(f"stage '{self.stage}': {key} became {value} at step {state.global_step}; "
+                                       "lower the learning rate or check the data")
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Also log at every checkpoint and at the last step, so the logged windows tile the run and end
+    where checkpoints do: a resumed run's log, restored from its checkpoint, then holds every step's loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:  # set by DefaultFlowCallback, called first
+            control.should_log = True
+        return control
+
+
+def mean_train_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step, from the logged window means (a window ends at its row's step).
+
+    The Trainer's own `train_loss` covers only the steps of the last `train()` call, so after a
+    resume it would differ from an uninterrupted run's.
+    """
+    total, previous = 0.0, 0
+    for row in history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - previous)
+            previous = row["step"]
+    return total / previous if previous else None
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint to resume from, or None.
+
+    Passed over: a checkpoint a kill cut short (the Trainer writes its files in place,
+    trainer_state.json last; transformers' get_last_checkpoint would pick it), and the one taken
+    at max_steps, from which transformers 5.23 trains one step past the end. Resuming from the
+    one before it redoes those steps, deterministically.
+    """
+    steps = {int(m[1]): path for path in checkpoint_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", path.name))}
+    for step in sorted(steps, reverse=True):
+        try:
+            state = json.loads((steps[step] / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+            return str(steps[step])
+    return None
+
+
+# Left out of metrics: timings (they go to the manifest), and TRL's `num_tokens`, which counts the
+# tokens this trainer object saw, so after a resume only those since the checkpoint.
+UNREPRODUCIBLE_KEYS = ("runtime", "per_second", "total_flos", "_time", "num_tokens")
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers only, and only those that reproduce exactly (see UNREPRODUCIBLE_KEYS)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not any(t in k for t in UNREPRODUCIBLE_KEYS)}
+
+
+def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str, ...] = ()) -> dict[str, float]:
+    """Train (resuming from the newest checkpoint if one exists), evaluate, keep the log history.
+
+    `initial` names held-out metrics of the starting model, returned as `initial_<name>`. The
+    Trainer measures them at step 0 (`eval_on_start`): `evaluate()` before `train()` is refused
+    under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
+    """
+    resume = last_checkpoint(checkpoint_dir)
+    if resume:
+        trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
+
+
+    trainer.args.eval_on_start = bool(initial)
+    trainer.add_callback(LogAtCheckpoints())
+    # A progress line every few seconds instead of bars redrawn at every step and a printed dict per log
+    # (the logs are kept: log_history.json, the report's curves, any `report_to` tracker).
+    for noisy in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(noisy)
+    trainer.add_callback(StageProgress())
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+    whole_run = mean_train_loss(trainer.state.log_history)
+    if whole_run is not None:  # over every step, also after a resume
+        metrics["train_loss"] = whole_run
+    metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
+    if initial:
+        first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
+        metrics.update({f"initial_{k}": first[k] for k in initial})
+    if trainer.is_world_process_zero():
+        history = trainer.state.log_history
+        (stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    return numeric(metrics)
+
+
+def save(trainer, tokenizer, spec, ctx, *, merge_default: bool = False) -> None:
+    """Write the trained model (or adapter, or adapter merged into its base) and tokenizer to the stage output."""
+
+    peft = spec.peft
+    merge = peft is not None and bool(peft.get("merge", merge_default))
+    target = ctx.stage_dir / "adapter.partial" if merge else ctx.output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):  # TRL's frozen reference copy of a continued adapter
+        model.delete_adapter("ref")
+    trainer.save_model(str(target))  # gathers ZeRO-3/FSDP shards; main process writes
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(target)
+        if merge:
+            save_merged(target, ctx.output_dir, trust_remote_code=spec.trust_remote_code, task=spec.model_task)
+            shutil.rmtree(target)

@@ -1,0 +1,195 @@
+"""Checks made before training: the data every stage will read, its tokenizer, lengths, and the output directory.
+
+`check_data` and `check_output_dir` run before any stage trains. The length checks need the
+tokenizer the stage trains with (often made by an earlier stage), so each stage calls them
+once its trainer has prepared the data, before it trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+from trl.data_utils import is_conversational as trl_is_conversational
+
+from pipeline.config.paths import resolve_local
+from pipeline.config.recipe import Recipe
+from pipeline.config.schema import RecipeError
+from pipeline.config.specs import StageSpec
+from pipeline.data.checks import Rows, identical_pairs, row_problems, split_problem
+from pipeline.data.loading import DataError, load_source, require_columns, row_numbers
+from pipeline.data.preferences import to_pairwise
+from pipeline.models.loading import gguf_location
+from pipeline.runtime.distributed import zero_stage
+
+MIN_FREE_BYTES = 1 << 30
+# Columns that built-in rule rewards (pipeline.models.reward_functions) read from each training row.
+REWARD_COLUMNS = {"exact_match": ("answer",)}
+
+
+def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
+    """Read every local dataset of the stages that will run, in file order: JSON, the columns and values the
+    stage needs, chat messages and a chat template for them, preference pairs, and that the held-out split
+    leaves rows to train on. Hub data is checked when the stage loads it.
+
+    Raises a DataError listing every problem (one per line); returns warnings about data that trains but
+    partly teaches nothing.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    names = {s.name for s in recipe.stages}
+    for stage in recipe.stages:
+        if selected is not None and stage.name not in selected:
+            continue
+        for key, spec in stage.data_specs():
+            sources = [(s, True) for s in spec.sources] + ([(spec.eval, False)] if spec.eval else [])
+            train_rows: int | None = 0  # None once a source is not a local file (its size is unknown here)
+            for source, training in sources:
+                local = None if source.path in names else resolve_local(source.path, recipe.path)
+                if local is None:
+                    train_rows = None if training else train_rows
+                    continue
+                where = f"stage '{stage.name}': {key} '{source.path}'"
+                try:
+                    dataset = load_source(source, recipe_path=recipe.path)
+                except DataError as err:  # the file itself: its message names it (and the line)
+                    errors.append(f"stage '{stage.name}': {key}: {err}")
+                    continue
+                try:
+                    found = check_source(recipe, stage, dataset, local, where, training)
+                except DataError as err:
+                    errors.append(str(err))
+                    continue
+                warnings += found
+                if training and train_rows is not None:
+                    train_rows += math.ceil(len(dataset) * source.weight)
+            if train_rows and spec.eval is None and stage.holds_out:
+                problem = split_problem(train_rows, spec.test_size)
+                errors += [f"stage '{stage.name}': {key}.{problem}"] if problem else []
+    if errors:
+        raise DataError("\n".join(dict.fromkeys(errors)))
+    return warnings
+
+
+def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
+    """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
+
+    formats = stage.formats() if hasattr(stage, "formats") else None
+    data_format = require_columns(dataset, formats, where) if formats else None
+    if training:
+        require_reward_columns(stage, dataset.column_names, where)
+    kind, numbers = row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset))
+    rows = Rows(where, kind, numbers)
+    columns = formats[data_format] if formats else ()
+    warnings: list[str] = []
+    if stage.preference_data:  # their formats are pipeline.data.preferences': pairwise, pointwise, listwise
+        columns += ("prompt",) if "prompt" not in columns else ()  # optional in pairwise rows, checked where given
+        problems = row_problems(dataset, columns, rows)
+        if not problems and data_format == "pairwise":
+            problems, warnings = identical_pairs(dataset, rows)
+        if not problems:  # what remains is the conversion's own (HH-RLHF transcripts, scores, message splits)
+            to_pairwise(dataset, where, rows.one)
+    else:
+        problems = row_problems(dataset, columns, rows, sft_messages=data_format == "messages")
+    if problems:
+        raise DataError("\n".join(problems))
+    if is_conversational(dataset[0]) and stage.chat_needs_template:
+        require_chat_template(recipe, stage, where)
+    return warnings
+
+
+def check_launch(recipe: Recipe, selected: list[str] | None = None) -> None:
+    """Stages this launch cannot run, refused before any stage trains. The launch is read from what
+    `accelerate launch` hands each process, so `validate` says so too when started by the same launcher.
+    (A stage type's trainer refuses too, but only when the stage starts, after every earlier stage has trained.)"""
+
+    if zero_stage() != 3:
+        return
+    problems = [f"{recipe.path}: stage '{stage.name}': type {stage.type} cannot run under DeepSpeed ZeRO-3: "
+                f"{stage.zero3_unsupported}; launch it with accelerate_configs/deepspeed_zero2.yaml or "
+                f"multi_gpu.yaml (--stages {stage.name} runs it alone)"
+                for stage in recipe.stages
+                if stage.zero3_unsupported and (selected is None or stage.name in selected)]
+    if problems:
+        raise RecipeError(problems)
+
+
+def require_reward_columns(stage: StageSpec, columns: list[str], where: str) -> None:
+    for term in stage.reward_terms():
+        missing = [c for c in REWARD_COLUMNS.get(term.function or "", ()) if c not in columns]
+        if missing:
+            raise DataError(f"{where}: the {term.function} reward needs column(s) {missing}; columns are {columns}")
+
+
+def is_conversational(row: dict[str, Any]) -> bool:
+    """Chat messages in any column TRL reads, or HH-RLHF transcripts (which become messages)."""
+
+    return trl_is_conversational(row) or any(isinstance(row.get(k), str) and "\n\nHuman:" in row[k]
+                                             for k in ("chosen", "rejected"))
+
+
+def tokenizer_origin(recipe: Recipe, stage: StageSpec) -> str | None:
+    """The folder or Hub id a stage's tokenizer first comes from, following `tokenizer:`/`model:` through
+    earlier stages; None when it comes from a `tokenizer` stage, which always sets a chat template."""
+    stages = {s.name: s for s in recipe.stages}
+    ref = stage.tokenizer_ref()
+    while ref in stages:
+        ref = stages[ref].tokenizer_ref()
+    return ref
+
+
+def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:
+    """Conversational rows are rendered with the tokenizer's chat template: fail now, not when the stage starts."""
+    origin = tokenizer_origin(recipe, stage)
+    if origin is None:
+        return
+    local = resolve_local(origin, recipe.path)
+    if has_chat_template(str(local or origin), local is None, getattr(stage, "trust_remote_code", False)) is False:
+        raise DataError(f"{where}: the rows are chat messages, which need a chat template, and the tokenizer of "
+                        f"'{origin}' has none; start from a model whose tokenizer has one, or give plain-text rows")
+
+
+@functools.lru_cache(maxsize=None)
+def has_chat_template(path: str, hub: bool, trust_remote_code: bool) -> bool | None:
+    """Whether a tokenizer has a chat template; None if it cannot be loaded yet (a Hub tokenizer is read only
+    from the local cache: preflight never downloads; the stage checks when it loads it)."""
+
+    where = gguf_location(path) if path.endswith(".gguf") else {"pretrained_model_name_or_path": path}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=hub, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return tokenizer.chat_template is not None
+
+
+def output_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` can never be a run directory (it, or a folder above it, is a file), or None; creates nothing."""
+    for path in [run_dir, *run_dir.parents]:
+        if path.exists():
+            if path.is_dir():
+                return None
+            what = f"{run_dir} is a file" if path == run_dir else f"{path}, above {run_dir}, is a file"
+            return f"{what}, not a folder; give a folder path (`output_dir:` or --output-dir)"
+    return None
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The run directory must be a writable folder and its disk not nearly full."""
+    problem = output_dir_problem(run_dir)
+    if problem and run_dir.is_file():
+        raise DataError(f"output directory {problem}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise DataError(f"output directory {run_dir} is not writable: {err.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise DataError(f"output directory {run_dir}: only {free / 2**20:.0f} MiB free on its disk; "
+                        f"at least {MIN_FREE_BYTES / 2**20:.0f} MiB is needed for checkpoints")

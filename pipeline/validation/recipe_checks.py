@@ -1,0 +1,212 @@
+"""`load_recipe`: a recipe read, built and checked before anything trains.
+
+Every check that can be done without training happens here, so a typo costs seconds, not a
+half-finished run: schema and types, stage references (a stage may only use stages that run
+before it), local files and models, and every `args` / `peft` key against the library class it configures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import typing
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
+from pipeline.config.recipe import Recipe, build_recipe, read_recipe
+from pipeline.config.schema import RecipeError, suggest
+from pipeline.config.specs import SourceSpec, TrainStageSpec
+from pipeline.models.loading import ADAPTER_MODES, PEFT_EXTRA_KEYS, is_adapter
+from pipeline.stages import STAGE_TYPES
+from pipeline.training.trainers import make_config
+from pipeline.validation.arg_checks import value_problems
+from pipeline.validation.model_checks import model_problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, build and check a recipe; raise `RecipeError` listing every problem."""
+    path = Path(path)
+    recipe, errors, complete = build_recipe(path, read_recipe(path, overrides or []),
+                                            {name: stage.spec for name, stage in STAGE_TYPES.items()})
+    if not errors:
+        errors += check_recipe(recipe)
+    elif complete:
+        # Report cross-stage problems too, so one pass lists everything; values that failed their
+        # type check are None here and may trip a check, which then adds nothing.
+        try:
+            errors += check_recipe(recipe)
+        except Exception:
+            pass
+    if errors:
+        raise RecipeError(list(dict.fromkeys(errors)))
+    return recipe
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Cross-field checks: names, references, files, library config keys and values."""
+    errors: list[str] = []
+    where = str(recipe.path)
+    all_names = [s.name for s in recipe.stages]
+    seen: list[str] = []
+    for stage in recipe.stages:
+        at = f"{where}: stage '{stage.name}'"
+        if stage.name in seen:
+            errors.append(f"{at}: duplicate stage name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
+            errors.append(f"{at}: name may only use letters, digits, '_', '-' and '.'")
+        for key, ref in stage.refs():
+            errors += [f"{at}: {key}: {e}" for e in _check_ref(ref, seen, all_names, recipe.path, key)]
+        for key, spec in stage.data_specs():
+            sources = list(spec.sources) + ([spec.eval] if spec.eval else [])
+            for source in sources:
+                errors += [f"{at}: {key}: {e}" for e in _check_source(source, seen, recipe.path)]
+            if spec.test_size <= 0 and spec.eval is None:
+                errors.append(f"{at}: {key}.test_size: must be > 0 (a held-out split is always measured)")
+        if isinstance(stage, TrainStageSpec):
+            errors += [f"{at}: {e}" for e in training_key_problems(recipe, stage)]
+        errors += [f"{at}: {e}" for e in stage.check()]
+        if not any(e.startswith(at) for e in errors):  # the model checks build configs: only from sound keys
+            errors += [f"{at}: {e}" for e in model_problems(recipe, stage)]
+        seen.append(stage.name)
+
+    training_fields: set[str] = set()
+    for stage in recipe.stages:
+        if stage.args_class:
+            training_fields |= config_fields(stage.args_class)
+    for key in recipe.defaults:
+        if training_fields and key not in training_fields:
+            errors.append(f"{where}: defaults.{key}: not a field of any stage's config{suggest(key, training_fields)}")
+    return errors
+
+def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None,
+               key: str = "model") -> list[str]:
+    if ref in earlier:
+        return []
+    if ref in all_names:
+        return [f"stage '{ref}' runs later; a stage can only use stages before it"]
+    if ref.startswith((".", "/", "~")) or resolve_local(ref, recipe_path):
+        local = resolve_local(ref, recipe_path)
+        if local is None:
+            return [f"local {'file' if ref.endswith('.gguf') else 'folder'} '{ref}' does not exist"]
+        return _check_local_model(ref, local, tokenizer_only=key in TOKENIZER_FIELDS)
+    hint = suggest(ref, earlier)
+    if hint and "/" not in ref:
+        return [f"unknown stage '{ref}'{hint}"]
+    if ref.endswith(".gguf"):  # a GGUF file in a Hub repo: owner/name/file.gguf
+        return [] if HUB_ID.match(ref.rpartition("/")[0]) else [f"'{ref}' is not a local .gguf file or one in a Hub repo"]
+    if not HUB_ID.match(ref):
+        return [f"'{ref}' is not an earlier stage, an existing local folder, or a Hub id"]
+    return []
+
+TOKENIZER_FIELDS = ("tokenizer", "load")  # reference fields that need only a tokenizer
+
+MODEL_FILES = ("config.json", "adapter_config.json")
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+def _check_local_model(ref: str, local: Path, *, tokenizer_only: bool = False) -> list[str]:
+    """Problems loading a local model reference: a folder of weights (or a LoRA adapter), or a GGUF file."""
+
+    if local.is_file():
+        if local.suffix != ".gguf":
+            return [f"'{ref}' is a file; give a model folder (with config.json) or a .gguf file"]
+        with local.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return [f"'{ref}' is not a GGUF file (it does not start with the GGUF magic bytes)"]
+        return [] if find_spec("gguf") else [f"'{ref}': reading a GGUF file needs the `gguf` package (pip install gguf)"]
+    expected = MODEL_FILES + (TOKENIZER_FILES if tokenizer_only else ())
+    if not any((local / name).is_file() for name in expected):
+        return [f"local folder '{ref}' holds no {'tokenizer' if tokenizer_only else 'model'} "
+                f"(none of {', '.join(expected)}); for a GGUF file, name the .gguf file itself"]
+    return []
+
+def _check_source(source: SourceSpec, earlier: list[str], recipe_path: Path | None) -> list[str]:
+    if source.path in earlier:
+        return []
+    if source.weight <= 0:
+        return [f"{source.path}: weight must be > 0"]
+    if resolve_local(source.path, recipe_path):
+        return []
+    if source.path.endswith(LOCAL_DATA_SUFFIXES) or source.path.startswith((".", "/", "~")):
+        return [f"file '{source.path}' not found"]
+    if not HUB_ID.match(source.path):
+        return [f"'{source.path}' is not a local file, an earlier stage, or a Hub dataset id"]
+    return []
+
+def _check_arg_types(dotted: str, args: dict[str, Any]) -> list[str]:
+    """Plain numbers and flags: the config classes do not check these types themselves."""
+
+    try:
+        hints = typing.get_type_hints(import_object(dotted))
+    except Exception:  # unresolvable annotations in a library class: leave values to the class itself
+        return []
+    problems = []
+    for key, value in args.items():
+        hint = hints.get(key)
+        allowed = set(typing.get_args(hint)) or {hint}
+        if value is None or not allowed & {int, float, bool} or allowed - {int, float, bool, type(None)}:
+            continue
+        ok = (isinstance(value, bool) if allowed & {bool} == allowed - {type(None)}
+              else isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (float in allowed or isinstance(value, int)))
+        if not ok:
+            names = " or ".join(sorted(t.__name__ for t in allowed if t is not type(None)))
+            problems.append(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    return problems
+
+def training_key_problems(recipe: Recipe, stage: TrainStageSpec) -> list[str]:
+    """`args` keys against the stage's config class (then build it, to catch bad values); `peft` against
+    LoraConfig; `quantization` and `push_to_hub`."""
+    errors: list[str] = []
+    args = stage.args
+    if stage.args_class:
+        valid = config_fields(stage.args_class)
+        bad = [k for k in args if k not in valid]
+        cls_name = stage.args_class.rpartition(".")[2]
+        errors += [f"args.{k}: not a field of {cls_name}{suggest(k, valid)}" for k in bad]
+        errors += [f"args.{e}" for e in _check_arg_types(stage.args_class, args)]
+        if not bad:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    config = make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
+                except Exception as err:  # the library's own message says what is wrong with the value
+                    errors.append(f"args: {cls_name} rejects these values: {err}")
+                else:
+                    errors += value_problems(config, recipe.stage_args(stage))
+    peft = stage.peft
+    if peft is not None:
+        valid = {f.name for f in dataclasses.fields(import_object("peft.LoraConfig")) if f.init} | set(PEFT_EXTRA_KEYS)
+        errors += [f"peft.{k}: not a field of LoraConfig{suggest(k, valid)}" for k in peft if k not in valid]
+        errors += _check_adapter_mode(recipe, stage, peft)
+    quant = stage.quantization
+    if quant is not None and quant.bits not in (4, 8):
+        errors.append(f"quantization.bits: must be 4 or 8, got {quant.bits}")
+    return errors + [f"push_to_hub.{e}" for e in (stage.push_to_hub.check() if stage.push_to_hub else [])]
+
+def _check_adapter_mode(recipe: Recipe, stage: TrainStageSpec, peft: dict[str, Any]) -> list[str]:
+    """`peft.adapter: continue` needs a stage type that supports it and an upstream LoRA adapter to continue."""
+
+    mode = peft.get("adapter", "stack")
+    if mode not in ADAPTER_MODES:
+        return [f"peft.adapter: must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}"]
+    if mode == "stack":
+        return []
+    if not stage.continues_adapter:
+        continuing = [name for name, known in STAGE_TYPES.items() if known.spec.continues_adapter]
+        return [f"peft.adapter: continue works in {', '.join(continuing)} stages, not in {stage.type}"]
+    errors = [f"peft.{k}: a continued adapter keeps its own LoraConfig; remove this key"
+              for k in peft if k not in PEFT_EXTRA_KEYS]
+    upstream = next((s for s in recipe.stages if s.name == stage.model), None)
+    if upstream is not None:
+        upstream_peft = upstream.peft if isinstance(upstream, TrainStageSpec) else None
+        if upstream_peft is None or upstream_peft.get("merge", False):
+            errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; stage '{upstream.name}' "
+                          "saves full weights (give it `peft:` without `merge: true`)")
+    else:
+        local = resolve_local(stage.model, recipe.path)
+        if local is not None and not is_adapter(local):
+            errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; {stage.model} holds full weights")
+    return errors

@@ -1,0 +1,129 @@
+"""The package's structure, checked from its own source: layers, no import circles, one stage contract."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.specs import StageSpec
+from pipeline.stages import STAGE_TYPES
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+# Lowest first: a module may import its own layer and the layers before it, never one after (README, Architecture).
+LAYERS = ["config", "runtime", "data", "models", "training algorithms metrics", "stages", "validation", "outputs",
+          "run", "cli __main__"]
+LAYER = {folder: i for i, folders in enumerate(LAYERS) for folder in folders.split()}
+# Optional dependencies, imported where they are used so that the package works without them.
+LAZY = {"deepspeed", "bitsandbytes", "vllm", "liger_kernel", "flash_attn", "gguf"}
+
+
+def modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = ast.parse(path.read_text())
+    return found
+
+
+def pipeline_imports(name: str, tree: ast.Module) -> set[str]:
+    """The package's modules that `name` imports (a `from X import y` counts y when y is a module)."""
+    known = modules_cache()
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                out.add(target if target in known else node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "pipeline")
+    return out - {name}
+
+
+_CACHE: dict[str, ast.Module] = {}
+
+
+def modules_cache() -> dict[str, ast.Module]:
+    if not _CACHE:
+        _CACHE.update(modules())
+    return _CACHE
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYER.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_its_own_or_lower_ones():
+    problems = []
+    for name, tree in modules_cache().items():
+        mine = layer_of(name)
+        if name == "pipeline":
+            continue
+        assert mine is not None, f"{name} is in no layer of {LAYERS}"
+        for target in pipeline_imports(name, tree):
+            theirs = layer_of(target)
+            if theirs is not None and theirs > mine:
+                problems.append(f"{name} imports {target}, a layer above it")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_circles():
+    graph = {name: pipeline_imports(name, tree) & modules_cache().keys() for name, tree in modules_cache().items()}
+    # A module reached again from itself is a circle; packages' __init__ count as the modules they are.
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += graph.get(node, ())
+        return seen
+
+    circles = sorted(name for name in graph if name in reach(name))
+    assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_imports_are_at_the_top_except_optional_dependencies():
+    inside = []
+    for name, tree in modules_cache().items():
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    roots = {(node.module or "").split(".")[0]}
+                else:
+                    continue
+                if not roots <= LAZY:
+                    inside.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    assert not inside, "imports inside functions:\n" + "\n".join(inside)
+
+
+def test_every_stage_module_registers_one_stage_type_with_its_own_spec():
+    stage_modules = sorted(n.removeprefix("pipeline.stages.") for n in modules_cache()
+                           if n.startswith("pipeline.stages.") and n.split(".")[-1] not in ("context", "contract"))
+    assert sorted(STAGE_TYPES) == stage_modules  # the type's name is its module's: one place to look
+    for name, stage in STAGE_TYPES.items():
+        assert issubclass(stage.spec, StageSpec) and dataclasses.is_dataclass(stage.spec)
+        assert stage.spec.__module__ == stage.run.__module__ == f"pipeline.stages.{name}"
+
+
+@pytest.mark.parametrize("folder", ["config", "runtime", "data", "models", "training", "algorithms", "validation",
+                                    "outputs", "run"])
+def test_no_stage_type_is_named_outside_its_own_module(folder):
+    """What differs between stage types is declared on their specs, so no code outside a stage's module
+    compares a type name (`stage.type == "reward"`)."""
+    named = []
+    for name, tree in modules_cache().items():
+        if name.split(".")[1:2] != [folder]:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                literals = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                literals += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                             for e in c.elts if isinstance(e, ast.Constant)]
+                named += [f"{name}:{node.lineno} {ast.unparse(node)}" for v in literals if v in STAGE_TYPES]
+    assert not named, "\n".join(named)
