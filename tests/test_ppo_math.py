@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from pipeline.algorithms.ppo_trainer import (AdaptiveKLController, PPOConfig, explained_variance, gae, kl_per_token,
-                                             masked_whiten, policy_loss, shaped_rewards, value_loss)
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.maths import (AdaptiveKLController, explained_variance, gae, kl_per_token,
+                                                   masked_whiten, policy_loss, shaped_rewards, value_loss)
 
 T = torch.tensor
 

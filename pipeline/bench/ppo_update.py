@@ -22,7 +22,7 @@ from typing import Any, Callable
 from pipeline.bench.workloads import DATA
 
 PPO_ARGS = {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 16,
-            "learning_rate": 1e-5, "save_steps": 10**9, "logging_steps": 1}
+            "learning_rate": 1e-5, "logging_steps": 1}
 
 
 def peak_rss_mb() -> float:
@@ -33,8 +33,9 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     import trl  # noqa: F401  the libraries count in the baseline, not in the measurement
     from datasets import load_dataset
 
+    from pipeline.algorithms.ppo_trainer.config import PPOConfig
+    from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
     from pipeline.modeling import load_tokenizer
-    from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
     from pipeline.reward_functions import exact_match_reward
     from pipeline.stages.ppo import build_models
     from pipeline.stages.specs import PPOSpec
@@ -48,7 +49,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
         prompts = load_dataset("json", data_files=str(DATA / "prompts.jsonl"), split="train")
         trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward()], [1.0],
                              ["exact_match"], ref_model=reference)
-        history = trainer.train(Path(out) / "checkpoints")
+        history = trainer.train()
     later = history[1:] or history  # the first step pays for warming up kernels and allocator
     return {"update_s": statistics.median(h["time/optimisation_s"] for h in later),
             "generation_s": statistics.median(h["time/generation_s"] for h in later),

@@ -90,7 +90,7 @@ class Probe:
         """Wrap `Trainer.train`, `PPOTrainer.train` and `generate` (TRL's trainers inherit the first)."""
         from transformers import GenerationMixin, Trainer, TrainerCallback
 
-        from pipeline.algorithms.ppo_trainer import PPOTrainer
+        from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 
         probe = self
 

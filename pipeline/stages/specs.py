@@ -220,7 +220,7 @@ class PPOSpec(TrainStageSpec):
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
 
     ref_fields = ("model", "value_model")
-    args_class = "pipeline.algorithms.ppo_trainer.PPOConfig"
+    args_class = "pipeline.algorithms.ppo_trainer.config.PPOConfig"
 
     def reward_terms(self) -> list[RewardTermSpec]:
         own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []
