@@ -21,7 +21,9 @@ from transformers import (
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from bench.workloads import SEED, WORKLOADS
-from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.algorithms.ppo_trainer.checkpointing import Checkpoints
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.models.reward_functions import exact_match_reward
 from pipeline.stages.ppo import PPOSpec, build_models
 from pipeline.stages.pretrain import pack
@@ -88,7 +90,9 @@ SCRIPTS = {"pretrain": pretrain, "sft": sft, "reward": reward, "dpo": dpo, "grpo
 def run_script(stage: str, model_dir: Path, train: Path, args: dict[str, Any], out: Path) -> None:
     trainer = SCRIPTS[stage](model_dir, train, args, out)
     if stage == "ppo":
-        trainer.train(out)
+        checkpoints = Checkpoints(trainer, out)  # as the stage does: resume, then save every `save_steps`
+        checkpoints.resume()
+        trainer.train(on_step_end=[checkpoints.on_step_end])
         trainer.unwrapped.policy.save_pretrained(out)
     else:
         trainer.train()

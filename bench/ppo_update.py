@@ -1,4 +1,4 @@
-"""`python -m bench --ppo`: PPO's time per update and peak memory, full fine-tuning and LoRA.
+"""`pipeline bench --ppo`: PPO's time per update and peak memory, full fine-tuning and LoRA.
 
 Each mode runs in a fresh process, so its peak resident memory is its own:
     python -m bench.ppo_update '{"mode": "lora"|"full", "model": DIR, "steps": N}'
@@ -23,13 +23,14 @@ from typing import Any, Callable
 from datasets import load_dataset
 
 from bench.workloads import DATA, build_model
-from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.models.loading import load_tokenizer
 from pipeline.models.reward_functions import exact_match_reward
 from pipeline.stages.ppo import PPOSpec, build_models
 
 PPO_ARGS = {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 16,
-            "learning_rate": 1e-5, "save_steps": 10**9, "logging_steps": 1}
+            "learning_rate": 1e-5, "logging_steps": 1}
 
 
 def peak_rss_mb() -> float:
@@ -46,7 +47,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
         prompts = load_dataset("json", data_files=str(DATA / "prompts.jsonl"), split="train")
         trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward()], [1.0],
                              ["exact_match"], ref_model=reference)
-        history = trainer.train(Path(out) / "checkpoints")
+        history = trainer.train()
     later = history[1:] or history  # the first step pays for warming up kernels and allocator
     return {"update_s": statistics.median(h["time/optimisation_s"] for h in later),
             "generation_s": statistics.median(h["time/generation_s"] for h in later),

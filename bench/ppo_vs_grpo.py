@@ -21,7 +21,8 @@ import torch
 from datasets import load_dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.config.specs import TrainStageSpec
 from pipeline.models.loading import load_causal_lm, load_tokenizer, lora_config, use_bf16
 from pipeline.models.reward_functions import RewardModelScorer
@@ -42,13 +43,13 @@ def measure_ppo(run_dir: Path, steps: int, completions: int, max_new_tokens: int
     sft = str(run_dir / "sft" / "output")
     spec = TrainStageSpec(name="bench", type="ppo", model=sft, dataset=None, peft=LORA)
     config = PPOConfig(max_steps=steps, rollout_batch_size=completions, mini_batch_size=8, ppo_epochs=2,
-                       max_new_tokens=max_new_tokens, save_steps=10**9, output_dir="/tmp/bench-ppo")
+                       max_new_tokens=max_new_tokens, output_dir="/tmp/bench-ppo")
     model, reference = build_models(spec, sft, 0.0)
     prompts = load_dataset("json", data_files=str(PROMPTS), split="train")
     trainer = PPOTrainer(config, model, load_tokenizer(sft), prompts, [RewardModelScorer(str(run_dir / "rm" / "output"))],
                          [1.0], ["rm"], ref_model=reference)
     started = time.time()
-    history = trainer.train(Path("/tmp/bench-ppo-none"))
+    history = trainer.train()
     seconds = (time.time() - started) / steps
     generated = sum(h["response_length"] for h in history) / len(history) * completions
     generation = sum(h["time/generation_s"] for h in history) / len(history)

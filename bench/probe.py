@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationMixin, Trainer, TrainerCallback
 
-from pipeline.algorithms.ppo_trainer import PPOTrainer
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.models.loading import compute_dtype
 
 

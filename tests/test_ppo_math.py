@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pipeline.algorithms.ppo_trainer import (
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.maths import (
     AdaptiveKLController,
-    PPOConfig,
     explained_variance,
     gae,
     kl_per_token,

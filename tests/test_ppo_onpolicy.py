@@ -17,7 +17,9 @@ from datasets import Dataset
 from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.algorithms.ppo_trainer import PPOConfig, PPOTrainer, policy_loss
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.maths import policy_loss
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer, Rollout
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.ppo import PPOSpec, build_models
 from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
@@ -84,6 +86,14 @@ def trainer_for(model_dir, peft: bool, **args) -> PPOTrainer:
                       ref_model=reference)
 
 
+def experience(trainer: PPOTrainer) -> Rollout:
+    """A rollout, scored and with advantages: what `PPOTrainer.update` trains on (the first half of `step`)."""
+    rollout = trainer.rollout()
+    trainer.score(rollout)
+    trainer.advantages(rollout)
+    return rollout
+
+
 def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
     from trl.data_utils import _tokenize  # what SFTTrainer/DPOTrainer/GRPOTrainer feed the model for a prompt
 
@@ -104,10 +114,10 @@ def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
 
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
 def test_update_logprobs_equal_rollout_logprobs(model_dir, peft):
-    """The update's forward pass (the prepared model, as `optimise` calls it) reproduces the rollout's
+    """The update's forward pass (the prepared model, as `update` calls it) reproduces the rollout's
     log-probs and values exactly, and both match the logits `generate` decoded with."""
     trainer = trainer_for(model_dir, peft)
-    rollout, _ = trainer.make_experience()
+    rollout = experience(trainer)
     trainer.model.eval()
     with torch.no_grad():
         logprobs, values, _ = trainer.policy_outputs(trainer.model, rollout, torch.arange(8))
@@ -133,8 +143,8 @@ def test_update_logprobs_equal_rollout_logprobs(model_dir, peft):
 def test_ratio_is_one_before_the_first_update(model_dir, peft):
     """With a vanishing learning rate every minibatch is a first one: approximate KL 0, nothing clipped."""
     trainer = trainer_for(model_dir, peft, learning_rate=1e-30, ppo_epochs=2)
-    rollout, _ = trainer.make_experience()
-    stats = trainer.optimise(rollout)
+    rollout = experience(trainer)
+    stats = trainer.update(rollout)
     assert stats["approx_kl"] < 1e-12 and stats["clip_fraction"] == 0.0
     # and the same check computed directly on one minibatch
     trainer.model.eval()
@@ -153,8 +163,8 @@ def test_every_parameter_with_a_gradient_is_trained_and_cleared(model_dir, peft)
     trainer = trainer_for(model_dir, peft, learning_rate=1e-2, ppo_epochs=1)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    rollout, _ = trainer.make_experience()
-    trainer.optimise(rollout)
+    rollout = experience(trainer)
+    trainer.update(rollout)
     named = dict(trainer.model.named_parameters())
     assert any(".value." in n for n in before) == peft  # the critic's adapter is trainable
     for name, param in named.items():
@@ -168,10 +178,10 @@ def test_nan_loss_is_a_one_line_training_error(model_dir, monkeypatch):
     from pipeline.training.trainers import TrainingDiverged
 
     trainer = trainer_for(model_dir, peft=True)
-    rollout, _ = trainer.make_experience()
+    rollout = experience(trainer)
     rollout.advantages = rollout.advantages * float("nan")
     with pytest.raises(TrainingDiverged, match="PPO loss became nan at step 1"):
-        trainer.optimise(rollout)
+        trainer.update(rollout)
 
 
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
@@ -198,7 +208,7 @@ def test_critic_starts_from_the_reward_model(model_dir, peft, tmp_path):
                                    max_new_tokens=6), model, load_tokenizer(str(directory)),
                          Dataset.from_dict({"prompt": prompts_for(family)}), [length_reward], [1.0], ["length"],
                          ref_model=reference)
-    rollout, _ = trainer.make_experience()
+    rollout = experience(trainer)
     last = rollout.mask.sum(1).long() - 1
     values_before_last = rollout.values[torch.arange(8), last]
     # the reward model's score head on its own trunk's last hidden state, for the same ids one row at a time

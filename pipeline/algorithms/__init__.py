@@ -1,2 +1,3 @@
 """The training algorithms the project owns rather than takes from a library: `ppo_trainer`, PPO for RLHF
-(TRL removed its `PPOTrainer`). The stage that runs one (`pipeline.stages.ppo`) only wires recipe to trainer."""
+(TRL removed its `PPOTrainer`). The stage that runs one (`pipeline.stages.ppo`) wires recipe to trainer,
+and adds what lies outside the algorithm: checkpoints and held-out evaluation."""

@@ -3,7 +3,9 @@ rewarded by a reward model.
 
 With `peft`, policy and critic are two LoRA adapters on one base, and the reference is the base
 with adapters disabled; without, the critic trunk and the reference are copies of the policy.
-The stage reports held-out greedy scores, accuracy and KL to the reference before and after.
+The stage owns what lies outside the algorithm: it resumes from and saves checkpoints (through the
+trainer's `on_step_end` hook), and reports held-out greedy scores, accuracy and KL to the reference
+before and after.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.algorithms.ppo_trainer import ActorCritic, PPOConfig, PPOTrainer, decoder_trunk
+from pipeline.algorithms.ppo_trainer.checkpointing import Checkpoints
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.evaluation import evaluate
+from pipeline.algorithms.ppo_trainer.models import ActorCritic, decoder_trunk
+from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.config.specs import (
     PROMPT_FORMATS,
     AnswerExtractorSpec,
@@ -56,7 +62,7 @@ class PPOSpec(TrainStageSpec):
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
 
     ref_fields = ("model", "value_model")
-    args_class = "pipeline.algorithms.ppo_trainer.PPOConfig"
+    args_class = "pipeline.algorithms.ppo_trainer.config.PPOConfig"
     zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
@@ -75,7 +81,6 @@ class PPOSpec(TrainStageSpec):
 
 def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None):
     """(ActorCritic, frozen reference or None when the reference is the adapter-free base)."""
-
     policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                             revision=spec.revision)
     hidden_size = policy.config.get_text_config().hidden_size
@@ -98,7 +103,6 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
     The score head already maps a hidden state to the reward model's scale, so V starts near the score of
     the text so far instead of at 0. With `peft`, the trunk trains a LoRA adapter and the head in full.
     """
-
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=spec.trust_remote_code,
         quantization_config=quantization_config(spec.quantization))
@@ -115,7 +119,6 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
 
 def require_same_vocabulary(policy_tokenizer, other_tokenizer, what: str) -> None:
     """The critic reads the policy's token ids: both tokenizers must map text to the same ids."""
-
     if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
         raise DataError(f"{what} has a different tokenizer from the policy; a critic must read the policy's "
                         "tokens (train the reward model from the same SFT model, or leave value_model out)")
@@ -161,13 +164,14 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     model, reference = build_models(spec, path, config.value_head_init_std, value_model)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, names = build_reward_terms(terms, ctx.resolve, is_correct)
-    trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference,
-                         is_correct=is_correct)
+    trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
 
-    initial = trainer.evaluate(held_out)  # policy == reference here: the SFT model's numbers
+    initial = evaluate(trainer, held_out, is_correct)  # policy == reference here: the SFT model's numbers
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    history = trainer.train(ctx.checkpoint_dir)
-    final = trainer.evaluate(held_out)
+    checkpoints = Checkpoints(trainer, ctx.checkpoint_dir)
+    checkpoints.resume()
+    history = trainer.train(on_step_end=[checkpoints.on_step_end])
+    final = evaluate(trainer, held_out, is_correct)
     metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()}}
     quarter = max(len(history) // 4, 1)
     for key in ("reward", "kl"):

@@ -1,0 +1,109 @@
+"""PPO's maths as pure tensor functions: masked statistics, KL estimators, reward shaping, GAE, the clipped
+losses and the adaptive KL controller. Per-token tensors are (batch, response length), with `mask` 1 on
+response tokens."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = identity) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries (unbiased variance); masked entries become 0.
+
+    `all_reduce_sum` sums the statistics over processes, so every rank whitens with the global batch's.
+    """
+    sums = all_reduce_sum(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]))
+    count = sums[2].clamp(min=1)
+    mean = sums[0] / count
+    var = (sums[1] / count - mean ** 2).clamp(min=0) * count / (count - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi (Schulman, "Approximating KL divergence")."""
+    log_ratio = logprobs - ref_logprobs  # log pi - log pi_ref
+    if estimator == "k1":
+        return log_ratio
+    # k3: unbiased and always >= 0; with rho = pi_ref / pi, (rho - 1) - log rho
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = -beta kl_t on every response token, plus the sequence score on its last token."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    Tokens after the response ends (mask 0) contribute nothing: V(t+1) past the end is 0.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_value = torch.zeros_like(next_advantage)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t] * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate; returns (loss, clip fraction, approximate KL old->new)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss; returns (loss, fraction of tokens where the clipped term was larger)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    return loss, masked_mean((clipped_error > unclipped_error).float(), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)  (Ziegler et al., 2019)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = max(min(current_kl / self.target - 1, 0.2), -0.2)
+        self.value *= 1 + error * n_steps / self.horizon

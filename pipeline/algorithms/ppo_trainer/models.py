@@ -1,0 +1,70 @@
+"""The models PPO trains: `ActorCritic`, policy logits and per-token values from one forward call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from trl.trainer.utils import disable_dropout_in_model
+
+
+def decoder_trunk(causal_lm: nn.Module) -> nn.Module:
+    """The transformer of a causal LM (or of a PeftModel around one) without its LM head."""
+    model = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+    return getattr(model, model.base_model_prefix)
+
+
+class ActorCritic(nn.Module):
+    """Policy logits and per-token values from one forward call (one call keeps DDP happy).
+
+    LoRA mode (`critic_trunk` None): `policy` is a PeftModel with adapters "policy" and "value"; the critic
+    runs the same base's trunk under the "value" adapter, and the reference is the base with adapters off.
+    Otherwise `critic_trunk` is a separate transformer: a copy of the policy's, or a reward model's.
+    """
+
+    def __init__(self, policy: nn.Module, critic_trunk: nn.Module | None, value_head: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.critic_trunk = critic_trunk
+        self.value_head = value_head
+        for module in (policy, critic_trunk):  # PPO's ratio must be exactly 1 before the first update
+            if module is not None:
+                disable_dropout_in_model(module)
+        if self.uses_adapters:
+            # peft leaves the adapter it added last frozen; the optimizer is built from what is trainable now, so
+            # without this the critic's adapter got gradients that nothing applied or cleared
+            self.use_adapter("policy")
+
+    @classmethod
+    def with_new_head(cls, policy: nn.Module, critic_trunk: nn.Module | None, hidden_size: int,
+                      init_std: float) -> ActorCritic:
+        head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(head.weight, std=init_std)
+        nn.init.zeros_(head.bias)
+        return cls(policy, critic_trunk, head)
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.critic_trunk is None
+
+    def use_adapter(self, name: str) -> None:
+        """Activate one adapter; keep both trainable (peft freezes the inactive one)."""
+        self.policy.base_model.set_adapter(name)
+        for param_name, param in self.policy.named_parameters():
+            if "lora_" in param_name:
+                param.requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) at the last `logits_to_keep` positions only: the ones that predict the response."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.uses_adapters:
+            self.use_adapter("policy")
+        logits = self.policy(**inputs, logits_to_keep=logits_to_keep).logits
+        if self.uses_adapters:
+            self.use_adapter("value")
+            hidden = decoder_trunk(self.policy)(**inputs).last_hidden_state
+            self.use_adapter("policy")
+        else:
+            hidden = self.critic_trunk(**inputs).last_hidden_state
+        hidden = hidden[:, -logits_to_keep:]
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
