@@ -21,7 +21,7 @@ from pipeline.recipe import Recipe, StageSpec, resolve_local
 MIN_FREE_BYTES = 1 << 30
 # Columns that built-in rule rewards (pipeline.reward_functions) read from each training row.
 REWARD_COLUMNS = {"exact_match": ("answer",)}
-PREFERENCE_STAGE_TYPES = ("reward", "dpo")
+PREFERENCE_STAGE_TYPES = ("reward", "dpo", "kto")  # kto also takes unpaired rows
 UNSPLIT_STAGE_TYPES = ("eval", "generate")  # they read every row; the others hold out `test_size`
 
 
@@ -71,7 +71,7 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
 
 def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
     """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
-    from pipeline.preferences import to_pairwise
+    from pipeline.preferences import PREFERENCE_FORMATS, to_pairwise
 
     formats = stage.formats() if hasattr(stage, "formats") else None
     data_format = require_columns(dataset, formats, where) if formats else None
@@ -81,7 +81,7 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
     warnings: list[str] = []
-    if stage.type in PREFERENCE_STAGE_TYPES:  # their formats are pipeline.preferences': pairwise, pointwise, listwise
+    if stage.type in PREFERENCE_STAGE_TYPES and data_format in PREFERENCE_FORMATS:  # pipeline.preferences' formats
         columns += ("prompt",) if "prompt" not in columns else ()  # optional in pairwise rows, checked where given
         problems = row_problems(dataset, columns, rows)
         if not problems and data_format == "pairwise":

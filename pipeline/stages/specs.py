@@ -384,13 +384,20 @@ class GenerateSpec(StageSpec):
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
 
+
+# Specs defined in their stage's module, which imports this one: imported once what they use is defined.
+from pipeline.stages.kto import KTOSpec
+from pipeline.stages.rloo import RLOOSpec
+
 STAGE_SPECS: dict[str, type[StageSpec]] = {
     "tokenizer": TokenizerSpec,
     "pretrain": PretrainSpec,
     "sft": SFTSpec,
     "reward": RewardSpec,
     "dpo": DPOSpec,
+    "kto": KTOSpec,
     "grpo": GRPOSpec,
+    "rloo": RLOOSpec,
     "ppo": PPOSpec,
     "eval": EvalSpec,
     "generate": GenerateSpec,
