@@ -3,7 +3,8 @@
 Rewards are a weighted list of reward-model stages, built-in rule rewards and user functions
 (see `pipeline.models.reward_functions`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
 (`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
-training, since a rising sampled reward alone can hide a worse policy.
+training, since a rising sampled reward alone can hide a worse policy. `train_with_rewards` also
+runs the `rloo` stage: TRL's RLOOTrainer takes the same model, rewards and prompts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training import trainers as training
-from pipeline.training.length_checks import check_prompt_lengths
+from pipeline.validation.preflight import check_prompt_lengths
 
 
 @dataclass(kw_only=True)
@@ -80,6 +81,13 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
 
 
 def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
+    return train_with_rewards(spec, ctx, GRPOTrainer)
+
+
+def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict[str, float]:
+    """Train with an online RL trainer of TRL's GRPO family (`GRPOTrainer`, `RLOOTrainer`) on the spec's
+    prompts and weighted rewards; held-out greedy accuracy before and after, and the training reward's trend."""
+
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     require_columns(train, spec.formats(), where)
@@ -92,9 +100,9 @@ def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
     args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
-    trainer = GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=train,
-                          processing_class=tokenizer, peft_config=peft_config,
-                          callbacks=[training.DivergenceGuard(spec.name)])
+    trainer = trainer_class(model=model, reward_funcs=functions, args=args, train_dataset=train,
+                            processing_class=tokenizer, peft_config=peft_config,
+                            callbacks=[training.DivergenceGuard(spec.name)])
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names

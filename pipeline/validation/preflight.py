@@ -20,7 +20,7 @@ from trl.data_utils import is_conversational as trl_is_conversational
 from pipeline.config.paths import resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.schema import RecipeError
-from pipeline.config.specs import StageSpec
+from pipeline.config.specs import PREFERENCE_FORMATS, StageSpec
 from pipeline.data.checks import Rows, identical_pairs, row_problems, split_problem
 from pipeline.data.loading import DataError, load_source, require_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
@@ -87,7 +87,7 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
     warnings: list[str] = []
-    if stage.preference_data:  # their formats are pipeline.data.preferences': pairwise, pointwise, listwise
+    if stage.preference_data and data_format in PREFERENCE_FORMATS:  # pipeline.data.preferences' formats
         columns += ("prompt",) if "prompt" not in columns else ()  # optional in pairwise rows, checked where given
         problems = row_problems(dataset, columns, rows)
         if not problems and data_format == "pairwise":
