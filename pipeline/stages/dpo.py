@@ -51,10 +51,10 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[training.DivergenceGuard(spec.name)])
+                         callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)
     training.batch_by_length(trainer, pair_length)
     check_padding(trainer, pair_length, where)

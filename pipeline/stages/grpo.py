@@ -30,7 +30,7 @@ from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training import trainers as training
-from pipeline.validation.preflight import check_prompt_lengths
+from pipeline.training.length_checks import check_prompt_lengths
 
 
 @dataclass(kw_only=True)
@@ -102,7 +102,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = trainer_class(model=model, reward_funcs=functions, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=[training.DivergenceGuard(spec.name)])
+                            callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names

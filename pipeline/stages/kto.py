@@ -73,10 +73,10 @@ def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
-                                seed=ctx.seed, model=model)
+                                seed=ctx.seed, model=model, eval_on_start=True)
     trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[training.DivergenceGuard(spec.name)])
+                         callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
                              initial=("eval_loss", "eval_rewards/margins", "eval_kl"))

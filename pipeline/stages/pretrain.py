@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
+from trl import pack_dataset
 
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
@@ -78,19 +78,17 @@ def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
 
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):
-    """Tokenize, join documents with EOS, and cut into `block_size` blocks (the remainder is dropped)."""
+    """Tokenize, end each document with EOS, and cut the stream into `block_size` blocks with TRL's
+    `pack_dataset` ("wrapped": documents run across block boundaries, as in pretraining). Packing works on
+    1000 rows at a time; the shorter last block of each such batch is dropped, so every block is full."""
     eos = [tokenizer.eos_token_id]
 
     def tokenize(batch):
-        return {"ids": [ids + eos for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]}
-
-    def blocks(batch):
-        ids = list(chain.from_iterable(batch["ids"]))
-        usable = len(ids) // block_size * block_size
-        return {"input_ids": [ids[i:i + block_size] for i in range(0, usable, block_size)]}
+        return {"input_ids": [ids + eos for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]}
 
     tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
-    return tokenized.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"])
+    packed = pack_dataset(tokenized, block_size, strategy="wrapped", map_kwargs={"batch_size": 1000})
+    return packed.filter(lambda row: len(row["input_ids"]) == block_size)
 
 
 def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
@@ -117,7 +115,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=[training.DivergenceGuard(spec.name)])
+                      callbacks=training.stage_callbacks(spec.name))
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))

@@ -110,7 +110,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
     # At most what the model's positions take (an encoder's 512 under TRL's default max_length of 1024)
     max_length = min((n for n in (args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
     train_ids, truncated_train = tokenize_pairs(train, tokenizer, max_length)
@@ -121,7 +121,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_ids, eval_dataset=eval_ids, processing_class=tokenizer,
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
-        callbacks=[training.DivergenceGuard(spec.name)],
+        callbacks=training.stage_callbacks(spec.name),
     )
     match_trainable_dtype(trainer.model, spec.quantization)
     training.batch_by_length(trainer, pair_length)

@@ -48,13 +48,15 @@ def unused_parameters_possible(model) -> bool:
     return any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
-def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int, model=None):
+def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int, model=None,
+                eval_on_start: bool = False):
     """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
 
     TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
     models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
     and `ddp_backend`, without which a CPU-only `accelerate launch` trains each process alone, and
-    the GPU fast paths (`gpu_fast_paths`). Given the `model`, DDP looks for unused parameters only
+    the GPU fast paths (`gpu_fast_paths`). `eval_on_start` measures the starting model on the held-out split
+    (for `train`'s `initial` metrics). Given the `model`, DDP looks for unused parameters only
     where there can be some (transformers' default searches every step, and warns that it found none).
     """
     args = dict(args)
@@ -64,7 +66,7 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
         bf16=use_bf16(), fp16=False, activation_checkpointing=False, report_to="none",
         logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
         logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
-        seed=seed, data_seed=seed, eval_strategy="no", **process_defaults(), **gpu_fast_paths(),
+        seed=seed, data_seed=seed, eval_strategy="no", eval_on_start=eval_on_start, **process_defaults(), **gpu_fast_paths(),
     )
     if model is not None:
         defaults["ddp_find_unused_parameters"] = unused_parameters_possible(model)
@@ -81,6 +83,9 @@ def batch_by_length(trainer, length_of: Callable[[dict[str, Any]], int]) -> None
     `input_ids`; TRL's tokenized pairs have neither, so training would stop at its first batch with a
     ValueError. The column is added from each tokenized pair (`length_of`), and column pruning turned
     off so the sampler still sees it (TRL's preference collators pick their own keys by name).
+
+    Done to the Trainer after it is built, not to its config and data before: TRL tokenizes the pairs inside
+    its constructor, and the lengths are those of its tokenized rows.
     """
 
     if trainer.args.train_sampling_strategy not in ("group_by_length", "batch_rebalance"):
@@ -104,6 +109,11 @@ class DivergenceGuard(TrainerCallback):
             if "loss" in key and isinstance(value, float) and not math.isfinite(value):
                 raise TrainingDiverged(f"stage '{self.stage}': {key} became {value} at step {state.global_step}; "
                                        "lower the learning rate or check the data")
+
+
+def stage_callbacks(stage: str) -> list[TrainerCallback]:
+    """What every Trainer-based stage passes to its Trainer: NaN guard, logs that tile the run, progress lines."""
+    return [DivergenceGuard(stage), LogAtCheckpoints(), StageProgress()]
 
 
 class LogAtCheckpoints(TrainerCallback):
@@ -165,28 +175,24 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     """Train (resuming from the newest checkpoint if one exists), evaluate, keep the log history.
 
     `initial` names held-out metrics of the starting model, returned as `initial_<name>`. The
-    Trainer measures them at step 0 (`eval_on_start`): `evaluate()` before `train()` is refused
-    under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
+    Trainer measures them at step 0 (its config made with `eval_on_start`): `evaluate()` before `train()`
+    is refused under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
     """
     resume = last_checkpoint(checkpoint_dir)
     if resume:
         trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
 
-
-    trainer.args.eval_on_start = bool(initial)
-    trainer.add_callback(LogAtCheckpoints())
-    # A progress line every few seconds instead of bars redrawn at every step and a printed dict per log
-    # (the logs are kept: log_history.json, the report's curves, any `report_to` tracker).
+    # StageProgress (from `stage_callbacks`) prints a line every few seconds instead; transformers adds one of
+    # these two to every Trainer whatever its config (the logs are kept: log_history.json, any `report_to`).
     for noisy in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(noisy)
-    trainer.add_callback(StageProgress())
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
     whole_run = mean_train_loss(trainer.state.log_history)
     if whole_run is not None:  # over every step, also after a resume
         metrics["train_loss"] = whole_run
     metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
-    if initial:
+    if initial and trainer.args.eval_on_start:  # a recipe may turn it off: then there are no initial metrics
         first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
         metrics.update({f"initial_{k}": first[k] for k in initial})
     if trainer.is_world_process_zero():
