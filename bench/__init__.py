@@ -7,3 +7,5 @@
     suite      runs the children interleaved and reduces them to the per-stage table / JSON
     scaling    step time against sequence length, batch size and model size; full vs LoRA vs QLoRA memory
 """
+
+import pipeline  # noqa: F401  (first, as for the `pipeline` command: its import silences library noise)

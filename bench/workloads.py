@@ -15,7 +15,7 @@ from pipeline.run.runner import Runner
 from pipeline.stages.pretrain import fresh_model
 from pipeline.validation.recipe_checks import load_recipe
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "quickstart"
+DATA = Path(__file__).resolve().parents[1] / "data" / "quickstart"
 SEED = 42
 EVAL_ROWS = 32  # held-out rows: the pipeline's extra evaluations run on these
 # Llama-style shapes (GQA, SwiGLU); hidden and intermediate sizes are multiples of 64, as 4-bit QLoRA needs.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.util import find_spec
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def attn_implementation() -> str | None:
     """FlashAttention-2 on GPUs computing in bf16 where `flash_attn` is installed; else None (transformers' default,
     SDPA, which on GPUs dispatches to its own flash / memory-efficient kernels)."""
 
-    return "flash_attention_2" if use_bf16() and find_spec("flash_attn") is not None else None
+    return "flash_attention_2" if use_bf16() and importlib.util.find_spec("flash_attn") is not None else None
 
 
 def compute_dtype() -> torch.dtype:

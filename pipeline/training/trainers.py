@@ -7,7 +7,7 @@ import json
 import math
 import re
 import shutil
-from importlib.util import find_spec
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +35,8 @@ def gpu_fast_paths() -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {}
-    fast: dict[str, Any] = {"use_liger_kernel": find_spec("liger_kernel") is not None}
-    if find_spec("vllm") is not None:
+    fast: dict[str, Any] = {"use_liger_kernel": importlib.util.find_spec("liger_kernel") is not None}
+    if importlib.util.find_spec("vllm") is not None:
         fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
     return fast
 

@@ -11,7 +11,7 @@ import dataclasses
 import re
 import tempfile
 import typing
-from importlib.util import find_spec
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def _check_local_model(ref: str, local: Path, *, tokenizer_only: bool = False) -
         with local.open("rb") as f:
             if f.read(4) != b"GGUF":
                 return [f"'{ref}' is not a GGUF file (it does not start with the GGUF magic bytes)"]
-        return [] if find_spec("gguf") else [f"'{ref}': reading a GGUF file needs the `gguf` package (pip install gguf)"]
+        return [] if importlib.util.find_spec("gguf") else [f"'{ref}': reading a GGUF file needs the `gguf` package (pip install gguf)"]
     expected = MODEL_FILES + (TOKENIZER_FILES if tokenizer_only else ())
     if not any((local / name).is_file() for name in expected):
         return [f"local folder '{ref}' holds no {'tokenizer' if tokenizer_only else 'model'} "
