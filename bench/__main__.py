@@ -23,8 +23,8 @@ from bench.workloads import SIZES, WORKLOADS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench",
-                                     description="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="measure throughput, memory, MFU and the overhead over plain TRL per stage type")
     parser.add_argument("--stages", default=",".join(WORKLOADS), help="comma-separated stage types")
     parser.add_argument("--model-size", default="small", choices=list(SIZES),
                         help="Llama built from scratch: tiny 64x2, small 128x4, medium 256x6, base 512x8 (hidden x layers)")

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config.paths import config_fields
 from pipeline.config.schema import RecipeError, build, suggest
-from pipeline.config.specs import SourceSpec, StageSpec
+from pipeline.config.specs import SourceSpec, StageSpec, TrainStageSpec
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -53,12 +53,10 @@ class Recipe:
 
     def stage_args(self, stage: StageSpec) -> dict[str, Any]:
         """`defaults` that apply to this stage's config class, overridden by its own `args`."""
-        if stage.args_class is None:
+        if not isinstance(stage, TrainStageSpec) or stage.args_class is None:
             return {}
         valid = config_fields(stage.args_class)
-        merged = {k: v for k, v in self.defaults.items() if k in valid}
-        merged.update(getattr(stage, "args", {}) or {})
-        return merged
+        return {**{k: v for k, v in self.defaults.items() if k in valid}, **stage.args}
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
     """Apply `--set dotted.key=value` (value parsed as YAML); `stages.NAME.key` finds a stage by name."""

@@ -48,6 +48,7 @@ class StageSpec:
 
     name: str
     type: str
+    trust_remote_code: bool = False  # run code a model or tokenizer ships in its repo; off unless a recipe asks
 
     ref_fields: ClassVar[tuple[str, ...]] = ()  # fields naming another stage, a local folder or a Hub id
     args_class: ClassVar[str | None] = None  # dotted path of the config class `args` are checked against
@@ -151,7 +152,6 @@ class TrainStageSpec(StageSpec):
     # (what to do with an upstream LoRA adapter: merge it and add a new one, or train it further)
     peft: dict[str, Any] | None = None
     quantization: QuantizationSpec | None = None
-    trust_remote_code: bool = False
     revision: str | None = None  # Hub revision of `model`
     push_to_hub: PushSpec | None = None  # publishing only: not part of the stage's fingerprint
 

@@ -6,9 +6,9 @@ A stage's output folder holds either full weights or a LoRA adapter (plus the to
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import importlib.util
 from pathlib import Path
 from typing import Any
 

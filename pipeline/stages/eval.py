@@ -96,7 +96,6 @@ class EvalSpec(StageSpec):
     batch_size: int = 64  # prompts per generation/scoring batch
     num_samples_table: int = 8  # prompts whose responses are saved to samples.json and shown in the report
     answer_extractor: AnswerExtractorSpec | None = None  # how accuracy/<model> reads the answer in a response
-    trust_remote_code: bool = False
 
     ref_fields = ("models", "reward_model", "baseline", "reference")
     holds_out = False

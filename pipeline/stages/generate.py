@@ -94,7 +94,6 @@ class GenerateSpec(StageSpec):
     output_format: str = "pairwise"  # what data.jsonl holds: pairwise or listwise (all responses, best first)
     batch_size: int = 64  # prompts per generation batch
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and the *_accuracy metrics
-    trust_remote_code: bool = False
 
     ref_fields = ("model",)
     holds_out = False

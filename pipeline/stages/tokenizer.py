@@ -25,7 +25,6 @@ class TokenizerSpec(StageSpec):
     min_frequency: int = 2
     chat_template: str | None = None  # Jinja template; default ChatML (<|im_start|>role ... <|im_end|>)
     model_max_length: int = 2048
-    trust_remote_code: bool = False
 
     ref_fields = ("load",)
     headline_metrics = (("chars/token", None, "eval_chars_per_token"),)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
 import shutil
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 

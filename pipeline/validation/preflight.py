@@ -79,7 +79,7 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
 def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
     """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
 
-    formats = stage.formats() if hasattr(stage, "formats") else None
+    formats = stage.formats() or None
     data_format = require_columns(dataset, formats, where) if formats else None
     if training:
         require_reward_columns(stage, dataset.column_names, where)
@@ -149,7 +149,7 @@ def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:
     if origin is None:
         return
     local = resolve_local(origin, recipe.path)
-    if has_chat_template(str(local or origin), local is None, getattr(stage, "trust_remote_code", False)) is False:
+    if has_chat_template(str(local or origin), local is None, stage.trust_remote_code) is False:
         raise DataError(f"{where}: the rows are chat messages, which need a chat template, and the tokenizer of "
                         f"'{origin}' has none; start from a model whose tokenizer has one, or give plain-text rows")
 

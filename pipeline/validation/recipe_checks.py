@@ -8,10 +8,10 @@ before it), local files and models, and every `args` / `peft` key against the li
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import tempfile
 import typing
-import importlib.util
 from pathlib import Path
 from typing import Any
 
