@@ -6,6 +6,7 @@
     child      one measurement in a fresh process (`python -m bench.child`)
     suite      runs the children interleaved and reduces them to the per-stage table / JSON
     scaling    step time against sequence length, batch size and model size; full vs LoRA vs QLoRA memory
+    sft_memory peak memory and step time of LoRA SFT of SmolLM2-135M at 2 x 512 tokens (`--sft-memory`)
 """
 
 import pipeline  # noqa: F401  (first, as for the `pipeline` command: its import silences library noise)

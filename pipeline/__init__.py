@@ -2,6 +2,11 @@ import logging
 import os
 import warnings
 
+from pipeline.runtime.memory import use_huge_pages
+
+# Large CPU tensors on transparent huge pages (pipeline/runtime/memory.py): set before torch makes its first one.
+use_huge_pages()
+
 # Library messages a user cannot act on, silenced once for every command:
 # - bitsandbytes' CPU backend warns on import, so on every run, that it could not fetch an optional faster
 #   4-bit kernel from the Hub; its own fallback is correct, and the pipeline runs offline.

