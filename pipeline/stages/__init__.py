@@ -10,7 +10,7 @@ import pkgutil
 
 from pipeline.stages.contract import StageType
 
-__all__ = ["STAGE_TYPES", "StageType", "stage_type"]
+__all__ = ["STAGE_TYPES", "StageType"]
 
 
 def _registered() -> dict[str, StageType]:
@@ -26,7 +26,3 @@ def _registered() -> dict[str, StageType]:
 
 
 STAGE_TYPES: dict[str, StageType] = _registered()
-
-
-def stage_type(name: str) -> StageType:
-    return STAGE_TYPES[name]
