@@ -1,6 +1,6 @@
-"""Generate the `facts` data set: the second task family (``tasks``), for RL on work it was not tuned on.
+"""Generate the `facts` data set: the second task family (``facts_tasks``), for RL on work it was not tuned on.
 
-Usage: ``python examples/facts/datagen.py [OUT_DIR] [--seed N]`` (default ``data/facts``).
+Usage: ``python examples/facts/facts_datagen.py [OUT_DIR] [--seed N]`` (default ``data/facts``).
 
 The same layout as the quickstart's (pretraining text, SFT, preferences, RL prompts, held-out eval) with
 its own tasks and its own labelers:
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import COLOURS, TASK_KINDS, Task, all_tasks, fact, near_miss
+from facts_tasks import COLOURS, TASK_KINDS, Task, all_tasks, fact, near_miss
 
 EVAL_FRACTION, RL_FRACTION = 0.2, 0.2  # shares of each kind's questions held out, and kept for RL prompts
 PRETRAIN_ROWS, SFT_ROWS, PREF_ROWS, PROMPT_ROWS = 3000, 1500, 1500, 500
@@ -120,7 +120,7 @@ def generate_facts(out_dir: Path, seed: int = 0) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python examples/facts/datagen.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python examples/facts/facts_datagen.py", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", type=Path, default=Path("data/facts"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
