@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pipeline.algorithms.dynamic_sampling import zero_variance_groups
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import (
     AdaptiveKLController,
@@ -20,7 +21,6 @@ from pipeline.algorithms.ppo_trainer.maths import (
     returns_to_go,
     shaped_rewards,
     value_loss,
-    zero_variance_groups,
 )
 
 T = torch.tensor

@@ -85,12 +85,6 @@ def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str
     return GROUP_BASELINES[estimator](scores.view(-1, group_size)).reshape(-1)
 
 
-def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A bool per group: all its samples got the same score, so a group baseline leaves it no gradient."""
-    groups = scores.view(-1, group_size)
-    return (groups.max(1).values - groups.min(1).values).abs() < 1e-6
-
-
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate from samples of pi (Schulman, "Approximating KL divergence")."""
     log_ratio = logprobs - ref_logprobs  # log pi - log pi_ref

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
+from pipeline.algorithms.dynamic_sampling import zero_variance_groups
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import (
     AdaptiveKLController,
@@ -66,7 +67,6 @@ from pipeline.algorithms.ppo_trainer.maths import (
     returns_to_go,
     shaped_rewards,
     value_loss,
-    zero_variance_groups,
 )
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
