@@ -33,7 +33,7 @@ def variant_stages(template: dict[str, Any], estimators: list[str], modes: list[
         for mode in modes:
             stage = copy.deepcopy(template)
             stage["name"] = f"ppo-{estimator}-{mode}"
-            stage["args"] = {**stage.get("args", {}), "advantage_estimator": estimator}
+            stage["advantage_estimator"] = estimator
             if not MODES[mode]:
                 stage.pop("peft", None)
             stages.append(stage)

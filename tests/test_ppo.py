@@ -35,8 +35,8 @@ def chain() -> list[dict]:
 def ppo_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ppo")
     stages = chain() + [ppo_stage(), ppo_stage("ppo_full", learning_rate=1e-3),
-                        ppo_stage("ppo_rloo", advantage_estimator="rloo", samples_per_prompt=4,
-                                  dynamic_sampling_max_draws=2)]
+                        {**ppo_stage("ppo_rloo", dynamic_sampling_max_draws=2), "advantage_estimator": "rloo",
+                         "samples_per_prompt": 4}]
     stages[-2].pop("peft")
     assert main(["run", str(write_recipe(directory, stages))]) == 0
     return directory, summary(directory / "run")["stages"]

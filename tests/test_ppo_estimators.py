@@ -143,15 +143,16 @@ def test_dynamic_sampling_stops_at_its_cap_and_keeps_the_batch_full(model_dir):
 
 ESTIMATOR_CASES = {
     "critic-free with one sample per prompt": (
-        {"advantage_estimator": "grpo", "samples_per_prompt": 1}, "set samples_per_prompt >= 2"),
+        {"advantage_estimator": "grpo", "samples_per_prompt": 1}, {}, "set samples_per_prompt >= 2"),
     "critic keys without a critic": (
-        {"advantage_estimator": "rloo", "critic_learning_rate": 1e-3, "critic_warmup_steps": 2},
-        "args.advantage_estimator 'rloo' trains no critic, so critic_learning_rate, critic_warmup_steps"),
+        {"advantage_estimator": "rloo"}, {"critic_learning_rate": 1e-3, "critic_warmup_steps": 2},
+        "advantage_estimator 'rloo' trains no critic, so args.critic_learning_rate, args.critic_warmup_steps"),
     "dynamic sampling cap below 1": (
-        {"advantage_estimator": "rloo", "dynamic_sampling_max_draws": 0}, "dynamic_sampling_max_draws must be >= 1"),
+        {"advantage_estimator": "rloo"}, {"dynamic_sampling_max_draws": 0}, "dynamic_sampling_max_draws must be >= 1"),
     "dynamic sampling without groups": (
-        {"dynamic_sampling_max_draws": 2}, "use advantage_estimator rloo, reinforce_plus_plus or grpo"),
-    "unknown estimator": ({"advantage_estimator": "vtrace"}, "advantage_estimator must be one of"),
+        {}, {"dynamic_sampling_max_draws": 2}, "use advantage_estimator rloo, reinforce_plus_plus or grpo"),
+    "unknown estimator": ({"advantage_estimator": "vtrace"}, {}, "advantage_estimator must be one of"),
+    "estimator in args": ({}, {"advantage_estimator": "rloo"}, "args.advantage_estimator: a key of the stage itself"),
 }
 
 
@@ -160,9 +161,21 @@ def test_validate_refuses_what_does_not_fit_the_estimator(case, tmp_path, capsys
     from pipeline.cli import main
     from tests.conftest import DATA, tiny_stages, write_recipe
 
-    args, message = ESTIMATOR_CASES[case]
+    keys, args, message = ESTIMATOR_CASES[case]
     stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
-                               "rewards": [{"function": "exact_match"}], "args": args}]
+                               "rewards": [{"function": "exact_match"}], **keys, "args": args}]
     assert main(["validate", str(write_recipe(tmp_path, stages))]) != 0
     out = capsys.readouterr()
     assert "stage 'ppo'" in out.err + out.out and message in out.err + out.out, out
+
+
+def test_the_estimator_is_a_stage_key_that_reaches_the_trainer(tmp_path):
+    from pipeline.validation.recipe_checks import load_recipe
+    from tests.conftest import DATA, tiny_stages, write_recipe
+
+    stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
+                               "rewards": [{"function": "exact_match"}], "advantage_estimator": "rloo",
+                               "samples_per_prompt": 8, "args": {"rollout_batch_size": 16, "mini_batch_size": 8}}]
+    recipe = load_recipe(write_recipe(tmp_path, stages))
+    args = recipe.stage_args(recipe.stage("ppo"))
+    assert args["advantage_estimator"] == "rloo" and args["samples_per_prompt"] == 8

@@ -52,11 +52,12 @@ class Recipe:
         return next(s for s in self.stages if s.name == name)
 
     def stage_args(self, stage: StageSpec) -> dict[str, Any]:
-        """`defaults` that apply to this stage's config class, overridden by its own `args`."""
+        """`defaults` that apply to this stage's config class, overridden by its own `args`, then by the stage
+        keys that set config fields (`config_keys`)."""
         if not isinstance(stage, TrainStageSpec) or stage.args_class is None:
             return {}
         valid = config_fields(stage.args_class)
-        return {**{k: v for k, v in self.defaults.items() if k in valid}, **stage.args}
+        return {**{k: v for k, v in self.defaults.items() if k in valid}, **stage.args, **stage.config_keys()}
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
     """Apply `--set dotted.key=value` (value parsed as YAML); `stages.NAME.key` finds a stage by name."""

@@ -161,6 +161,10 @@ class TrainStageSpec(StageSpec):
     def tokenizer_ref(self) -> str | None:
         return self.model
 
+    def config_keys(self) -> dict[str, Any]:
+        """Stage keys that set fields of `args_class` (they override `args` and `defaults`)."""
+        return {}
+
 
 PREFERENCE_FORMATS = {
     "pairwise": ("chosen", "rejected"),

@@ -14,6 +14,7 @@ import copy
 import json
 import shutil
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -60,6 +61,10 @@ class PPOSpec(TrainStageSpec):
     # own trunk with a fresh value head (a LoRA adapter on the shared base when `peft` is set).
     value_model: str | None = None
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
+    # "gae": a critic and GAE; critic-free, from groups of samples of each prompt: "rloo", "reinforce_plus_plus",
+    # "grpo" (PPOConfig's fields of these names document them)
+    advantage_estimator: str = "gae"
+    samples_per_prompt: int | None = None  # responses per prompt; default 1 for gae, 4 for the critic-free estimators
 
     ref_fields = ("model", "value_model")
     args_class = "pipeline.algorithms.ppo_trainer.config.PPOConfig"
@@ -71,15 +76,18 @@ class PPOSpec(TrainStageSpec):
         own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []
         return own + list(self.rewards)
 
+    def config_keys(self) -> dict[str, Any]:
+        return {"advantage_estimator": self.advantage_estimator, "samples_per_prompt": self.samples_per_prompt}
+
     def check(self) -> list[str]:
         problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
-        estimator = self.args.get("advantage_estimator", "gae")
-        if estimator != "gae":
-            critic_keys = [k for k in self.args if k in CRITIC_KEYS]
-            if critic_keys or self.value_model:
-                problems.append(f"args.advantage_estimator {estimator!r} trains no critic, so "
-                                f"{', '.join(critic_keys + ['value_model'] * bool(self.value_model))} would do "
-                                "nothing: remove those keys, or use advantage_estimator 'gae'")
+        problems += [f"args.{key}: a key of the stage itself: write `{key}: ...` beside `args`"
+                     for key in self.config_keys() if key in self.args]
+        if self.advantage_estimator != "gae":
+            critic_keys = [f"args.{k}" for k in self.args if k in CRITIC_KEYS] + ["value_model"] * bool(self.value_model)
+            if critic_keys:
+                problems.append(f"advantage_estimator {self.advantage_estimator!r} trains no critic, so "
+                                f"{', '.join(critic_keys)} would do nothing: remove them, or use advantage_estimator 'gae'")
         return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
