@@ -83,6 +83,12 @@ class StageSpec:
         """The stage, folder or Hub id this stage's tokenizer comes from, if it has one."""
         return None
 
+    def prompt_models(self) -> list[str]:
+        """The models this stage generates from given its rows' prompts (`validate` says how they are rendered):
+        by default the stage's own model where it reads the `prompts` format."""
+        reads_prompts = self.tokenizer_ref() is not None and PROMPT_FORMATS.items() <= self.formats().items()
+        return [self.tokenizer_ref()] if reads_prompts else []
+
     def fresh_model_config(self, tokens: dict[str, Any]) -> Any:
         """The transformers config of the model this stage builds from scratch (None: it loads one), with the
         tokenizer's vocabulary and special token ids in `tokens`."""

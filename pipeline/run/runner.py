@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
+from pipeline.data.prompts import recipe_prompt_format
 from pipeline.models.loading import process_defaults
 from pipeline.outputs.hub import push_if_configured
 from pipeline.outputs.report import headline, write_report
@@ -190,7 +191,8 @@ class Runner:
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
         forget_zero3_init()  # models load whole, not as ZeRO-3 shards left over from an earlier stage's Trainer
         try:
-            with progress.Heartbeat() if self.is_main else contextlib.nullcontext():
+            with progress.Heartbeat() if self.is_main else contextlib.nullcontext(), \
+                    recipe_prompt_format(self.recipe.prompt_format):
                 metrics = STAGE_TYPES[stage.type].run(stage, ctx)
         except BaseException as err:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins

@@ -34,6 +34,7 @@ from pipeline.config.paths import resolve_local
 from pipeline.config.specs import AnswerExtractorSpec, DatasetSpec, StageSpec, answer_extractor_problems
 from pipeline.data.answers import answer_check
 from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
 from pipeline.models.loading import load_causal_lm, load_tokenizer
@@ -115,6 +116,9 @@ class EvalSpec(StageSpec):
             problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
         return problems + answer_extractor_problems(self.answer_extractor)
 
+    def prompt_models(self) -> list[str]:
+        return list(dict.fromkeys(self.models + ([self.baseline] if self.baseline else [])))
+
     def formats(self) -> dict[str, tuple[str, ...]]:
         return {"prompts with answers": ("prompt", "answer") + ((self.reference_column,) if self.reference_column else ())}
 
@@ -135,10 +139,12 @@ class EvalSpec(StageSpec):
 
 
 def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) as the model would see them after generation: chat through the template,
+    """(prompt ids, completion ids) as the model would see them after generation (plain-text prompts rendered as
+    `pipeline.data.prompts.as_model_prompt` says): chat through the template,
     completion up to and including its end-of-turn token; plain strings with an EOS appended."""
     pairs = []
     for prompt, completion in zip(prompts, completions):
+        prompt = as_model_prompt(tokenizer, prompt)
         if isinstance(prompt, list):
             reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
             head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -23,6 +23,7 @@ from pipeline.config.specs import (
 )
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
@@ -95,6 +96,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained
+    train = as_model_rows(train, tokenizer)
     model, peft_config = load_policy(path, spec)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
-from pipeline.config.recipe import Recipe, build_recipe, read_recipe
+from pipeline.config.recipe import PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import SourceSpec, TrainStageSpec
 from pipeline.models.loading import ADAPTER_MODES, PEFT_EXTRA_KEYS, is_adapter
@@ -79,6 +79,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
     for key in recipe.defaults:
         if training_fields and key not in training_fields:
             errors.append(f"{where}: defaults.{key}: not a field of any stage's config{suggest(key, training_fields)}")
+    if recipe.prompt_format not in PROMPT_RENDERINGS:
+        errors.append(f"{where}: prompt_format: must be one of {', '.join(PROMPT_RENDERINGS)}, got "
+                      f"'{recipe.prompt_format}'{suggest(str(recipe.prompt_format), PROMPT_RENDERINGS)}")
     return errors
 
 def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None,
