@@ -175,17 +175,20 @@ def cell(value: Any) -> str:
 
 
 def samples_table(samples: dict[str, Any]) -> list[str]:
+    """Prompts and each model's greedy response; the answer column and ✓/✗ marks only where rows have answers."""
     models = samples["models"]
-    lines = ["| prompt | answer | " + " | ".join(cell(m) for m in models) + " |",
-             "|---|---|" + "---|" * len(models)]
+    answers = any(row.get("answer") for row in samples["rows"])
+    lines = ["| prompt | " + ("answer | " if answers else "") + " | ".join(cell(m) for m in models) + " |",
+             "|---|" + ("---|" if answers else "") + "---|" * len(models)]
     for row in samples["rows"]:
         shown = []
         for model in models:
             response = row["responses"][model]
-            mark = "✓" if response["correct"] else "✗"
+            mark = {True: "✓ ", False: "✗ "}.get(response["correct"], "")
             reward = f" ({response['reward']:.2f})" if response.get("reward") is not None else ""
-            shown.append(f"{mark} `{cell(response['response'])}`{reward}")
-        lines.append(f"| {cell(row['prompt'])} | {cell(row['answer'])} | " + " | ".join(shown) + " |")
+            shown.append(f"{mark}`{cell(response['response'])}`{reward}")
+        answer = f" {cell(row['answer'] or '')} |" if answers else ""
+        lines.append(f"| {cell(row['prompt'])} |{answer} " + " | ".join(shown) + " |")
     return lines
 
 
@@ -290,5 +293,6 @@ def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) 
     plot_eval(table, plots / f"{name}.png", f"{name}: held-out evaluation")
     lines += ["", f"![{name} results](plots/{name}.png)"]
     if samples and samples["rows"]:
-        lines += ["", "Sample greedy responses (✓ correct; reward-model score in brackets):", ""] + samples_table(samples)
+        marks = "✓ correct; " if any(row.get("answer") for row in samples["rows"]) else ""
+        lines += ["", f"Sample greedy responses ({marks}reward-model score in brackets):", ""] + samples_table(samples)
     return lines
