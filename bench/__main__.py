@@ -18,6 +18,7 @@ import torch
 from bench.alignment import alignment_table, run_alignment
 from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
+from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
 from bench.sft_memory import run_sft_memory, sft_memory_table
 from bench.suite import check_finite, run_bench, table
@@ -56,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", default="recipes/quickstart.yaml", help="with --alignment: the recipe")
     parser.add_argument("--work-dir", default="runs/bench-alignment",
                         help="with --alignment: where the runs are kept (rerunning resumes them)")
+    parser.add_argument("--rl-defaults", metavar="SEEDS",
+                        help="the ppo stage of --rl-recipe per seed (e.g. 1,2,3), advantage estimator and LoRA/full, "
+                        "with its defaults: reward, held-out accuracy, KL, s/step, peak memory")
+    parser.add_argument("--rl-recipe", default="recipes/facts.yaml", help="with --rl-defaults: the recipe")
+    parser.add_argument("--estimators", default="gae,rloo,reinforce_plus_plus,grpo", help="with --rl-defaults")
+    parser.add_argument("--modes", default="lora,full", help="with --rl-defaults: lora, full or both")
+    parser.add_argument("--rl-jobs", type=int, default=1, help="with --rl-defaults: PPO runs at once")
+    parser.add_argument("--rl-work-dir", default="runs/bench-rl-defaults", help="with --rl-defaults: where the runs are kept")
     return parser.parse_args(argv)
 
 
@@ -83,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                                 [int(t) for t in args.alignment_threads.split(",")], Path(args.work_dir), log)
         print(json.dumps(results) if args.json else alignment_table(results))
         return 0
+    if args.rl_defaults:
+        results = run_rl_defaults(Path(args.rl_recipe), [int(s) for s in args.rl_defaults.split(",")],
+                                  args.estimators.split(","), args.modes.split(","),
+                                  args.threads or max(2 // args.rl_jobs, 1), args.rl_jobs, Path(args.rl_work_dir), log)
+        return emit(results, rl_defaults_table(results), args.json)
     if args.threads:  # children inherit it; torch reads it when it starts
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)  # for the peak-FLOP/s measurement in this process

@@ -34,8 +34,10 @@ def chain() -> list[dict]:
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ppo")
-    stages = chain() + [ppo_stage(), ppo_stage("ppo_full", learning_rate=1e-3)]
-    stages[-1].pop("peft")
+    stages = chain() + [ppo_stage(), ppo_stage("ppo_full", learning_rate=1e-3),
+                        ppo_stage("ppo_rloo", advantage_estimator="rloo", samples_per_prompt=4,
+                                  dynamic_sampling_max_draws=2)]
+    stages[-2].pop("peft")
     assert main(["run", str(write_recipe(directory, stages))]) == 0
     return directory, summary(directory / "run")["stages"]
 
@@ -59,12 +61,23 @@ def test_full_finetune_ppo_learns(ppo_run):
     assert not is_adapter(ppo_run[1]["ppo_full"]["output"])
 
 
+def test_critic_free_ppo_learns_without_a_critic(ppo_run):
+    metrics = ppo_run[1]["ppo_rloo"]["metrics"]
+    assert metrics["eval_reward/rm"] > metrics["initial_eval_reward/rm"]
+    assert metrics["train_reward_last"] > metrics["train_reward_first"]
+    assert 0.0 < metrics["eval_kl"] < KL_BOUND
+    history = json.loads((ppo_run[0] / "run" / "ppo_rloo" / "log_history.json").read_text())
+    assert {"zero_variance_fraction", "dynamic_sampling/draws", "dynamic_sampling/filled_fraction"} <= set(history[0])
+    assert not {"value_loss", "explained_variance", "grad_norm/critic"} & set(history[0])
+
+
 def test_ppo_logs_every_metric(ppo_run):
     import json
 
     history = json.loads((ppo_run[0] / "run" / "ppo" / "log_history.json").read_text())
     expected = {"reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
-                "explained_variance", "response_length", "time/generation_s", "time/optimisation_s", "kl_coef"}
+                "explained_variance", "response_length", "time/generation_s", "time/optimisation_s", "kl_coef",
+                "grad_norm/policy", "grad_norm/critic", "critic_learning_rate", "reward_mean", "reward_std"}
     assert len(history) == 12 and expected <= set(history[0])
     assert (ppo_run[0] / "run" / "plots" / "ppo.png").is_file()
 
@@ -90,8 +103,9 @@ def test_lora_ppo_holds_one_copy_of_the_base(ppo_run):
 
 def test_ppo_resumes_after_sigkill(ppo_run, tmp_path):
     """A run killed at a checkpoint and rerun ends where an uninterrupted run does, step for step:
-    weights (the tied embedding included), optimizer, RNG, KL coefficient and sampler all come back."""
-    stages = chain() + [ppo_stage(max_steps=8, save_steps=2, logging_steps=1)]
+    weights (the tied embedding included), optimizer, RNG, KL coefficient, running reward statistics, critic
+    warm-up and sampler all come back (killed at step 2 of 3 warm-up steps)."""
+    stages = chain() + [ppo_stage(max_steps=8, save_steps=2, logging_steps=1, critic_warmup_steps=3)]
 
     def prepared(directory):
         (directory / "run").mkdir(parents=True)

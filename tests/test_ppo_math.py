@@ -10,13 +10,17 @@ import torch
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import (
     AdaptiveKLController,
+    RunningMoments,
     explained_variance,
     gae,
+    group_baselined_scores,
     kl_per_token,
     masked_whiten,
     policy_loss,
+    returns_to_go,
     shaped_rewards,
     value_loss,
+    zero_variance_groups,
 )
 
 T = torch.tensor
@@ -126,3 +130,61 @@ def test_config_rejects_bad_values():
         PPOConfig(kl_estimator="k2")
     with pytest.raises(ValueError, match="multiple of"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        PPOConfig(advantage_estimator="grpo", samples_per_prompt=1)
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        PPOConfig(advantage_estimator="rloo", samples_per_prompt=3)
+    with pytest.raises(ValueError, match="dynamic_sampling_max_draws must be >= 1"):
+        PPOConfig(advantage_estimator="rloo", samples_per_prompt=4, dynamic_sampling_max_draws=0)
+    with pytest.raises(ValueError, match="group baseline"):
+        PPOConfig(dynamic_sampling_max_draws=2)
+    with pytest.raises(ValueError, match="advantage_estimator must be one of"):
+        PPOConfig(advantage_estimator="vtrace")
+    assert PPOConfig(learning_rate=2e-5).critic_learning_rate == pytest.approx(2e-4)
+    assert PPOConfig().samples_per_prompt == 1 and PPOConfig(advantage_estimator="rloo").samples_per_prompt == 4
+
+
+# Two prompts, four samples each: scores by hand.
+GROUPS = T([1.0, 0.0, 0.0, 3.0, 2.0, 2.0, 2.0, 2.0])
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    expected = [1 - (0 + 0 + 3) / 3, 0 - (1 + 0 + 3) / 3, 0 - (1 + 0 + 3) / 3, 3 - (1 + 0 + 0) / 3, 0, 0, 0, 0]
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "rloo"), T(expected))
+
+
+def test_reinforce_plus_plus_baseline_is_the_group_mean():
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "reinforce_plus_plus"),
+                          T([0.0, -1.0, -1.0, 2.0, 0, 0, 0, 0]))
+
+
+def test_grpo_normalises_by_the_group_mean_and_std():
+    std = math.sqrt((0 + 1 + 1 + 4) / 3)  # unbiased, around the mean 1
+    expected = T([0.0, -1.0, -1.0, 2.0]) / (std + 1e-4)
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "grpo"), torch.cat([expected, torch.zeros(4)]))
+
+
+def test_zero_variance_groups():
+    assert zero_variance_groups(GROUPS, 4).tolist() == [False, True]
+    assert zero_variance_groups(GROUPS, 2).tolist() == [False, False, True, True]
+
+
+def test_returns_to_go_by_hand():
+    rewards = T([[0.1, -0.2, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    expected = T([[0.1 + 0.9 * (-0.2 + 0.9 * 1.0), -0.2 + 0.9 * 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.9), expected)
+
+
+def test_running_moments_equal_the_statistics_of_all_scores():
+    torch.manual_seed(0)
+    batches = [torch.randn(n) * 3 + 1 for n in (5, 17, 8)]
+    moments = RunningMoments()
+    for b in batches:
+        moments.update(float(b.sum()), float((b * b).sum()), len(b))
+    every = torch.cat(batches)
+    assert moments.count == 30
+    assert moments.mean == pytest.approx(float(every.mean()), abs=1e-5)
+    assert moments.var == pytest.approx(float(every.var(unbiased=False)), abs=1e-4)
+    normalized = moments.normalize(T([moments.mean + 2 * moments.var ** 0.5, 1e6]), clip=5.0)
+    assert torch.allclose(normalized, T([2.0, 5.0]), atol=1e-4)

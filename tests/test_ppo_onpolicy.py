@@ -75,7 +75,7 @@ def trainer_for(model_dir, peft: bool, **args) -> PPOTrainer:
                    peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.3} if peft else None)
     config = PPOConfig(output_dir=str(directory / "ppo"), rollout_batch_size=8, mini_batch_size=4, max_new_tokens=6,
                        **args)
-    model, reference = build_models(spec, str(directory), init_std=0.0)
+    model, reference = build_models(spec, str(directory), init_std=0.0, critic=config.uses_critic)
     if peft:  # LoRA B starts at 0 (policy == reference); move it so the adapters take part in every forward
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -88,7 +88,7 @@ def trainer_for(model_dir, peft: bool, **args) -> PPOTrainer:
 
 def experience(trainer: PPOTrainer) -> Rollout:
     """A rollout, scored and with advantages: what `PPOTrainer.update` trains on (the first half of `step`)."""
-    rollout = trainer.rollout()
+    rollout, _ = trainer.rollout()
     trainer.score(rollout)
     trainer.advantages(rollout)
     return rollout
@@ -99,7 +99,7 @@ def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
 
     family, _ = model_dir
     trainer = trainer_for(model_dir, peft=False)
-    rollout = trainer.rollout()
+    rollout, _ = trainer.rollout()
     tokenizer = trainer.tokenizer
     for prompt, ids, mask in zip(rollout.prompts, rollout.query, rollout.query_mask):
         expected = (_tokenize(tokenizer, prompt, add_generation_prompt=True) if isinstance(prompt, list)
@@ -126,7 +126,7 @@ def test_update_logprobs_equal_rollout_logprobs(model_dir, peft):
     assert torch.equal(values * rollout.mask, rollout.values)
 
     policy = trainer.unwrapped
-    if policy.uses_adapters:
+    if policy.value_adapter:
         policy.use_adapter("policy")
     greedy = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
     with torch.no_grad():

@@ -4,7 +4,8 @@ Rewards are a weighted list of reward-model stages, built-in rule rewards and us
 (see `pipeline.models.reward_functions`). Group size (`num_generations`), KL coefficient (`beta`) and clipping
 (`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
 training, since a rising sampled reward alone can hide a worse policy. `train_with_rewards` also
-runs the `rloo` stage: TRL's RLOOTrainer takes the same model, rewards and prompts.
+runs the `rloo` stage: TRL's RLOOTrainer takes the same model, rewards and prompts. `dynamic_sampling:` adds
+DAPO's dynamic sampling to either trainer (`pipeline.algorithms.dynamic_sampling`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
+from pipeline.algorithms.dynamic_sampling import with_dynamic_sampling
 from pipeline.config.specs import (
     PROMPT_FORMATS,
     AnswerExtractorSpec,
@@ -35,12 +37,27 @@ from pipeline.training.length_checks import check_prompt_lengths
 
 
 @dataclass(kw_only=True)
+class DynamicSamplingSpec:
+    """DAPO's dynamic sampling: groups whose samples all got the same reward are replaced by fresh prompts' groups."""
+
+    max_draws: int  # generation batches drawn at most per training batch, the first included; then topped up
+
+    def check(self, num_generations: int | None) -> list[str]:
+        problems = [] if self.max_draws >= 1 else [f"dynamic_sampling.max_draws: must be >= 1, got {self.max_draws}"]
+        if isinstance(num_generations, int) and num_generations < 2:  # not given: TRL's default, 8
+            problems.append(f"dynamic_sampling: needs args.num_generations >= 2 (a group of one sample has no "
+                            f"reward variance to keep), got {num_generations}")
+        return problems
+
+
+@dataclass(kw_only=True)
 class GRPOSpec(TrainStageSpec):
     """Group-relative policy optimisation with `trl.GRPOTrainer` on prompts (with `answer` for rule rewards)."""
 
     rewards: list[RewardTermSpec]
     max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
     answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
+    dynamic_sampling: DynamicSamplingSpec | None = None
 
     args_class = "trl.GRPOConfig"
     continues_adapter = True
@@ -52,7 +69,10 @@ class GRPOSpec(TrainStageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.rewards else ["`rewards` must list at least one reward"]
-        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        if self.dynamic_sampling is not None:
+            problems += self.dynamic_sampling.check(self.args.get("num_generations"))
+        return problems
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
@@ -101,6 +121,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     model, peft_config = load_policy(path, spec)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
+    if spec.dynamic_sampling:
+        trainer_class = with_dynamic_sampling(trainer_class, spec.dynamic_sampling.max_draws)
     args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = trainer_class(model=model, reward_funcs=functions, args=args, train_dataset=train,

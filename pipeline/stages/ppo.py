@@ -20,7 +20,7 @@ from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.algorithms.ppo_trainer.checkpointing import Checkpoints
-from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.algorithms.ppo_trainer.config import CRITIC_KEYS, PPOConfig
 from pipeline.algorithms.ppo_trainer.evaluation import evaluate
 from pipeline.algorithms.ppo_trainer.models import ActorCritic, decoder_trunk
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
@@ -73,20 +73,31 @@ class PPOSpec(TrainStageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.reward_terms() else ["give `reward_model` or `rewards`"]
+        estimator = self.args.get("advantage_estimator", "gae")
+        if estimator != "gae":
+            critic_keys = [k for k in self.args if k in CRITIC_KEYS]
+            if critic_keys or self.value_model:
+                problems.append(f"args.advantage_estimator {estimator!r} trains no critic, so "
+                                f"{', '.join(critic_keys + ['value_model'] * bool(self.value_model))} would do "
+                                "nothing: remove those keys, or use advantage_estimator 'gae'")
         return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS
 
 
-def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None):
-    """(ActorCritic, frozen reference or None when the reference is the adapter-free base)."""
+def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None,
+                 critic: bool = True):
+    """(ActorCritic, frozen reference or None when the reference is the adapter-free base); `critic` False builds
+    none (the critic-free estimators: no value model in memory)."""
     policy = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                             revision=spec.revision)
     hidden_size = policy.config.get_text_config().hidden_size
     reference = None if spec.peft is not None else copy.deepcopy(policy).eval().requires_grad_(False)
     if spec.peft is not None:
         policy = get_peft_model(policy, lora_config(spec.peft, "CAUSAL_LM"), adapter_name="policy")
+    if not critic:
+        return ActorCritic(policy, None, None), reference
     if value_model_path is not None:
         trunk, head = critic_from_reward_model(spec, value_model_path)
         return ActorCritic(policy, trunk, head), reference
@@ -161,7 +172,7 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     if value_model is not None:
         require_same_vocabulary(tokenizer, load_tokenizer(value_model, trust_remote_code=spec.trust_remote_code),
                                 f"{where}: value_model {spec.value_model}")
-    model, reference = build_models(spec, path, config.value_head_init_std, value_model)
+    model, reference = build_models(spec, path, config.value_head_init_std, value_model, critic=config.uses_critic)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, names = build_reward_terms(terms, ctx.resolve, is_correct)
     trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)

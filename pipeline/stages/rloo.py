@@ -3,7 +3,7 @@
 Each prompt gets `num_generations` sampled completions; a completion's advantage is its reward minus
 the mean reward of the others for the same prompt (no critic, unlike `ppo`). The KL penalty (`beta`)
 is subtracted from the reward itself, not added to the loss as in `grpo`. Everything else is the
-`grpo` stage's: the same recipe keys (weighted `rewards`, `answer_extractor`), the held-out greedy
+`grpo` stage's: the same recipe keys (weighted `rewards`, `answer_extractor`, `dynamic_sampling`), the held-out greedy
 accuracy before and after training and the training reward's trend (see `grpo.train_with_rewards`).
 """
 

@@ -1,8 +1,9 @@
 """A `PPOTrainer`'s checkpoints, outside the algorithm: the stage saves through `train`'s `on_step_end` hook and
 resumes before training.
 
-A checkpoint is accelerate's state (weights, optimizer, scheduler, RNG) plus PPO's own: the step, the KL
-coefficient, the log history and every rank's prompt sampler (each rank draws its own prompts). A rerun
+A checkpoint is accelerate's state (weights, optimizer, scheduler, RNG) plus PPO's own: the step (which also
+says where critic warm-up stands), the KL coefficient, the running reward statistics, the log history and every
+rank's prompt sampler (each rank draws its own prompts). A rerun
 after a kill resumes from the latest complete one and ends where an uninterrupted run does, step for step.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.algorithms.ppo_trainer.maths import RunningMoments
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 
 STATE_FILE = "ppo_state.json"  # written last, by the main process: its presence marks a checkpoint complete
@@ -38,7 +40,8 @@ class Checkpoints:
         accelerator.wait_for_everyone()  # every sampler is on disk before the checkpoint is marked complete
         if accelerator.is_main_process:
             state = {"step": trainer.global_step, "kl_coef": trainer.kl_controller.value,
-                     "log_history": trainer.log_history, "world_size": accelerator.num_processes}
+                     "reward_moments": trainer.reward_moments.state_dict(), "log_history": trainer.log_history,
+                     "world_size": accelerator.num_processes}
             (target / STATE_FILE).write_text(json.dumps(state))
         accelerator.wait_for_everyone()
 
@@ -56,6 +59,7 @@ class Checkpoints:
                              "process's prompt sampler is saved); relaunch with that many, or delete the checkpoints")
         accelerator.load_state(str(latest))
         trainer.global_step, trainer.kl_controller.value = state["step"], state["kl_coef"]
+        trainer.reward_moments = RunningMoments(**state["reward_moments"])
         trainer.log_history = state["log_history"]
         sampler = json.loads((latest / f"sampler_rank{accelerator.process_index}.json").read_text())
         trainer.generator.set_state(torch.tensor(sampler, dtype=torch.uint8))

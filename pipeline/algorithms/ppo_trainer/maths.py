@@ -1,6 +1,7 @@
-"""PPO's maths as pure tensor functions: masked statistics, KL estimators, reward shaping, GAE, the clipped
+"""PPO's maths as pure tensor functions: masked statistics, reward normalisation, KL estimators, reward shaping,
+the advantage estimators (GAE with a critic; RLOO, REINFORCE++ and GRPO from groups of samples), the clipped
 losses and the adaptive KL controller. Per-token tensors are (batch, response length), with `mask` 1 on
-response tokens."""
+response tokens; a group is `group_size` consecutive rows (samples of one prompt)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,63 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+class RunningMoments:
+    """Mean and variance of every sequence score seen so far, for reward normalisation (checkpointed with the run).
+
+    Batches are merged with Chan et al.'s parallel update, so the statistics equal those of all scores at once.
+    """
+
+    def __init__(self, count: float = 0.0, mean: float = 0.0, var: float = 1.0):
+        self.count, self.mean, self.var = count, mean, var
+
+    def update(self, total: float, total_squares: float, count: float) -> None:
+        """Add a batch given by its sum, sum of squares and size (all-reduced over processes by the caller)."""
+        batch_mean = total / count
+        batch_var = max(total_squares / count - batch_mean ** 2, 0.0)
+        merged = self.count + count
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * count + delta ** 2 * self.count * count / merged) / merged
+        self.mean += delta * count / merged
+        self.count = merged
+
+    def normalize(self, scores: torch.Tensor, clip: float | None) -> torch.Tensor:
+        out = (scores - self.mean) / (self.var ** 0.5 + 1e-8)
+        return out if clip is None else out.clamp(-clip, clip)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "var": self.var}
+
+
+def leave_one_out(groups: torch.Tensor) -> torch.Tensor:
+    """s_i - mean of the others' scores (RLOO, Ahmadian et al., 2024): (s_i - mean) * k / (k - 1)."""
+    return (groups - groups.mean(1, keepdim=True)) * groups.shape[1] / (groups.shape[1] - 1)
+
+
+def minus_group_mean(groups: torch.Tensor) -> torch.Tensor:
+    """s_i - the group mean (REINFORCE++ with a baseline, Hu et al., 2025; whitened over the batch afterwards)."""
+    return groups - groups.mean(1, keepdim=True)
+
+
+def group_normalised(groups: torch.Tensor) -> torch.Tensor:
+    """(s_i - group mean) / (group std + 1e-4) (GRPO, Shao et al., 2024; the unbiased std, as TRL's GRPOTrainer)."""
+    return (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+
+
+GROUP_BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "rloo": leave_one_out, "reinforce_plus_plus": minus_group_mean, "grpo": group_normalised}
+
+
+def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """Each sample's score against its group's (the other samples of the same prompt): `GROUP_BASELINES[estimator]`."""
+    return GROUP_BASELINES[estimator](scores.view(-1, group_size)).reshape(-1)
+
+
+def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A bool per group: all its samples got the same score, so a group baseline leaves it no gradient."""
+    groups = scores.view(-1, group_size)
+    return (groups.max(1).values - groups.min(1).values).abs() < 1e-6
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -65,6 +123,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = values[:, t] * mask[:, t]
         advantages[:, t] = next_advantage
     return advantages, (advantages + values) * mask
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{t' >= t} gamma^(t'-t) r_t' over response tokens: the advantage of the critic-free estimators."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

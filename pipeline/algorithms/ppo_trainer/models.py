@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 from trl.trainer.utils import disable_dropout_in_model
+
+# peft names an adapter's weights `<module>.lora_A.<adapter>.weight` (lora_B, lora_embedding_A, lora_magnitude_vector...)
+VALUE_ADAPTER_PARAMETER = re.compile(r"\.lora_[A-Za-z_]+\.value(\.|$)")
 
 
 def decoder_trunk(causal_lm: nn.Module) -> nn.Module:
@@ -16,12 +21,14 @@ def decoder_trunk(causal_lm: nn.Module) -> nn.Module:
 class ActorCritic(nn.Module):
     """Policy logits and per-token values from one forward call (one call keeps DDP happy).
 
-    LoRA mode (`critic_trunk` None): `policy` is a PeftModel with adapters "policy" and "value"; the critic
-    runs the same base's trunk under the "value" adapter, and the reference is the base with adapters off.
-    Otherwise `critic_trunk` is a separate transformer: a copy of the policy's, or a reward model's.
+    Three layouts of the critic:
+    - a LoRA adapter (`value_head` given, `critic_trunk` None): `policy` is a PeftModel with adapters "policy" and
+      "value"; the critic runs the same base's trunk under "value", the reference is the base with adapters off;
+    - a separate transformer (`critic_trunk`): a copy of the policy's, or a reward model's;
+    - none (`value_head` None): the critic-free estimators; `forward` returns no values.
     """
 
-    def __init__(self, policy: nn.Module, critic_trunk: nn.Module | None, value_head: nn.Module):
+    def __init__(self, policy: nn.Module, critic_trunk: nn.Module | None, value_head: nn.Module | None):
         super().__init__()
         self.policy = policy
         self.critic_trunk = critic_trunk
@@ -29,7 +36,7 @@ class ActorCritic(nn.Module):
         for module in (policy, critic_trunk):  # PPO's ratio must be exactly 1 before the first update
             if module is not None:
                 disable_dropout_in_model(module)
-        if self.uses_adapters:
+        if self.value_adapter:
             # peft leaves the adapter it added last frozen; the optimizer is built from what is trainable now, so
             # without this the critic's adapter got gradients that nothing applied or cleared
             self.use_adapter("policy")
@@ -43,8 +50,13 @@ class ActorCritic(nn.Module):
         return cls(policy, critic_trunk, head)
 
     @property
-    def uses_adapters(self) -> bool:
-        return self.critic_trunk is None
+    def has_critic(self) -> bool:
+        return self.value_head is not None
+
+    @property
+    def value_adapter(self) -> bool:
+        """The critic is the "value" LoRA adapter on the policy's own base."""
+        return self.has_critic and self.critic_trunk is None
 
     def use_adapter(self, name: str) -> None:
         """Activate one adapter; keep both trainable (peft freezes the inactive one)."""
@@ -53,14 +65,30 @@ class ActorCritic(nn.Module):
             if "lora_" in param_name:
                 param.requires_grad_(True)
 
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic's trainable parameters (its own learning rate and clipping); the rest are the policy's."""
+        if not self.has_critic:
+            return []
+        if self.value_adapter:
+            trunk = [p for n, p in self.policy.named_parameters() if VALUE_ADAPTER_PARAMETER.search(n) and p.requires_grad]
+        else:
+            trunk = [p for p in self.critic_trunk.parameters() if p.requires_grad]
+        return trunk + [p for p in self.value_head.parameters() if p.requires_grad]
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        critic = {id(p) for p in self.critic_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in critic]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, values) at the last `logits_to_keep` positions only: the ones that predict the response."""
+                logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, values or None) at the last `logits_to_keep` positions only: the ones that predict the response."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self.uses_adapters:
+        if self.value_adapter:
             self.use_adapter("policy")
         logits = self.policy(**inputs, logits_to_keep=logits_to_keep).logits
-        if self.uses_adapters:
+        if not self.has_critic:
+            return logits, None
+        if self.value_adapter:
             self.use_adapter("value")
             hidden = decoder_trunk(self.policy)(**inputs).last_hidden_state
             self.use_adapter("policy")

@@ -4,16 +4,23 @@ TRL removed its `PPOTrainer` in 2026; this is the project's own, in the spirit o
 `ppo.py` and of "The N Implementation Details of RLHF with PPO" (Huang et al., 2024).
 
 One PPO step (`PPOTrainer.step`), for a batch of prompts x:
-  1. rollout     y ~ pi_theta(.|x)  (sampling with a KV cache, stopped at EOS or `max_new_tokens`)
-  2. score       s(x, y) = sum_k w_k R_k(x, y)  (reward-model stages and rule rewards),
-                 minus `missing_eos_penalty` when y never ended; then the KL-shaped per-token reward
-                 r_t = -beta * kl_t  for every response token t, plus s(x, y) on the last one,
+  1. rollout     y ~ pi_theta(.|x), `samples_per_prompt` samples of each prompt (a group), with a KV cache,
+                 stopped at EOS or `max_new_tokens`; each scored s(x, y) = sum_k w_k R_k(x, y) (reward-model stages
+                 and rule rewards), minus `missing_eos_penalty` when y never ended. Dynamic sampling (DAPO) drops
+                 groups whose samples all scored alike and samples more prompts until the batch is full.
+  2. score       log pi_old, V_old (with a critic), log pi_ref; s normalised (running mean and std, clipped);
+                 then the KL-shaped per-token reward: r_t = -beta * kl_t for every response token t, plus the
+                 (normalised, for the critic-free estimators group-baselined) score on the last one,
                  kl_t = log pi(y_t) - log pi_ref(y_t) (k1) or (rho - 1) - log rho, rho = pi_ref/pi (k3)
-  3. advantages  GAE: delta_t = r_t + gamma V(t+1) - V(t);  A_t = delta_t + gamma lam A(t+1);  R_t = A_t + V(t)
+  3. advantages  gae: delta_t = r_t + gamma V(t+1) - V(t);  A_t = delta_t + gamma lam A(t+1);  R_t = A_t + V(t)
+                 rloo / reinforce_plus_plus / grpo (no critic): the score against its group's
+                 (leave-one-out mean; mean, then whitened over the batch; mean and std), A_t = sum_{t'>=t} gamma^(t'-t) r_t'
   4. update      for `ppo_epochs` x minibatches (stopping early once the approximate KL passes `target_kl`):
                    L_pi = E[max(-A rho_t, -A clip(rho_t, 1-eps, 1+eps))],  rho_t = pi_theta/pi_old
-                   L_V  = 0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
+                   L_V  = 0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]   (gae only)
                    L    = L_pi + vf_coef L_V - entropy_coef H
+                 policy and critic each with its own learning rate and gradient-norm clip; during the first
+                 `critic_warmup_steps` steps only the critic learns
   5. KL control  beta fixed, or adapted towards `kl_target` (Ziegler et al., 2019)
 
 On-policy by construction: every forward pass (rollout scoring, reference, updates) sees the same ids,
@@ -48,14 +55,18 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, sel
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import (
     AdaptiveKLController,
+    RunningMoments,
     explained_variance,
     gae,
+    group_baselined_scores,
     kl_per_token,
     masked_mean,
     masked_whiten,
     policy_loss,
+    returns_to_go,
     shaped_rewards,
     value_loss,
+    zero_variance_groups,
 )
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
@@ -75,13 +86,17 @@ class Rollout:
     query_mask: torch.Tensor  # their attention mask, from tokenization (never rebuilt from pad ids)
     response: torch.Tensor  # generated ids, padded after EOS
     mask: torch.Tensor  # 1 for response tokens up to and including EOS
+    ended: torch.Tensor  # True where the response emitted EOS (read at generation: pad may equal EOS)
+    scores: torch.Tensor = field(default=None)  # s(x, y), raw
     logprobs: torch.Tensor = field(default=None)
     ref_logprobs: torch.Tensor = field(default=None)
-    values: torch.Tensor = field(default=None)
-    scores: torch.Tensor = field(default=None)
+    values: torch.Tensor | None = field(default=None)  # None without a critic
     rewards: torch.Tensor = field(default=None)  # KL-shaped, per token
     advantages: torch.Tensor = field(default=None)
-    returns: torch.Tensor = field(default=None)
+    returns: torch.Tensor | None = field(default=None)  # the critic's targets
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
     def sequence_inputs(self, idx: torch.Tensor | slice = slice(None)) -> dict[str, Any]:
         """input_ids, attention_mask, position_ids of query + response exactly as `generate` built them."""
@@ -93,6 +108,32 @@ class Rollout:
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=response.shape[1] + 1)  # logits at t predict token t+1
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """The sampled rows `idx` (before scoring: responses and their scores)."""
+        rows = idx.tolist()
+        return Rollout([self.prompts[i] for i in rows], {k: [v[i] for i in rows] for k, v in self.rows.items()},
+                       self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx], self.ended[idx],
+                       self.scores[idx])
+
+    @staticmethod
+    def concatenate(parts: list[Rollout], pad_token_id: int) -> Rollout:
+        """Sampled rollouts as one batch: queries padded on the left, responses on the right (both masked out)."""
+        query_width = max(p.query.shape[1] for p in parts)
+        response_width = max(p.response.shape[1] for p in parts)
+
+        def pad(x: torch.Tensor, width: int, left: bool, value: float) -> torch.Tensor:
+            extra = width - x.shape[1]
+            return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+        return Rollout(
+            [prompt for p in parts for prompt in p.prompts],
+            {k: [v for p in parts for v in p.rows[k]] for k in parts[0].rows},
+            torch.cat([pad(p.query, query_width, True, pad_token_id) for p in parts]),
+            torch.cat([pad(p.query_mask, query_width, True, 0) for p in parts]),
+            torch.cat([pad(p.response, response_width, False, pad_token_id) for p in parts]),
+            torch.cat([pad(p.mask, response_width, False, 0) for p in parts]),
+            torch.cat([p.ended for p in parts]), torch.cat([p.scores for p in parts]))
 
 
 class PPOTrainer:
@@ -120,9 +161,13 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.dataset = prompts_dataset
         self.reward_functions, self.reward_weights, self.reward_names = reward_functions, reward_weights, reward_names
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        # The policy and the critic: one optimizer, a parameter group (learning rate) each, clipped apart.
+        self.policy_params, self.critic_params = model.policy_parameters(), model.critic_parameters()
+        groups = [{"params": self.policy_params, "lr": config.learning_rate}]
+        if self.critic_params:
+            groups.append({"params": self.critic_params, "lr": config.critic_learning_rate})
         # fused: one kernel for all parameters, on CPU too (measured 5x faster per step than the default loop)
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=config.max_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -132,6 +177,7 @@ class PPOTrainer:
         else:
             self.ref_model = None
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.reward_moments = RunningMoments()  # every sequence score so far, for `reward_normalization: running`
         self.global_step = 0  # PPO steps done
         self.log_history: list[dict[str, float]] = []
         # Each rank draws its own prompts; its generator's state is checkpointed per rank.
@@ -168,10 +214,9 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO step: rollout -> score -> advantages -> update, then KL control; returns the step's metrics."""
         started = time.time()
-        rollout = self.rollout()
+        rollout, sampling = self.rollout()
         generation_seconds = time.time() - started
-        metrics = self.score(rollout)
-        metrics["time/generation_s"] = generation_seconds
+        metrics = {**sampling, **self.score(rollout), "time/generation_s": generation_seconds}
         self.advantages(rollout)
         metrics.update(self.update(rollout))
         if self.config.adaptive_kl:  # 5. KL control: beta moves towards the target by this rollout's KL
@@ -181,14 +226,49 @@ class PPOTrainer:
         return metrics
 
     # ---------------------------------------------------------------------- 1. rollout
-    def rollout(self) -> Rollout:
-        """Responses sampled from the current policy to a fresh batch of training prompts."""
+    def rollout(self) -> tuple[Rollout, dict[str, float]]:
+        """Scored responses of the current policy to fresh training prompts, and the sampling's metrics.
+
+        With dynamic sampling, groups whose samples all scored alike are set aside and more prompts drawn, up to
+        `dynamic_sampling_max_draws` rollouts; a batch still short then is topped up with set-aside groups.
+        `reward` is the first draw's mean score: the policy's own, not the filtered batch's.
+        """
+        config, group = self.config, self.config.samples_per_prompt
+        kept, set_aside, metrics = [], [], {}
+        zero_variance = groups_drawn = draws = 0
+        while True:
+            batch = self.sample_responses()
+            draws += 1
+            if draws == 1:
+                metrics["reward"] = self.gather_mean(batch.scores)
+            if group > 1:
+                flat = zero_variance_groups(batch.scores, group)
+                zero_variance, groups_drawn = zero_variance + int(flat.sum()), groups_drawn + len(flat)
+                metrics["zero_variance_fraction"] = self.gather_mean(torch.tensor(zero_variance / groups_drawn))
+            if config.dynamic_sampling_max_draws is None:
+                return batch, metrics
+            flat_rows = flat.repeat_interleave(group)
+            kept.append(batch.select(torch.nonzero(~flat_rows).squeeze(1)))
+            set_aside.append(batch.select(torch.nonzero(flat_rows).squeeze(1)))
+            filled = sum(map(len, kept))
+            if filled >= config.rollout_batch_size or draws == config.dynamic_sampling_max_draws:
+                metrics["dynamic_sampling/draws"] = float(draws)
+                metrics["dynamic_sampling/filled_fraction"] = min(filled / config.rollout_batch_size, 1.0)
+                # whole groups either way: the batch size is a multiple of the group size
+                batch = Rollout.concatenate(kept + set_aside, self.tokenizer.pad_token_id)
+                return batch.select(torch.arange(config.rollout_batch_size)), metrics
+
+    def sample_responses(self) -> Rollout:
+        """`samples_per_prompt` responses to each of a fresh batch of training prompts, each scored s(x, y)."""
         prompts, rows = self.sample_prompts()
-        return self.generate_responses(prompts, rows, do_sample=True)
+        rollout = self.generate_responses(prompts, rows, do_sample=True)
+        rollout.scores = self.sequence_scores(rollout)
+        return rollout
 
     def sample_prompts(self) -> tuple[list[Any], dict[str, list]]:
-        indices = torch.randint(len(self.dataset), (self.config.rollout_batch_size,), generator=self.generator)
-        rows = self.dataset.select(indices.tolist())
+        """A batch of prompt rows, each repeated `samples_per_prompt` times in a row (a group)."""
+        indices = torch.randint(len(self.dataset), (self.config.prompts_per_rollout,), generator=self.generator)
+        rows = self.dataset.select(indices.repeat_interleave(self.config.samples_per_prompt).tolist())
         columns = {name: list(rows[name]) for name in rows.column_names}
         return columns["prompt"], columns
 
@@ -197,7 +277,7 @@ class PPOTrainer:
         """Responses from the current policy (with a KV cache) to prompts rendered as training saw them."""
         tokenizer, policy, device = self.tokenizer, self.unwrapped, self.accelerator.device
         query, query_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts))
-        if policy.uses_adapters:
+        if policy.value_adapter:
             policy.use_adapter("policy")
         policy.eval()
         sampling = dict(do_sample=True, temperature=self.config.temperature, top_k=self.config.top_k,
@@ -211,29 +291,41 @@ class PPOTrainer:
         is_eos = response == tokenizer.eos_token_id
         after_eos = (torch.cumsum(is_eos, dim=1) - is_eos.long()) > 0
         return Rollout(prompts, rows, query, query_mask, response.masked_fill(after_eos, tokenizer.pad_token_id),
-                       (~after_eos).float())
+                       (~after_eos).float(), is_eos.any(1))
 
     # ------------------------------------------------------------------------ 2. score
     @torch.no_grad()
     def score(self, rollout: Rollout) -> dict[str, float]:
-        """Fill in log pi_old, V_old, log pi_ref, s(x, y) and the KL-shaped per-token rewards; returns metrics."""
+        """Fill in log pi_old, V_old, log pi_ref and the KL-shaped per-token rewards; returns metrics."""
+        config = self.config
         rollout.logprobs, values, _ = self.policy_outputs(self.unwrapped, rollout)
-        rollout.values = values * rollout.mask
+        rollout.values = None if values is None else values * rollout.mask
         rollout.ref_logprobs = self.reference_logprobs(rollout)
-        rollout.scores = self.sequence_scores(rollout)
         mask = rollout.mask
-        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, self.config.kl_estimator) * mask
-        scores = rollout.scores
-        if self.config.whiten_rewards:
-            scores = masked_whiten(scores, torch.ones_like(scores), shift_mean=False, all_reduce_sum=self.all_reduce_sum)
+        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
+        scores = self.normalized_scores(rollout.scores)
+        if not config.uses_critic:
+            scores = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator)
         rollout.rewards = shaped_rewards(scores, kl, mask, self.kl_controller.value)
         return {
-            "reward": self.gather_mean(rollout.scores),
             "kl": self.gather_mean(kl.sum(1)),
             "kl_coef": self.kl_controller.value,
             "response_length": self.gather_mean(mask.sum(1)),
-            "eos_fraction": self.gather_mean((rollout.response == self.tokenizer.eos_token_id).any(1).float()),
+            "eos_fraction": self.gather_mean(rollout.ended.float()),
+            "reward_mean": self.reward_moments.mean,
+            "reward_std": self.reward_moments.var ** 0.5,
         }
+
+    def normalized_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores standardised by the running (or this batch's) mean and std over all processes, then clipped."""
+        mode = self.config.reward_normalization
+        if mode == "none":
+            return scores
+        moments = self.reward_moments if mode == "running" else RunningMoments()
+        total, squares, count = self.all_reduce_sum(
+            torch.stack([scores.sum(), (scores * scores).sum(), torch.tensor(float(len(scores)), device=scores.device)]))
+        moments.update(float(total), float(squares), float(count))
+        return moments.normalize(scores, self.config.reward_clip or None)
 
     def policy_outputs(self, model, rollout: Rollout, idx: torch.Tensor | slice = slice(None),
                        with_entropy: bool = False, temperature: float | None = None):
@@ -246,7 +338,7 @@ class PPOTrainer:
         if with_entropy:  # a graph through the entropy only when it is part of the loss
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.entropy_coef != 0):
                 entropy = entropy_from_logits(logits)
-        return logprobs, values[:, :-1], entropy
+        return logprobs, None if values is None else values[:, :-1], entropy
 
     @torch.no_grad()
     def reference_logits(self, rollout: Rollout) -> torch.Tensor:
@@ -281,28 +373,33 @@ class PPOTrainer:
         terms = self.term_scores(rollout)
         scores = sum(w * terms[name] for name, w in zip(self.reward_names, self.reward_weights))
         if self.config.missing_eos_penalty is not None:
-            ended = (rollout.response == self.tokenizer.eos_token_id).any(dim=1).cpu()
-            scores = scores - self.config.missing_eos_penalty * (~ended).float()
+            scores = scores - self.config.missing_eos_penalty * (~rollout.ended.cpu()).float()
         return scores.to(self.accelerator.device)
 
     # ------------------------------------------------------------------- 3. advantages
     @torch.no_grad()
     def advantages(self, rollout: Rollout) -> None:
-        """Fill in GAE advantages (whitened over the global batch if configured) and returns."""
-        rollout.advantages, rollout.returns = gae(rollout.rewards, rollout.values, rollout.mask, self.config.gamma,
-                                                  self.config.lam)
-        if self.config.whiten_advantages:
+        """Fill in the advantages (GAE with the critic's returns, or rewards-to-go), whitened where configured."""
+        config = self.config
+        if config.uses_critic:
+            rollout.advantages, rollout.returns = gae(rollout.rewards, rollout.values, rollout.mask, config.gamma,
+                                                      config.lam)
+        else:  # the group baseline is already in the rewards
+            rollout.advantages = returns_to_go(rollout.rewards, rollout.mask, config.gamma)
+        if config.whiten_advantages and config.advantage_estimator in ("gae", "reinforce_plus_plus"):
             rollout.advantages = masked_whiten(rollout.advantages, rollout.mask, all_reduce_sum=self.all_reduce_sum)
 
     # ----------------------------------------------------------------------- 4. update
     def update(self, rollout: Rollout) -> dict[str, float]:
         """`ppo_epochs` of clipped minibatch updates on the rollout, then one scheduler step; returns metrics."""
-        config = self.config
+        config, critic = self.config, self.unwrapped.has_critic
+        # Critic warm-up: the critic learns while the policy stays as it is (its loss term is weighted 0, which keeps
+        # DDP's gradient all-reduce whole, and its gradients are dropped before the optimizer step).
+        warming_up = critic and self.global_step < config.critic_warmup_steps
         # Dropout is disabled in every model; eval mode keeps anything else mode-dependent (MoE router
         # jitter, for one) identical between rollout and update, so rho_t starts at exactly 1.
         self.model.eval()
-        names = ("policy_loss", "value_loss", "entropy", "clip_fraction", "value_clip_fraction", "approx_kl")
-        totals = torch.zeros(len(names), device=rollout.mask.device)
+        sums: dict[str, torch.Tensor] = {}
         updates = epochs = 0
         started = time.time()
         for _ in range(config.ppo_epochs):
@@ -314,18 +411,26 @@ class PPOTrainer:
                 logprobs, values, entropy = self.policy_outputs(self.model, rollout, idx, with_entropy=True)
                 pg_loss, clip_fraction, approx_kl = policy_loss(logprobs, rollout.logprobs[idx],
                                                                 rollout.advantages[idx], mask, config.clip_range)
-                vf_loss, vf_clip = value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
-                                              config.clip_range_value)
                 entropy = masked_mean(entropy, mask)
-                loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
+                terms = {"policy_loss": pg_loss, "entropy": entropy, "clip_fraction": clip_fraction,
+                         "approx_kl": approx_kl}
+                loss = (0.0 if warming_up else 1.0) * (pg_loss - config.entropy_coef * entropy)
+                if critic:
+                    terms["value_loss"], terms["value_clip_fraction"] = value_loss(
+                        values, rollout.values[idx], rollout.returns[idx], mask, config.clip_range_value)
+                    loss = loss + config.vf_coef * terms["value_loss"]
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"PPO loss became {loss.item()} at step {self.global_step + 1}; "
                                            "lower the learning rate or check the reward functions")
                 self.accelerator.backward(loss)
-                self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                if warming_up:
+                    for param in self.policy_params:
+                        param.grad = None
+                terms.update(self.clip_gradients(warming_up))
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-                totals += torch.stack([pg_loss, vf_loss, entropy, clip_fraction, vf_clip, approx_kl]).detach()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach()
                 epoch_kl += approx_kl.detach()
                 updates += 1
             epochs += 1
@@ -335,13 +440,32 @@ class PPOTrainer:
                     minibatches * self.accelerator.num_processes) > config.target_kl:
                 break
         self.scheduler.step()
-        means = self.all_reduce_sum(totals / updates) / self.accelerator.num_processes
+        names = list(sums)
+        means = self.all_reduce_sum(torch.stack([sums[n] for n in names]) / updates) / self.accelerator.num_processes
         metrics = dict(zip(names, means.tolist()))
-        metrics["explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.mask)
+        if critic:
+            metrics["explained_variance"] = explained_variance(rollout.values, rollout.returns, rollout.mask)
+            metrics["critic_learning_rate"] = self.optimizer.param_groups[1]["lr"]
+            metrics["critic_warmup"] = float(warming_up)
         metrics["ppo_epochs"] = epochs
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/optimisation_s"] = time.time() - started
         return metrics
+
+    def clip_gradients(self, warming_up: bool) -> dict[str, torch.Tensor]:
+        """Clip the policy's and the critic's gradients each to its own norm; returns the norms before clipping.
+
+        Under DeepSpeed the engine clips (one norm over all parameters) and no norm is returned here.
+        """
+        norms = {}
+        for name, params, max_norm in (("policy", self.policy_params, self.config.max_grad_norm),
+                                       ("critic", self.critic_params, self.config.critic_max_grad_norm)):
+            if not params or (name == "policy" and warming_up):
+                continue
+            norm = self.accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+            if norm is not None:
+                norms[f"grad_norm/{name}"] = torch.as_tensor(norm, device=self.accelerator.device).float()
+        return norms
 
     # -------------------------------------------------------------- across processes
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
