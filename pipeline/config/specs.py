@@ -34,6 +34,9 @@ class DatasetSpec:
     sources: list[SourceSpec]
     test_size: float = 0.1  # held-out fraction (< 1) or number of rows (>= 1), split off with the recipe seed
     eval: SourceSpec | None = None  # explicit held-out source; replaces the split when given
+    # Held-out rows a training stage evaluates on, before and after training (default: all it holds out); 0: no
+    # held-out evaluation, and no rows held out. The training rows are as `test_size` says whatever N is.
+    eval_samples: int | None = None
 
 
 # ---------------------------------------------------------------------------- stage specs

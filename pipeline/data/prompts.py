@@ -73,7 +73,7 @@ def user_turns(dataset: Dataset) -> Dataset:
     """Plain-text prompts as user turns, and plain-text replies beside them (`completion`, `chosen`, `rejected`)
     as assistant turns, since TRL takes a row as conversational only when all of it is. Rows without a prompt
     (whole texts) and chat rows stay as they are."""
-    if "prompt" not in dataset.column_names or not isinstance(dataset[0]["prompt"], str) or not all(dataset["prompt"]):
+    if "prompt" not in dataset.column_names or not len(dataset) or not isinstance(dataset[0]["prompt"], str) or not all(dataset["prompt"]):
         return dataset
     replies = [c for c in ("completion", "chosen", "rejected") if c in dataset.column_names]
 

@@ -20,6 +20,7 @@ import yaml
 matplotlib.use("Agg")  # plots are written to files, never shown (the run may have no display)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from pipeline.runtime.disk import disk_use, megabytes
 from pipeline.runtime.distributed import launch_label
 from pipeline.stages import STAGE_TYPES
 from pipeline.stages.eval import sampled_name
@@ -226,6 +227,7 @@ def write_report(run_dir: Path) -> Path:
         shown = headline(stage["type"], stage["metrics"])
         lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} |")
     lines += _accuracy_chart(run_dir, stages, plots)
+    lines += time_and_disk_section(run_dir, stages, seconds)
     lines += launch_section(stages, manifest)
 
     for name, stage in stages.items():
@@ -246,6 +248,20 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def time_and_disk_section(run_dir: Path, stages: dict[str, Any], seconds: dict[str, Any]) -> list[str]:
+    """Each stage's time, the part of it its own held-out evaluations took, and the disk its folder uses (a file
+    it shares with an earlier stage, hard-linked, counted there: `pipeline.runtime.disk`)."""
+    use = disk_use(run_dir, list(stages))
+    lines = ["", "## Time and disk", "", "| stage | seconds | of which held-out evaluation | disk | shared with earlier "
+             "stages |", "|---|---|---|---|---|"]
+    for name in stages:
+        evaluating = (_read(run_dir / name / "result.json") or {}).get("eval_seconds")
+        own, shared = use[name]
+        lines.append(f"| {name} | {cell(seconds[name] or '')} | {cell(evaluating if evaluating else '')} | "
+                     f"{megabytes(own)} | {megabytes(shared) if shared else ''} |")
+    return lines + ["", f"Disk in all: {megabytes(sum(own for own, _ in use.values()))}."]
 
 
 def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str]:

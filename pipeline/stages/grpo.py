@@ -30,6 +30,7 @@ from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
 from pipeline.runtime.distributed import map_shards
+from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training import trainers as training
@@ -95,7 +96,8 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
     numbers of tokens would wait on each other's gathers forever.
     """
 
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+    with held_out_evaluation("held-out greedy accuracy", len(held_out), trainer.is_world_process_zero()), \
+            unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
         responses = map_shards(list(held_out["prompt"]), lambda share: generate(
             model, tokenizer, share, max_new_tokens=max_new_tokens) if share else [])
     return accuracy(responses, list(held_out["answer"]), is_correct)
@@ -130,7 +132,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
                             callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
-    measure = "answer" in held_out.column_names
+    measure = "answer" in held_out.column_names and len(held_out) > 0
     initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     metrics.update(reward_trend(trainer.state.log_history))

@@ -117,9 +117,9 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
     model, peft_config = load_policy(model_path, spec)
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out), processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=training.stage_callbacks(spec.name),
     )

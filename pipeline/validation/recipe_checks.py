@@ -63,8 +63,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
             sources = list(spec.sources) + ([spec.eval] if spec.eval else [])
             for source in sources:
                 errors += [f"{at}: {key}: {e}" for e in _check_source(source, seen, recipe.path)]
-            if spec.test_size <= 0 and spec.eval is None:
-                errors.append(f"{at}: {key}.test_size: must be > 0 (a held-out split is always measured)")
+            if spec.test_size <= 0 and spec.eval is None and spec.eval_samples != 0:
+                errors.append(f"{at}: {key}.test_size: must be > 0 (or `eval_samples: 0` for no held-out split)")
+            errors += [f"{at}: {key}.{e}" for e in eval_samples_problems(spec.eval_samples, stage.holds_out)]
         if isinstance(stage, TrainStageSpec):
             errors += [f"{at}: {e}" for e in training_key_problems(recipe, stage)]
         errors += [f"{at}: {e}" for e in stage.check()]
@@ -213,3 +214,13 @@ def _check_adapter_mode(recipe: Recipe, stage: TrainStageSpec, peft: dict[str, A
         if local is not None and not is_adapter(local):
             errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; {stage.model} holds full weights")
     return errors
+
+
+def eval_samples_problems(value: Any, holds_out: bool) -> list[str]:
+    """`eval_samples`: a count of held-out rows, for a stage that holds rows out."""
+    if value is None:
+        return []
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return [f"eval_samples: must be a whole number of rows >= 0 (0: no held-out evaluation), got {value!r}"]
+    return [] if holds_out else ["eval_samples: this stage type evaluates every row it reads (cap them with "
+                                 "`max_samples`)"]
