@@ -16,6 +16,7 @@ from pipeline.run.runner import RunError, Runner
 from pipeline.runtime.distributed import LaunchChanged, MainProcessFailed, rank_label
 from pipeline.training.trainers import TrainingDiverged
 from pipeline.validation.preflight import check_data, check_launch, check_output_dir, output_dir_problem
+from pipeline.validation.prompt_checks import prompt_renderings
 from pipeline.validation.recipe_checks import load_recipe
 
 
@@ -34,7 +35,9 @@ def cmd_validate(args) -> int:
     problem = output_dir_problem(run_dir_for(recipe, None))
     if problem:
         raise RecipeError([f"{args.recipe}: output_dir: {problem}"])
-    print_warnings(check_data(recipe))
+    renderings, warnings = prompt_renderings(recipe)
+    print_warnings(check_data(recipe) + warnings)
+    print("\n".join(renderings + [""]), end="")
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
     return 0
 

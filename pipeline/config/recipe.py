@@ -35,6 +35,9 @@ RecipeLoader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)
 
+PROMPT_RENDERINGS = ("auto", "raw")  # values of a recipe's `prompt_format`
+
+
 @dataclass
 class Recipe:
     """A whole run: stages in the order they run."""
@@ -45,6 +48,9 @@ class Recipe:
     output_dir: str | None = None  # default: runs/<name>
     description: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # merged into every training stage's `args`
+    # How plain-text prompts reach a model whose tokenizer has a chat template: `auto`, as a user turn unless the
+    # model was trained on plain-text prompts (`pipeline.data.prompts`); `raw`, as plain text everywhere.
+    prompt_format: str = "auto"
     path: Path | None = None  # the YAML file this came from
     raw: dict[str, Any] = field(default_factory=dict)  # the resolved recipe as data (overrides applied)
 

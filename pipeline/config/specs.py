@@ -34,6 +34,9 @@ class DatasetSpec:
     sources: list[SourceSpec]
     test_size: float = 0.1  # held-out fraction (< 1) or number of rows (>= 1), split off with the recipe seed
     eval: SourceSpec | None = None  # explicit held-out source; replaces the split when given
+    # Held-out rows a training stage evaluates on, before and after training (default: all it holds out); 0: no
+    # held-out evaluation, and no rows held out. The training rows are as `test_size` says whatever N is.
+    eval_samples: int | None = None
 
 
 # ---------------------------------------------------------------------------- stage specs
@@ -82,6 +85,12 @@ class StageSpec:
     def tokenizer_ref(self) -> str | None:
         """The stage, folder or Hub id this stage's tokenizer comes from, if it has one."""
         return None
+
+    def prompt_models(self) -> list[str]:
+        """The models this stage generates from given its rows' prompts (`validate` says how they are rendered):
+        by default the stage's own model where it reads the `prompts` format."""
+        reads_prompts = self.tokenizer_ref() is not None and PROMPT_FORMATS.items() <= self.formats().items()
+        return [self.tokenizer_ref()] if reads_prompts else []
 
     def fresh_model_config(self, tokens: dict[str, Any]) -> Any:
         """The transformers config of the model this stage builds from scratch (None: it loads one), with the

@@ -195,16 +195,23 @@ def load_mixture(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
 
 def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
                 stage_outputs: Callable[[str], Path | None] = lambda _: None) -> tuple[Dataset, Dataset]:
-    """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source."""
+    """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source;
+    the held-out rows cut to `eval_samples` (none with 0, when every row trains)."""
     train = load_mixture(spec, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs)
+    if spec.eval_samples == 0:
+        return train.shuffle(seed=seed), train.select([])
     if spec.eval is not None:
         held_out = load_source(spec.eval, recipe_path=recipe_path, stage_outputs=stage_outputs)
-        return train.shuffle(seed=seed), held_out
-    test_size = int(spec.test_size) if spec.test_size >= 1 else spec.test_size
-    if len(train) < 2:
-        raise DataError(f"{spec.sources[0].path}: {len(train)} row(s) is too few to hold out a split")
-    split = train.train_test_split(test_size=test_size, seed=seed)
-    return split["train"], split["test"]
+        train = train.shuffle(seed=seed)
+    else:
+        test_size = int(spec.test_size) if spec.test_size >= 1 else spec.test_size
+        if len(train) < 2:
+            raise DataError(f"{spec.sources[0].path}: {len(train)} row(s) is too few to hold out a split")
+        split = train.train_test_split(test_size=test_size, seed=seed)
+        train, held_out = split["train"], split["test"]
+    if spec.eval_samples is not None and spec.eval_samples < len(held_out):
+        held_out = held_out.select(range(spec.eval_samples))
+    return train, held_out
 
 
 def require_columns(dataset: Dataset, formats: dict[str, tuple[str, ...]], where: str) -> str:

@@ -5,17 +5,87 @@ TRL's trainers (SFT, DPO, GRPO, Reward) turn a prompt into tokens in one way: ch
 plain text through `tokenizer(text)` (BOS and the like, as the tokenizer defines them). Generation for
 PPO rollouts, `eval` and `generate` must feed a model exactly those ids, or a policy is sampled on inputs
 it was never trained on (a Llama-style tokenizer's missing BOS halved a model's measured accuracy).
+
+A plain-text prompt is rendered the way the model was trained (`renders_chat`): a chat model given raw text
+continues it ("How can I rob a store" -> " with a hammer and anvil?") instead of answering. The stages that
+teach a format record it in the tokenizer they save (`record_prompt_format`, kept in tokenizer_config.json),
+so every later stage, and every generator, reads it from the model itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 import torch
+from datasets import Dataset
+
+# The recipe's `prompt_format` (`pipeline.config.recipe`), set by the runner around each stage.
+_RECIPE_FORMAT: ContextVar[str] = ContextVar("prompt_format", default="auto")
+RECORD_KEY = "prompt_format"  # in tokenizer_config.json: "chat" or "raw", what the model was trained on
+
+
+@contextlib.contextmanager
+def recipe_prompt_format(value: str) -> Iterator[None]:
+    """Render prompts as the recipe's `prompt_format` says while the block runs."""
+    token = _RECIPE_FORMAT.set(value)
+    try:
+        yield
+    finally:
+        _RECIPE_FORMAT.reset(token)
+
+
+def record_prompt_format(tokenizer, chat: bool) -> None:
+    """Note in the tokenizer (saved with it) whether the model was trained on chat turns or on plain text."""
+    tokenizer.init_kwargs[RECORD_KEY] = "chat" if chat else "raw"
+
+
+def renders_chat(tokenizer) -> bool:
+    """Whether plain-text prompts to this tokenizer's model become a user turn through its chat template."""
+    if _RECIPE_FORMAT.get() == "raw" or tokenizer.chat_template is None:
+        return False
+    return tokenizer.init_kwargs.get(RECORD_KEY, "chat") == "chat"
+
+
+def rendering(tokenizer) -> str:
+    """How this tokenizer's model gets plain-text prompts, in words (for logs and `validate`)."""
+    if renders_chat(tokenizer):
+        return "chat template (user turn)"
+    if tokenizer.chat_template is None:
+        return "plain text (no chat template)"
+    return "plain text (prompt_format: raw)" if _RECIPE_FORMAT.get() == "raw" else "plain text (as trained)"
+
+
+def as_model_prompt(tokenizer, prompt: Any) -> Any:
+    """`prompt` as the model takes it: a non-empty plain string becomes a user turn where `renders_chat`."""
+    if isinstance(prompt, str) and prompt and renders_chat(tokenizer):
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def as_model_rows(dataset: Dataset, tokenizer) -> Dataset:
+    """Rows for a TRL trainer, with plain-text prompts rendered as `as_model_prompt` says (see `user_turns`)."""
+    return user_turns(dataset) if renders_chat(tokenizer) else dataset
+
+
+def user_turns(dataset: Dataset) -> Dataset:
+    """Plain-text prompts as user turns, and plain-text replies beside them (`completion`, `chosen`, `rejected`)
+    as assistant turns, since TRL takes a row as conversational only when all of it is. Rows without a prompt
+    (whole texts) and chat rows stay as they are."""
+    if "prompt" not in dataset.column_names or not len(dataset) or not isinstance(dataset[0]["prompt"], str) or not all(dataset["prompt"]):
+        return dataset
+    replies = [c for c in ("completion", "chosen", "rejected") if c in dataset.column_names]
+
+    def render(row: dict[str, Any]) -> dict[str, Any]:
+        out = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+        return out | {c: [{"role": "assistant", "content": row[c]}] for c in replies if isinstance(row[c], str)}
+    return dataset.map(render)
 
 
 def prompt_token_ids(tokenizer, prompt: Any) -> list[int]:
     """The ids a model trained by TRL saw before its completion, for a string or a chat-message prompt."""
+    prompt = as_model_prompt(tokenizer, prompt)
     if isinstance(prompt, list):
         encoded = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
         return list(encoded["input_ids"])

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
@@ -257,12 +259,28 @@ def load_gguf(path: str, **kwargs: Any):
     return model
 
 
+@contextmanager
+def held_back_load_report() -> Iterator[None]:
+    """Drop transformers' loading-report warning (the "LOAD REPORT ... MISSING" table) while loading."""
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def save_merged(adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False, task: str = "causal-lm") -> None:
     """Merge a saved LoRA adapter into full-precision base weights and save those (with the tokenizer)."""
     if task == "causal-lm":
         model = load_causal_lm(str(adapter_dir), trust_remote_code=trust_remote_code, merge_adapter=True)
     else:
-        model = AutoPeftModelForSequenceClassification.from_pretrained(
-            str(adapter_dir), num_labels=1, dtype=compute_dtype(), trust_remote_code=trust_remote_code).merge_and_unload()
+        # The base is a causal LM: its report calls the score head MISSING, and the adapter then loads the trained one
+        with held_back_load_report():
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                str(adapter_dir), num_labels=1, dtype=compute_dtype(), trust_remote_code=trust_remote_code)
+        model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(out_dir)

@@ -18,6 +18,7 @@ from pipeline.config.paths import callable_problems, import_object
 from pipeline.config.schema import suggest
 from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.prompts import as_model_prompt
 from pipeline.models.loading import NO_LIMIT, compute_dtype, load_tokenizer
 
 RewardFn = Callable[..., list[float]]
@@ -125,6 +126,7 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = Non
     sequences are cut from the left, so the final replies, the part that differs between chosen and
     rejected, are kept (TRL's RewardTrainer would drop them).
     """
+    prompt = as_model_prompt(tokenizer, prompt)  # a plain-text prompt as the reward model was trained on it
     if isinstance(prompt, list) and tokenizer.chat_template is not None:
         messages = prompt + (completion if isinstance(completion, list)
                              else [{"role": "assistant", "content": completion}])

@@ -20,6 +20,7 @@ import yaml
 matplotlib.use("Agg")  # plots are written to files, never shown (the run may have no display)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from pipeline.runtime.disk import disk_use, megabytes
 from pipeline.runtime.distributed import launch_label
 from pipeline.stages import STAGE_TYPES
 from pipeline.stages.eval import sampled_name
@@ -175,17 +176,20 @@ def cell(value: Any) -> str:
 
 
 def samples_table(samples: dict[str, Any]) -> list[str]:
+    """Prompts and each model's greedy response; the answer column and ✓/✗ marks only where rows have answers."""
     models = samples["models"]
-    lines = ["| prompt | answer | " + " | ".join(cell(m) for m in models) + " |",
-             "|---|---|" + "---|" * len(models)]
+    answers = any(row.get("answer") for row in samples["rows"])
+    lines = ["| prompt | " + ("answer | " if answers else "") + " | ".join(cell(m) for m in models) + " |",
+             "|---|" + ("---|" if answers else "") + "---|" * len(models)]
     for row in samples["rows"]:
         shown = []
         for model in models:
             response = row["responses"][model]
-            mark = "✓" if response["correct"] else "✗"
+            mark = {True: "✓ ", False: "✗ "}.get(response["correct"], "")
             reward = f" ({response['reward']:.2f})" if response.get("reward") is not None else ""
-            shown.append(f"{mark} `{cell(response['response'])}`{reward}")
-        lines.append(f"| {cell(row['prompt'])} | {cell(row['answer'])} | " + " | ".join(shown) + " |")
+            shown.append(f"{mark}`{cell(response['response'])}`{reward}")
+        answer = f" {cell(row['answer'] or '')} |" if answers else ""
+        lines.append(f"| {cell(row['prompt'])} |{answer} " + " | ".join(shown) + " |")
     return lines
 
 
@@ -223,6 +227,7 @@ def write_report(run_dir: Path) -> Path:
         shown = headline(stage["type"], stage["metrics"])
         lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} |")
     lines += _accuracy_chart(run_dir, stages, plots)
+    lines += time_and_disk_section(run_dir, stages, seconds)
     lines += launch_section(stages, manifest)
 
     for name, stage in stages.items():
@@ -243,6 +248,20 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def time_and_disk_section(run_dir: Path, stages: dict[str, Any], seconds: dict[str, Any]) -> list[str]:
+    """Each stage's time, the part of it its own held-out evaluations took, and the disk its folder uses (a file
+    it shares with an earlier stage, hard-linked, counted there: `pipeline.runtime.disk`)."""
+    use = disk_use(run_dir, list(stages))
+    lines = ["", "## Time and disk", "", "| stage | seconds | of which held-out evaluation | disk | shared with earlier "
+             "stages |", "|---|---|---|---|---|"]
+    for name in stages:
+        evaluating = (_read(run_dir / name / "result.json") or {}).get("eval_seconds")
+        own, shared = use[name]
+        lines.append(f"| {name} | {cell(seconds[name] or '')} | {cell(evaluating if evaluating else '')} | "
+                     f"{megabytes(own)} | {megabytes(shared) if shared else ''} |")
+    return lines + ["", f"Disk in all: {megabytes(sum(own for own, _ in use.values()))}."]
 
 
 def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
@@ -290,5 +309,6 @@ def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) 
     plot_eval(table, plots / f"{name}.png", f"{name}: held-out evaluation")
     lines += ["", f"![{name} results](plots/{name}.png)"]
     if samples and samples["rows"]:
-        lines += ["", "Sample greedy responses (✓ correct; reward-model score in brackets):", ""] + samples_table(samples)
+        marks = "✓ correct; " if any(row.get("answer") for row in samples["rows"]) else ""
+        lines += ["", f"Sample greedy responses ({marks}reward-model score in brackets):", ""] + samples_table(samples)
     return lines

@@ -24,6 +24,7 @@ from transformers import set_seed
 
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
+from pipeline.data.prompts import recipe_prompt_format
 from pipeline.models.loading import process_defaults
 from pipeline.outputs.hub import push_if_configured
 from pipeline.outputs.report import headline, write_report
@@ -31,6 +32,7 @@ from pipeline.run.manifest import write_manifest
 from pipeline.run.stage_identity import fingerprint, upstream_stages
 from pipeline.runtime import progress
 from pipeline.runtime.distributed import LaunchChanged, forget_zero3_init, launch_label, launch_record, on_main
+from pipeline.runtime.disk import share_identical
 from pipeline.runtime.files import read_json, write_json
 from pipeline.stages import STAGE_TYPES
 from pipeline.stages.context import StageContext
@@ -61,6 +63,7 @@ class Runner:
         self.summary: dict[str, Any] = {"recipe": recipe.name, "recipe_path": str(recipe.path),
                                         "output_dir": str(run_dir), "stages": {}}
         self.timings: dict[str, float] = {}
+        self.evaluating: dict[str, float] = {}  # seconds of each stage's own held-out evaluations
         self.fingerprints: dict[str, str] = {}
         self.launch = launch_record(self.state)  # recorded with each stage it runs
         self.started = datetime.now(timezone.utc).isoformat()  # names this launch in the manifest's history
@@ -190,7 +193,8 @@ class Runner:
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
         forget_zero3_init()  # models load whole, not as ZeRO-3 shards left over from an earlier stage's Trainer
         try:
-            with progress.Heartbeat() if self.is_main else contextlib.nullcontext():
+            with progress.Heartbeat() if self.is_main else contextlib.nullcontext(), \
+                    recipe_prompt_format(self.recipe.prompt_format):
                 metrics = STAGE_TYPES[stage.type].run(stage, ctx)
         except BaseException as err:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
@@ -205,11 +209,15 @@ class Runner:
             self.log(f"{label}: failed after {progress.duration(self.timings[stage.name])}")
             raise
         self.timings[stage.name] = round(time.time() - started, 2)
+        self.evaluating[stage.name] = round(progress.evaluation_seconds(), 2)
         on_main(self.state, lambda: self.finish_stage(stage_dir, expected, metrics),
                 f"stage '{stage.name}': publishing its output")
 
         shown = headline(stage.type, metrics)
-        self.log(f"{label}: completed in {progress.duration(self.timings[stage.name])}" + (f": {shown}" if shown else ""))
+        evaluating = (f" ({progress.duration(self.evaluating[stage.name])} of it held-out evaluation)"
+                      if self.evaluating[stage.name] >= 1 else "")
+        self.log(f"{label}: completed in {progress.duration(self.timings[stage.name])}{evaluating}"
+                 + (f": {shown}" if shown else ""))
         self.stage_record(stage, "completed", metrics, self.launch)
 
     @staticmethod
@@ -238,6 +246,8 @@ class Runner:
             os.replace(final, old)  # the old output is deleted only once the new one is in place
         (stage_dir / "result.json").unlink(missing_ok=True)  # the old record must never vouch for the new output
         os.replace(stage_dir / "output.partial", final)
+        share_identical(self.run_dir, stage_dir)  # one copy of a base several stages merged or copied
         write_json(stage_dir / "result.json", {"fingerprint": expected, "metrics": metrics,
-                                               "seconds": self.timings[stage_dir.name], "launch": self.launch})
+                                               "seconds": self.timings[stage_dir.name],
+                                               "eval_seconds": self.evaluating[stage_dir.name], "launch": self.launch})
         shutil.rmtree(old, ignore_errors=True)

@@ -116,4 +116,6 @@ def fingerprint(recipe: Recipe, stage, upstream: dict[str, str]) -> str:
         "args": recipe.stage_args(stage), "seed": recipe.seed,
         "inputs": input_files(recipe, stage), "upstream": upstream, "runs_with": stage_identity(stage.type),
     }
+    if recipe.prompt_format != "auto":  # only when set: the fingerprints of existing runs stay as they were
+        payload["prompt_format"] = recipe.prompt_format
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

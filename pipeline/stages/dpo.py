@@ -14,6 +14,7 @@ from trl import DPOTrainer
 
 from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.preferences import to_pairwise
+from pipeline.data.prompts import as_model_rows
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
@@ -46,13 +47,14 @@ def pair_length(row: dict) -> int:
 
 def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
+    train, held_out = (to_pairwise(split, where) if len(split) else split for split in ctx.splits(spec.dataset))
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)

@@ -1,8 +1,9 @@
-"""`eval` stage: score models on held-out prompts with checkable answers.
+"""`eval` stage: score models on held-out prompts, open-ended or with checkable answers.
 
 For each model in `models` (a stage, local folder or Hub id; LoRA adapters are merged into their base):
 
-- `accuracy/<m>`: exact match of the answer stated in the greedy response;
+- `accuracy/<m>`: exact match of the answer stated in the greedy response, over the rows with a non-empty
+  `answer` (none without one: open-ended prompts are scored by reward, win rate and KL);
 - `reward/<m>`: mean reward-model score of the greedy responses;
 - `win_rate/<m>`: greedy responses against the baseline's on the same prompts, judged by the reward model
   (ties count half);
@@ -34,6 +35,7 @@ from pipeline.config.paths import resolve_local
 from pipeline.config.specs import AnswerExtractorSpec, DatasetSpec, StageSpec, answer_extractor_problems
 from pipeline.data.answers import answer_check
 from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
 from pipeline.models.loading import load_causal_lm, load_tokenizer
@@ -85,7 +87,7 @@ class EvalSpec(StageSpec):
     """
 
     models: list[str]  # stage names, local folders or Hub ids; a LoRA adapter folder is merged into its base
-    dataset: DatasetSpec  # every row is scored (no split): `prompt` and the checkable `answer`
+    dataset: DatasetSpec  # every row is scored (no split): `prompt`, and `answer` where answers can be checked
     reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
     baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
     reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
@@ -115,13 +117,19 @@ class EvalSpec(StageSpec):
             problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
         return problems + answer_extractor_problems(self.answer_extractor)
 
+    def prompt_models(self) -> list[str]:
+        return list(dict.fromkeys(self.models + ([self.baseline] if self.baseline else [])))
+
     def formats(self) -> dict[str, tuple[str, ...]]:
-        return {"prompts with answers": ("prompt", "answer") + ((self.reference_column,) if self.reference_column else ())}
+        answers = ("answer",) if self.pass_at_k else ()  # pass@k counts correct samples; the rest scores without
+        name = "prompts with answers" if answers else "prompts (answer optional)"
+        return {name: ("prompt",) + answers + ((self.reference_column,) if self.reference_column else ())}
 
     @classmethod
     def headline(cls, metrics: dict[str, float]) -> str:
-        """`accuracy sft 0.45, grpo 0.66; pass@8 sft 0.9; reward sft 1.5`: pass@k beside the greedy accuracy it bounds."""
-        greedy: dict[str, list[str]] = {"accuracy": [], "reward": []}
+        """`accuracy sft 0.45, grpo 0.66; pass@8 sft 0.9; reward sft 1.5; win rate grpo 0.6; KL grpo 0.2`: pass@k
+        beside the greedy accuracy it bounds; win rate and KL carry open-ended evaluations, which have no accuracy."""
+        greedy: dict[str, list[str]] = {"accuracy": [], "reward": [], "win_rate": [], "kl": []}
         passes: dict[str, list[str]] = {}
         for key, value in metrics.items():
             family, _, label = key.partition("/")
@@ -130,15 +138,18 @@ class EvalSpec(StageSpec):
                 greedy[family].append(f"{model} {value:.3g}")
             elif family == "accuracy" and variant.startswith("pass"):
                 passes.setdefault(sampled_name(variant), []).append(f"{model} {value:.3g}")
-        groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"]}
+        groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"],
+                  "win rate": greedy["win_rate"], "KL": greedy["kl"]}
         return "; ".join(f"{name} " + ", ".join(values) for name, values in groups.items() if values)
 
 
 def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) as the model would see them after generation: chat through the template,
+    """(prompt ids, completion ids) as the model would see them after generation (plain-text prompts rendered as
+    `pipeline.data.prompts.as_model_prompt` says): chat through the template,
     completion up to and including its end-of-turn token; plain strings with an EOS appended."""
     pairs = []
     for prompt, completion in zip(prompts, completions):
+        prompt = as_model_prompt(tokenizer, prompt)
         if isinstance(prompt, list):
             reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
             head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -187,7 +198,11 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
-    prompts, answers = list(rows["prompt"]), [str(a) for a in rows["answer"]]
+    prompts = list(rows["prompt"])
+    # Rows with an answer to check; an empty one (`answer: ""`, a workaround for open-ended data) is no answer.
+    answers = [str(a) if a is not None else "" for a in rows["answer"]] if "answer" in rows.column_names \
+        else [""] * len(prompts)
+    answered = [i for i, a in enumerate(answers) if a.strip()]
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
     completions = list(rows[column]) if column else None
     indices = list(range(len(prompts)))
@@ -249,7 +264,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {}
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
-    table = [{"prompt": prompt_text(p), "answer": a, "responses": {}} for p, a in
+    table = [{"prompt": prompt_text(p), "answer": a or None, "responses": {}} for p, a in
              zip(prompts[:spec.num_samples_table], answers[:spec.num_samples_table])]
 
     for ref in spec.models:
@@ -260,8 +275,10 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
         results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
         responses = [row["response"] for row in results]
-        metrics[f"accuracy/{label}"] = exact_match.compute(predictions=responses, references=answers,
-                                                           answer_extractor=spec.answer_extractor)["exact_match"]
+        if answered:
+            metrics[f"accuracy/{label}"] = exact_match.compute(
+                predictions=[responses[i] for i in answered], references=[answers[i] for i in answered],
+                answer_extractor=spec.answer_extractor)["exact_match"]
         if scorer is not None:
             scores[ref] = [row["score"] for row in results]
             metrics[f"reward/{label}"] = mean(scores[ref])
@@ -273,16 +290,20 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
                 predictions=[row["completion_logp"] for row in results])["perplexity"]
         if spec.best_of_n is not None:
             n = spec.best_of_n.n
-            metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(
-                predictions=[row["bon_pick"] for row in results], references=answers,
-                answer_extractor=spec.answer_extractor)["exact_match"]
+            if answered:
+                metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(
+                    predictions=[results[i]["bon_pick"] for i in answered], references=[answers[i] for i in answered],
+                    answer_extractor=spec.answer_extractor)["exact_match"]
             metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
         if spec.pass_at_k is not None:
             k, n = spec.pass_at_k.k, spec.pass_at_k.samples
-            metrics[f"accuracy/{label}@pass{k}"] = load_metric("pass_at_k").compute(
-                predictions=[row["pass_correct"] for row in results], references=[n] * len(results), k=k)["pass_at_k"]
+            if answered:
+                metrics[f"accuracy/{label}@pass{k}"] = load_metric("pass_at_k").compute(
+                    predictions=[results[i]["pass_correct"] for i in answered], references=[n] * len(answered),
+                    k=k)["pass_at_k"]
         for i, row in enumerate(table):
-            row["responses"][label] = {"response": responses[i], "correct": is_correct(responses[i], answers[i]),
+            correct = is_correct(responses[i], answers[i]) if answers[i].strip() else None
+            row["responses"][label] = {"response": responses[i], "correct": correct,
                                        "reward": scores[ref][i] if ref in scores else None}
         del model
 

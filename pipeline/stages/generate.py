@@ -108,6 +108,9 @@ class GenerateSpec(StageSpec):
     def refs(self) -> list[tuple[str, str]]:
         return super().refs() + ([("judge.model", self.judge.model)] if self.judge else [])
 
+    def prompt_models(self) -> list[str]:
+        return super().prompt_models() + ([self.judge.model] if self.judge else [])
+
     def check(self) -> list[str]:
         problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
         problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
@@ -139,13 +142,12 @@ def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], jud
         raise DataError(f"judge '{judge.model}': its tokenizer splits a rating digit 1..{judge.scale} into several tokens")
     questions = [judge.template.format(prompt=prompt_text(p), response=r, scale=judge.scale)
                  for p, r in zip(prompts, responses)]
-    judge_prompts = [[{"role": "user", "content": q}] if tokenizer.chat_template else q for q in questions]
     ratings = torch.arange(1, judge.scale + 1, dtype=torch.float)
     model.eval()
     scores: list[float] = []
-    for start in range(0, len(judge_prompts), batch_size):
+    for start in range(0, len(questions), batch_size):
         # left-padded: the rating is predicted at the right edge of every row
-        input_ids, attention_mask = encode_prompts(tokenizer, judge_prompts[start:start + batch_size])
+        input_ids, attention_mask = encode_prompts(tokenizer, questions[start:start + batch_size])
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
         scores += (torch.softmax(logits[:, -1, [ids[0] for ids in digit_ids]].float().cpu(), dim=-1) @ ratings).tolist()
     return scores

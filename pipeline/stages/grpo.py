@@ -25,10 +25,12 @@ from pipeline.config.specs import (
 )
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
 from pipeline.runtime.distributed import map_shards
+from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training import trainers as training
@@ -94,7 +96,8 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
     numbers of tokens would wait on each other's gathers forever.
     """
 
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+    with held_out_evaluation("held-out greedy accuracy", len(held_out), trainer.is_world_process_zero()), \
+            unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
         responses = map_shards(list(held_out["prompt"]), lambda share: generate(
             model, tokenizer, share, max_new_tokens=max_new_tokens) if share else [])
     return accuracy(responses, list(held_out["answer"]), is_correct)
@@ -115,6 +118,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained
+    train = as_model_rows(train, tokenizer)
     model, peft_config = load_policy(path, spec)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
@@ -127,7 +132,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
                             callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
-    measure = "answer" in held_out.column_names
+    measure = "answer" in held_out.column_names and len(held_out) > 0
     initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     metrics.update(reward_trend(trainer.state.log_history))

@@ -18,6 +18,7 @@ from trl import KTOTrainer, unpair_preference_dataset
 from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.preferences import to_pairwise
+from pipeline.data.prompts import as_model_rows
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
@@ -68,13 +69,14 @@ def unpaired(dataset: Dataset, where: str, seed: int) -> Dataset:
 
 def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (unpaired(split, where, ctx.seed) for split in ctx.splits(spec.dataset))
+    train, held_out = (unpaired(split, where, ctx.seed) if len(split) else split for split in ctx.splits(spec.dataset))
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
     model, peft_config = load_policy(path, spec)
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
-                                seed=ctx.seed, model=model, eval_on_start=True)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                                seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
+    trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=training.stage_callbacks(spec.name))
     match_trainable_dtype(trainer.model, spec.quantization)

@@ -43,6 +43,7 @@ from pipeline.models.loading import (
     stage_base,
 )
 from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
+from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training.trainers import make_config
@@ -162,6 +163,15 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
     tokenizer.save_pretrained(out)
 
 
+def held_out_scores(trainer: PPOTrainer, held_out, is_correct) -> dict[str, float]:
+    """`evaluate` on the held-out rows, announced and timed; nothing where there are none (`eval_samples: 0`)."""
+    if not len(held_out):
+        return {}
+    with held_out_evaluation("held-out greedy rewards, accuracy and KL", len(held_out),
+                             trainer.accelerator.is_main_process):
+        return evaluate(trainer, held_out, is_correct)
+
+
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
@@ -185,12 +195,12 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     functions, weights, names = build_reward_terms(terms, ctx.resolve, is_correct)
     trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
 
-    initial = evaluate(trainer, held_out, is_correct)  # policy == reference here: the SFT model's numbers
+    initial = held_out_scores(trainer, held_out, is_correct)  # policy == reference here: the SFT model's numbers
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(trainer, ctx.checkpoint_dir)
     checkpoints.resume()
     history = trainer.train(on_step_end=[checkpoints.on_step_end])
-    final = evaluate(trainer, held_out, is_correct)
+    final = held_out_scores(trainer, held_out, is_correct)
     metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()}}
     quarter = max(len(history) // 4, 1)
     for key in ("reward", "kl"):

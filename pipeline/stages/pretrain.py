@@ -98,7 +98,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
     require_columns(train, spec.formats(), f"stage '{spec.name}'")
     train_blocks = pack(train, tokenizer, spec.text_column, spec.block_size)
     eval_blocks = pack(held_out, tokenizer, spec.text_column, spec.block_size)
-    if len(train_blocks) == 0 or len(eval_blocks) == 0:
+    if len(train_blocks) == 0 or (len(held_out) and len(eval_blocks) == 0):
         raise DataError(f"stage '{spec.name}': too little text for one {spec.block_size}-token block "
                         "in the train or held-out split; lower block_size or add data")
 
@@ -113,11 +113,12 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
 
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=training.evaluated(eval_blocks),
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=training.stage_callbacks(spec.name))
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
     training.save(trainer, tokenizer, spec, ctx)
     return metrics

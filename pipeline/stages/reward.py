@@ -6,8 +6,6 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from accelerate import PartialState
@@ -18,6 +16,7 @@ from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import (
     compute_dtype,
+    held_back_load_report,
     load_tokenizer,
     lora_config,
     match_trainable_dtype,
@@ -53,6 +52,8 @@ def tokenize_pairs(dataset, tokenizer, max_length: int | None):
         cut = [encode(tokenizer, row["prompt"], row[k], max_length) for k in ("chosen", "rejected")]
         return {"chosen_ids": cut[0], "rejected_ids": cut[1], "truncated": full != cut}
 
+    if not len(dataset):  # no held-out rows (`eval_samples: 0`)
+        return dataset, 0
     tokenized = dataset.map(tokenize, remove_columns=dataset.column_names)
     truncated = sum(tokenized["truncated"])
     return tokenized.remove_columns("truncated"), truncated
@@ -64,19 +65,6 @@ def pair_length(row: dict) -> int:
 
 
 HEAD_PREFIXES = ("score.", "classifier.")  # the one-score head transformers adds to a causal LM (or an encoder)
-
-
-@contextmanager
-def held_back_load_report():
-    """Drop transformers' loading-report warning (the "LOAD REPORT ... MISSING" table) while loading."""
-
-    logger = logging.getLogger("transformers.modeling_utils")
-    drop = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def load_reward_model(path: str, spec: RewardSpec, tokenizer):
@@ -100,7 +88,7 @@ def load_reward_model(path: str, spec: RewardSpec, tokenizer):
 
 def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (to_pairwise(split, where) for split in ctx.splits(spec.dataset))
+    train, held_out = (to_pairwise(split, where) if len(split) else split for split in ctx.splits(spec.dataset))
     # an upstream adapter merged (or a GGUF file dequantized) once: the score head is built on that model
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
@@ -110,7 +98,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     # At most what the model's positions take (an encoder's 512 under TRL's default max_length of 1024)
     max_length = min((n for n in (args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
     train_ids, truncated_train = tokenize_pairs(train, tokenizer, max_length)
@@ -119,7 +107,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         PartialState().print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer "
                              f"than max_length={max_length} and were cut from the left (final replies kept)", flush=True)
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train_ids, eval_dataset=eval_ids, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train_ids, eval_dataset=training.evaluated(eval_ids), processing_class=tokenizer,
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
         callbacks=training.stage_callbacks(spec.name),
     )

@@ -7,7 +7,11 @@ Every input format becomes prompt/completion, which TRL trains with completion-o
   is then trained in the format it is served with); otherwise the prompt is rendered through `prompt_template`
   (default: the Alpaca templates);
 - `instruction`/`instances` (Self-Instruct): one Alpaca row per instance `{input, output}`;
-- `prompt`/`completion`: as given; `text`: plain language modelling on the whole text.
+- `prompt`/`completion`: as given, plain-text rows as a user turn and the reply when the tokenizer has a chat
+  template (`pipeline.data.prompts`); `text`: plain language modelling on the whole text.
+
+What the prompts were trained as (chat turns or plain text) is recorded in the saved tokenizer, so that every
+later stage renders plain-text prompts the same way (`pipeline.data.prompts.renders_chat`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from trl import SFTTrainer
 
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
+from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
@@ -63,12 +68,14 @@ ALPACA_TEMPLATE_NO_INPUT = (
 def to_prompt_completion(dataset, data_format: str, template: str | None, where: str, chat: bool = False):
     """Rewrite rows of any supported format as prompt/completion (or leave `text` as is).
 
-    `chat`: the tokenizer has a chat template, so Alpaca rows without a `template` become chat messages.
+    `chat`: the model takes chat turns, so Alpaca rows without a `template` and plain prompt/completion rows
+    become chat messages.
     """
     if data_format == "text":
         return dataset.select_columns(["text"])
     if data_format == "prompt-completion":
-        return dataset.select_columns(["prompt", "completion"])
+        dataset = dataset.select_columns(["prompt", "completion"])
+        return user_turns(dataset) if chat else dataset
     if data_format == "self-instruct":
         def flatten(batch: dict[str, list]) -> dict[str, list]:
             rows = [(ins, inst.get("input", ""), inst["output"])
@@ -102,7 +109,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     data_format = require_columns(train, spec.formats(), where)
     model_path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
-    chat = tokenizer.chat_template is not None
+    chat = renders_chat(tokenizer)
     train = to_prompt_completion(train, data_format, spec.prompt_template, where, chat)
     held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where, chat)
     if data_format == "messages" and tokenizer.chat_template is None:
@@ -110,9 +117,9 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
     model, peft_config = load_policy(model_path, spec)
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=True)
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out), processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=training.stage_callbacks(spec.name),
     )
@@ -122,6 +129,8 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_loss",))
     metrics.update(lengths)
+    if data_format != "text":
+        record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
     training.save(trainer, tokenizer, spec, ctx)
     return metrics
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import re
 import shutil
@@ -21,7 +23,7 @@ from trl.trainer import utils as trl_utils
 from pipeline.config.paths import import_object
 from pipeline.models.loading import process_defaults, save_merged, use_bf16
 from pipeline.runtime.memory import freed_memory_returned, huge_pages_on
-from pipeline.runtime.progress import StageProgress
+from pipeline.runtime.progress import StageProgress, held_out_evaluation
 
 
 class TrainingDiverged(RuntimeError):
@@ -102,6 +104,11 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     fields = {f.name for f in dataclasses.fields(cls)}
     defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
     return cls(output_dir=output_dir, **{**defaults, **args})
+
+
+def evaluated(held_out: Dataset) -> Dataset | None:
+    """The held-out rows a Trainer evaluates on, or None where the recipe turned that off (`eval_samples: 0`)."""
+    return held_out if len(held_out) else None
 
 
 def batch_by_length(trainer, length_of: Callable[[dict[str, Any]], int]) -> None:
@@ -207,6 +214,8 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     is refused under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
     """
     resume = last_checkpoint(checkpoint_dir)
+    if trainer.eval_dataset is not None:  # each evaluation says what it measures, and is timed for the report
+        announced(trainer)
     if resume:
         trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
 
@@ -217,7 +226,7 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     # Activation checkpointing trades time for memory; on CPU without huge pages the allocator's heap would
     # keep most of what it saves, unless freed activations are unmapped (pipeline/runtime/memory.py).
     lean = trainer.args.activation_checkpointing and trainer.args.device.type == "cpu" and not huge_pages_on()
-    with loss_tiles_for(trainer.args.device), freed_memory_returned(lean):
+    with loss_tiles_for(trainer.args.device), freed_memory_returned(lean), tied_keys_not_missing(trainer.model):
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
         whole_run = mean_train_loss(trainer.state.log_history)
@@ -231,6 +240,44 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
         history = trainer.state.log_history
         (stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     return numeric(metrics)
+
+
+def tied_parameter_names(model) -> set[str]:
+    """Names of parameters that share their tensor with another (a head tied to the input embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {name for group in names.values() if len(group) > 1 for name in group}
+
+
+@contextlib.contextmanager
+def tied_keys_not_missing(model) -> Iterator[None]:
+    """Drop the Trainer's "missing keys ['lm_head.weight']" on resuming a model whose head is tied to its
+    embeddings: a checkpoint keeps one copy of shared tensors, and loading the embeddings restores the head.
+    Keys missing beyond the tied ones are still reported."""
+    tied = tied_parameter_names(model)
+
+    def keep(record: logging.LogRecord) -> bool:
+        found = re.search(r"missing keys in the checkpoint model loaded: (\[.*\])", record.getMessage())
+        return not (found and set(ast.literal_eval(found[1])) <= tied)
+    logger = logging.getLogger("transformers.trainer")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def announced(trainer) -> None:
+    """Make the Trainer's held-out evaluations (at step 0, every `eval_steps`, at the end) say so when they start,
+    and count their time (`pipeline.runtime.progress.held_out_evaluation`)."""
+    evaluate = trainer.evaluate
+
+    def evaluate_announced(*args, **kwargs):
+        with held_out_evaluation("held-out evaluation (loss and metrics)", len(trainer.eval_dataset),
+                                 trainer.is_world_process_zero()):
+            return evaluate(*args, **kwargs)
+    trainer.evaluate = evaluate_announced
 
 
 def save(trainer, tokenizer, spec, ctx, *, merge_default: bool = False) -> None:

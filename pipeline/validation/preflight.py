@@ -68,7 +68,7 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
                 warnings += found
                 if training and train_rows is not None:
                     train_rows += math.ceil(len(dataset) * source.weight)
-            if train_rows and spec.eval is None and stage.holds_out:
+            if train_rows and spec.eval is None and stage.holds_out and spec.eval_samples != 0:
                 problem = split_problem(train_rows, spec.test_size)
                 errors += [f"stage '{stage.name}': {key}.{problem}"] if problem else []
     if errors:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
-from pipeline.config.recipe import Recipe, build_recipe, read_recipe
+from pipeline.config.recipe import PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import SourceSpec, TrainStageSpec
 from pipeline.models.loading import ADAPTER_MODES, PEFT_EXTRA_KEYS, is_adapter
@@ -63,8 +63,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
             sources = list(spec.sources) + ([spec.eval] if spec.eval else [])
             for source in sources:
                 errors += [f"{at}: {key}: {e}" for e in _check_source(source, seen, recipe.path)]
-            if spec.test_size <= 0 and spec.eval is None:
-                errors.append(f"{at}: {key}.test_size: must be > 0 (a held-out split is always measured)")
+            if spec.test_size <= 0 and spec.eval is None and spec.eval_samples != 0:
+                errors.append(f"{at}: {key}.test_size: must be > 0 (or `eval_samples: 0` for no held-out split)")
+            errors += [f"{at}: {key}.{e}" for e in eval_samples_problems(spec.eval_samples, stage.holds_out)]
         if isinstance(stage, TrainStageSpec):
             errors += [f"{at}: {e}" for e in training_key_problems(recipe, stage)]
         errors += [f"{at}: {e}" for e in stage.check()]
@@ -79,6 +80,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
     for key in recipe.defaults:
         if training_fields and key not in training_fields:
             errors.append(f"{where}: defaults.{key}: not a field of any stage's config{suggest(key, training_fields)}")
+    if recipe.prompt_format not in PROMPT_RENDERINGS:
+        errors.append(f"{where}: prompt_format: must be one of {', '.join(PROMPT_RENDERINGS)}, got "
+                      f"'{recipe.prompt_format}'{suggest(str(recipe.prompt_format), PROMPT_RENDERINGS)}")
     return errors
 
 def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None,
@@ -210,3 +214,13 @@ def _check_adapter_mode(recipe: Recipe, stage: TrainStageSpec, peft: dict[str, A
         if local is not None and not is_adapter(local):
             errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; {stage.model} holds full weights")
     return errors
+
+
+def eval_samples_problems(value: Any, holds_out: bool) -> list[str]:
+    """`eval_samples`: a count of held-out rows, for a stage that holds rows out."""
+    if value is None:
+        return []
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return [f"eval_samples: must be a whole number of rows >= 0 (0: no held-out evaluation), got {value!r}"]
+    return [] if holds_out else ["eval_samples: this stage type evaluates every row it reads (cap them with "
+                                 "`max_samples`)"]

@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
@@ -71,6 +70,7 @@ from pipeline.algorithms.ppo_trainer.maths import (
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.loading import process_defaults, use_bf16
+from pipeline.runtime.progress import StepLines
 from pipeline.training.trainers import TrainingDiverged
 
 StepHook = Callable[[int, dict[str, float]], None]  # on_step_end(step, metrics), after the step is logged
@@ -195,18 +195,17 @@ class PPOTrainer:
         """PPO steps from `global_step` to `max_steps`; returns the log history. Each step's metrics are
         logged (every `logging_steps`) and then handed to every `on_step_end` hook."""
         hooks = list(on_step_end)
-        progress = tqdm(total=self.config.max_steps, initial=self.global_step, desc="ppo",
-                        disable=not self.accelerator.is_main_process)
+        # Plain progress lines as the Trainer stages print them: a tqdm bar redrawn at every step fills a log file
+        progress = StepLines(self.config.max_steps, self.global_step)
         while self.global_step < self.config.max_steps:
             metrics = self.step()
             if self.global_step % self.config.logging_steps == 0 or self.global_step == self.config.max_steps:
                 self.log_history.append(metrics)
                 self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=self.global_step)
-                progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
             for hook in hooks:
                 hook(self.global_step, metrics)
-            progress.update(1)
-        progress.close()
+            if self.accelerator.is_main_process and progress.due():
+                progress.show(self.global_step)
         for tracker in self.accelerator.trackers:  # not end_training(): it destroys the process group later stages use
             tracker.finish()
         return self.log_history
