@@ -140,7 +140,10 @@ def test_config_rejects_bad_values():
         PPOConfig(dynamic_sampling_max_draws=2)
     with pytest.raises(ValueError, match="advantage_estimator must be one of"):
         PPOConfig(advantage_estimator="vtrace")
-    assert PPOConfig(learning_rate=2e-5).critic_learning_rate == pytest.approx(2e-4)
+    assert PPOConfig(learning_rate=2e-5).learning_rates(adapters=True) == pytest.approx((2e-5, 2e-4))
+    assert PPOConfig().learning_rates(adapters=True) == pytest.approx((1e-4, 1e-3))
+    assert PPOConfig().learning_rates(adapters=False) == pytest.approx((1e-5, 1e-4))
+    assert PPOConfig(critic_learning_rate=3e-3).learning_rates(adapters=False) == pytest.approx((1e-5, 3e-3))
     assert PPOConfig().samples_per_prompt == 1 and PPOConfig(advantage_estimator="rloo").samples_per_prompt == 4
 
 
