@@ -235,29 +235,32 @@ class PPOTrainer:
         `reward` is the first draw's mean score: the policy's own, not the filtered batch's.
         """
         config, group = self.config, self.config.samples_per_prompt
-        kept, set_aside, metrics = [], [], {}
-        zero_variance = groups_drawn = draws = 0
-        while True:
+        kept, set_aside, flat_groups = [], [], []
+        while True:  # no collective call inside: under DDP each process may draw a different number of times
             batch = self.sample_responses()
-            draws += 1
-            if draws == 1:
-                metrics["reward"] = self.gather_mean(batch.scores)
-            if group > 1:
-                flat = zero_variance_groups(batch.scores, group)
-                zero_variance, groups_drawn = zero_variance + int(flat.sum()), groups_drawn + len(flat)
-                metrics["zero_variance_fraction"] = self.gather_mean(torch.tensor(zero_variance / groups_drawn))
+            first_scores = batch.scores if not flat_groups else first_scores
+            flat = zero_variance_groups(batch.scores, group)
+            flat_groups.append(flat)
             if config.dynamic_sampling_max_draws is None:
-                return batch, metrics
+                break
             flat_rows = flat.repeat_interleave(group)
             kept.append(batch.select(torch.nonzero(~flat_rows).squeeze(1)))
             set_aside.append(batch.select(torch.nonzero(flat_rows).squeeze(1)))
-            filled = sum(map(len, kept))
-            if filled >= config.rollout_batch_size or draws == config.dynamic_sampling_max_draws:
-                metrics["dynamic_sampling/draws"] = float(draws)
-                metrics["dynamic_sampling/filled_fraction"] = min(filled / config.rollout_batch_size, 1.0)
+            if sum(map(len, kept)) >= config.rollout_batch_size or len(kept) == config.dynamic_sampling_max_draws:
                 # whole groups either way: the batch size is a multiple of the group size
-                batch = Rollout.concatenate(kept + set_aside, self.tokenizer.pad_token_id)
-                return batch.select(torch.arange(config.rollout_batch_size)), metrics
+                batch = Rollout.concatenate(kept + set_aside, self.tokenizer.pad_token_id).select(
+                    torch.arange(config.rollout_batch_size))
+                break
+        # means over processes of per-process figures: the processes may have drawn different numbers of groups
+        device = self.accelerator.device
+        metrics = {"reward": self.gather_mean(first_scores)}
+        if group > 1:
+            metrics["zero_variance_fraction"] = self.gather_mean(torch.cat(flat_groups).float().mean().to(device))
+        if kept:
+            metrics["dynamic_sampling/draws"] = self.gather_mean(torch.tensor(float(len(kept)), device=device))
+            filled = min(sum(map(len, kept)) / config.rollout_batch_size, 1.0)
+            metrics["dynamic_sampling/filled_fraction"] = self.gather_mean(torch.tensor(filled, device=device))
+        return batch, metrics
 
     def sample_responses(self) -> Rollout:
         """`samples_per_prompt` responses to each of a fresh batch of training prompts, each scored s(x, y)."""
