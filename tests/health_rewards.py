@@ -16,3 +16,8 @@ def length(prompts: list, completions: list, **_: Any) -> list[float]:
     """Pays for characters: responses grow to the token limit."""
     return [len(completion_text(c)) / 10 for c in completions]
 
+
+
+def short(prompts: list, completions: list, **_: Any) -> list[float]:
+    """Pays for saying nothing: the policy learns to end at once, and its entropy collapses."""
+    return [-len(completion_text(c)) / 10 for c in completions]

@@ -60,20 +60,23 @@ def sick_stages(directory: Path) -> list[dict]:
         {"name": "dpo_plain", "type": "dpo", "model": "sft", "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 300},
          "args": {"max_steps": 12, "learning_rate": 5e-3, "per_device_train_batch_size": 16, "max_length": 48,
                   "beta": 0.1, "logging_steps": 2}},
-        {"name": "kto_still", "type": "kto", "model": "sft", "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 300},
+        {"name": "kto_still", "type": "kto", "model": "sft", "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 120},
          "args": {"max_steps": 6, "learning_rate": STILL, "per_device_train_batch_size": 16, "max_length": 48,
                   "logging_steps": 1}},
         {"name": "rloo_const", "type": "rloo", **rl, "rewards": [{"function": "tests.health_rewards:constant"}],
          "args": {**grpo_args, "learning_rate": STILL, "beta": 0.05}},
         {"name": "grpo_long", "type": "grpo", **rl, "rewards": [{"function": "tests.health_rewards:length"}],
          "health": {"max_kl": 1.0},
-         "args": {**grpo_args, "max_steps": 12, "learning_rate": 5e-3, "beta": 0.04}},
+         "args": {**grpo_args, "max_steps": 16, "learning_rate": 1e-2, "beta": 0.04, "max_completion_length": 8}},
         {"name": "ppo_still", "type": "ppo", **rl, "rewards": [{"function": "tests.health_rewards:length"}],
          "args": {**ppo_args, "learning_rate": STILL, "value_head_init_std": 1.0}},
-        # paid for length, with the `format` reward (one short line) as a lightly weighted independent scorer
-        {"name": "ppo_long", "type": "ppo", **rl, "health": {"max_kl": 2.0},
-         "rewards": [{"function": "tests.health_rewards:length"}, {"function": "format", "weight": 0.1}],
-         "args": {**ppo_args, "max_steps": 10, "learning_rate": 1e-2, "kl_coef": 0.0, "missing_eos_penalty": None}},
+        {"name": "ppo_long", "type": "ppo", **rl, "health": {"max_kl": 2.0, "kl_growing_from": 1.0},
+         "rewards": [{"function": "tests.health_rewards:length"}],
+         "args": {**ppo_args, "max_steps": 12, "learning_rate": 1e-2, "kl_coef": 0.0, "missing_eos_penalty": None}},
+        # paid for ending at once, with the length as a lightly weighted independent scorer, whose held-out score falls
+        {"name": "ppo_short", "type": "ppo", **rl,
+         "rewards": [{"function": "tests.health_rewards:short"}, {"function": "tests.health_rewards:length", "weight": 0.01}],
+         "args": {**ppo_args, "max_steps": 16, "ppo_epochs": 4, "learning_rate": 1e-2, "kl_coef": 0.0}},
     ]
 
 
@@ -122,8 +125,8 @@ def test_reward_noise_is_not_a_trend():
     ("rloo_const", ["policy_not_moving", "reward_flat", "zero_variance_groups"]),
     ("grpo_long", ["kl_past_bound", "responses_truncated", "length_growing"]),
     ("ppo_still", ["policy_not_moving", "reward_flat", "critic_not_learning"]),
-    ("ppo_long", ["reward_hacking", "kl_past_bound", "kl_growing", "entropy_collapse", "responses_truncated",
-                  "length_growing"]),
+    ("ppo_long", ["kl_past_bound", "kl_growing", "responses_truncated", "length_growing"]),
+    ("ppo_short", ["reward_hacking", "entropy_collapse"]),
 ])
 def test_each_finding_is_raised_by_a_run_built_to_cause_it(sick, stage, findings):
     assert sick[1][stage]["status"] == "completed"  # reported, not stopped
@@ -140,8 +143,8 @@ def test_findings_carry_their_numbers(sick):
     still = found(sick, "ppo_still")["policy_not_moving"]
     assert still["approx_kl"] < 1e-5 and still["clip_fraction"] < 1e-4 and still["metric"] == "approx_kl"
     assert found(sick, "ppo_still")["critic_not_learning"]["explained_variance"] <= 0.0
-    hacked = found(sick, "ppo_long")["reward_hacking"]
-    assert hacked["eval_reward/format_reward_before"] - hacked["eval_reward/format_reward_after"] >= 0.05
+    hacked = found(sick, "ppo_short")["reward_hacking"]
+    assert hacked["eval_reward/length_before"] - hacked["eval_reward/length_after"] >= 0.05
     assert found(sick, "rloo_const")["zero_variance_groups"]["share"] == 1.0  # every group: one constant reward
     assert found(sick, "ppo_long")["kl_past_bound"]["kl_per_response"] > 2.0  # the recipe's own bound
 

@@ -30,7 +30,7 @@ class HealthSpec:
     still_clip: float = 1e-4  # policy_not_moving: ... and second-half clip fraction below this (where logged)
     hacking_accuracy_drop: float = 0.05  # reward_hacking: held-out accuracy (or a reward term's held-out score) fell by at least this while a reward rose
     max_kl: float = 10.0  # kl_past_bound: KL to the reference (nats per response) above this in the last quarter
-    kl_growing_from: float = 3.0  # kl_growing: KL rising every quarter, not slowing, and above this at the end
+    kl_growing_from: float = 3.0  # kl_growing: KL (nats per response) rising every quarter, and above this in the last
     min_entropy_ratio: float = 0.1  # entropy_collapse: last-quarter entropy below this fraction of the first quarter's
     max_truncated: float = 0.5  # responses_truncated: share of responses cut at the token limit (last quarter) above this
     length_growth: float = 1.5  # length_growing: response length rising every quarter to this multiple of the first

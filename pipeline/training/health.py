@@ -218,7 +218,7 @@ def kl_past_bound(e: Evidence, spec: HealthSpec) -> Finding | None:
 def kl_growing(e: Evidence, spec: HealthSpec) -> Finding | None:
     points = response_kl(e)
     means = rising_every_quarter(points) if len(points) >= spec.min_points else None
-    if means and means[3] - means[2] >= means[2] - means[1] and means[3] > spec.kl_growing_from:
+    if means and means[3] > spec.kl_growing_from:
         return finding("kl_growing", e.key("kl") if "kl" in e.names else e.key("kl_per_token"), points,
                        quarter_means=[round(m, 4) for m in means], bound=spec.kl_growing_from)
     return None
@@ -308,7 +308,7 @@ CHECKS: dict[str, Check] = {
                                "raise learning_rate; check that rewards differ between samples of a prompt"),
     "reward_flat": Check(reward_flat, "sampled reward flat or falling",
                          "raise learning_rate or temperature; check that the reward can be earned"),
-    "reward_hacking": Check(reward_hacking, "reward up while held-out accuracy falls (reward hacking)",
+    "reward_hacking": Check(reward_hacking, "reward up while held-out accuracy or another scorer falls (reward hacking)",
                             "a higher KL coefficient (kl_coef/beta), fewer steps, or a reward closer to the task"),
     "kl_past_bound": Check(kl_past_bound, "KL to the reference past its bound",
                            "a higher KL coefficient (kl_coef/beta, or adaptive_kl) or a lower learning_rate"),
