@@ -73,8 +73,9 @@ def sick_stages(directory: Path) -> list[dict]:
         {"name": "ppo_long", "type": "ppo", **rl, "health": {"max_kl": 2.0, "kl_growing_from": 1.0},
          "rewards": [{"function": "tests.health_rewards:length"}],
          "args": {**ppo_args, "max_steps": 12, "learning_rate": 1e-2, "kl_coef": 0.0, "missing_eos_penalty": None}},
-        # paid for ending at once, with the length as a lightly weighted independent scorer, whose held-out score falls
-        {"name": "ppo_short", "type": "ppo", **rl,
+        # paid for ending at once, with the length as a lightly weighted independent scorer, whose held-out score
+        # falls; every weight trained, so the policy settles on one response (the LoRA adapter's entropy fell 25%)
+        {"name": "ppo_short", "type": "ppo", "model": "sft", "dataset": PROMPTS,
          "rewards": [{"function": "tests.health_rewards:short"}, {"function": "tests.health_rewards:length", "weight": 0.01}],
          "args": {**ppo_args, "max_steps": 16, "ppo_epochs": 4, "learning_rate": 1e-2, "kl_coef": 0.0}},
     ]
@@ -123,7 +124,7 @@ def test_reward_noise_is_not_a_trend():
     ("dpo_plain", ["chosen_logp_falling"]),
     ("kto_still", ["loss_not_falling", "reward_accuracy_stuck"]),
     ("rloo_const", ["policy_not_moving", "reward_flat", "zero_variance_groups"]),
-    ("grpo_long", ["kl_past_bound", "responses_truncated", "length_growing"]),
+    ("grpo_long", ["kl_past_bound", "kl_growing", "responses_truncated"]),
     ("ppo_still", ["policy_not_moving", "reward_flat", "critic_not_learning"]),
     ("ppo_long", ["kl_past_bound", "kl_growing", "responses_truncated", "length_growing"]),
     ("ppo_short", ["reward_hacking", "entropy_collapse"]),
