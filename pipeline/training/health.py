@@ -196,31 +196,30 @@ def reward_hacking(e: Evidence, spec: HealthSpec) -> Finding | None:
                                             f"{down}_before": fell[down][0], f"{down}_after": fell[down][1]})
 
 
-def response_kl(e: Evidence) -> Series:
-    """KL to the reference in nats per response: logged so (PPO), or per token times the mean length (TRL)."""
+def response_kl(e: Evidence) -> tuple[str, Series]:
+    """(logged name, KL to the reference in nats per response): logged so (PPO), or per token times the mean
+    length (TRL)."""
     if "kl" in e.names:
-        return e.series("kl")
+        return e.key("kl"), e.series("kl")
     lengths = dict(e.series("length"))
-    return [(s, v * lengths[s]) for s, v in e.series("kl_per_token") if s in lengths]
+    return e.key("kl_per_token"), [(s, v * lengths[s]) for s, v in e.series("kl_per_token") if s in lengths]
 
 
 def kl_past_bound(e: Evidence, spec: HealthSpec) -> Finding | None:
-    points = response_kl(e)
+    key, points = response_kl(e)
     if len(points) < spec.min_points:
         return None
     last = _mean(quarters(points)[1])
     if last > spec.max_kl:
-        return finding("kl_past_bound", e.key("kl") if "kl" in e.names else e.key("kl_per_token"), points,
-                       kl_per_response=last, bound=spec.max_kl)
+        return finding("kl_past_bound", key, points, kl_per_response=last, bound=spec.max_kl)
     return None
 
 
 def kl_growing(e: Evidence, spec: HealthSpec) -> Finding | None:
-    points = response_kl(e)
+    key, points = response_kl(e)
     means = rising_every_quarter(points) if len(points) >= spec.min_points else None
     if means and means[3] > spec.kl_growing_from:
-        return finding("kl_growing", e.key("kl") if "kl" in e.names else e.key("kl_per_token"), points,
-                       quarter_means=[round(m, 4) for m in means], bound=spec.kl_growing_from)
+        return finding("kl_growing", key, points, quarter_means=[round(m, 4) for m in means], bound=spec.kl_growing_from)
     return None
 
 
@@ -235,21 +234,21 @@ def entropy_collapse(e: Evidence, spec: HealthSpec) -> Finding | None:
     return None
 
 
-def truncated_share(e: Evidence) -> Series:
-    """Share of responses cut at the token limit: logged so (TRL), or 1 - the share that ended with EOS (PPO)."""
+def truncated_share(e: Evidence) -> tuple[str, Series]:
+    """(logged name, share of responses cut at the token limit): logged so (TRL), or 1 - the share that ended
+    with EOS (PPO)."""
     if "truncated" in e.names:
-        return e.series("truncated")
-    return [(s, 1.0 - v) for s, v in e.series("finished")]
+        return e.key("truncated"), e.series("truncated")
+    return e.key("finished"), [(s, 1.0 - v) for s, v in e.series("finished")]
 
 
 def responses_truncated(e: Evidence, spec: HealthSpec) -> Finding | None:
-    points = truncated_share(e)
+    key, points = truncated_share(e)
     if len(points) < spec.min_points:
         return None
     share = _mean(quarters(points)[1])
     if share > spec.max_truncated:
-        return finding("responses_truncated", e.key("truncated") if "truncated" in e.names else e.key("finished"),
-                       points, truncated_share=share, bound=spec.max_truncated)
+        return finding("responses_truncated", key, points, truncated_share=share, bound=spec.max_truncated)
     return None
 
 
