@@ -22,7 +22,6 @@ from typing import Any
 from accelerate import PartialState
 from transformers import set_seed
 
-from pipeline.config.health import health_settings
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
 from pipeline.models.loading import process_defaults
@@ -183,8 +182,7 @@ class Runner:
         if decision == "skip":
             self.log(f"{label}: skipped, already completed with the same inputs")
             record = {"type": stage.type, "metrics": previous.get("metrics") or {}}
-            settings = health_settings(self.recipe.defaults, getattr(stage, "health", {}), "health", [])
-            # judged again from its logs: thresholds are not part of the fingerprint
+            settings = self.recipe.stage_health(stage)  # judged again from its logs: not part of the fingerprint
             health = on_main(self.state, lambda: stage_findings(self.run_dir, stage.name, record, settings),
                              f"stage '{stage.name}': reading its health")
             self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"), health)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from pipeline.config.health import health_settings
 from pipeline.config.paths import resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import DatasetSpec, StageSpec
@@ -40,9 +39,9 @@ class StageContext:
     @cached_property
     def health(self) -> HealthWatch:
         """The stage's run-health watch (`pipeline.training.health`): lines printed by the main process only."""
-        settings = health_settings(self.recipe.defaults, getattr(self.stage, "health", {}), "health", [])
         log = (lambda line: print(line, flush=True)) if self.is_main_process else (lambda line: None)
-        return HealthWatch(self.stage.name, self.stage.health_checks, self.stage.health_names, settings, log)
+        return HealthWatch(self.stage.name, self.stage.health_checks, self.stage.health_names,
+                           self.recipe.stage_health(self.stage), log)
 
     @property
     def seed(self) -> int:
