@@ -19,7 +19,7 @@ class HealthSpec:
 
     fail_on: list[str] = field(default_factory=list)  # findings that fail the stage instead of only being reported
     min_points: int = 4  # logged rows a trend needs; with fewer, trend findings do not apply
-    trend_z: float = 2.0  # a change counts only beyond this many standard errors of the quarter means (step-to-step noise)
+    trend_z: float = 1.0  # a change counts only beyond this many standard errors of the quarter means (step-to-step noise)
     loss_min_drop: float = 0.02  # loss_not_falling: last-quarter mean loss less than this fraction below the first quarter's
     overfit_rise: float = 0.05  # overfitting: held-out loss this fraction above its lowest, while training loss fell
     chance_margin: float = 0.1  # pair_accuracy_near_chance: held-out pair accuracy below 0.5 + this
