@@ -1,4 +1,4 @@
-"""Command line: `pipeline validate|run|report|push`."""
+"""Command line: `pipeline validate|run|report|health|push`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import PushSpec
 from pipeline.data.loading import DataError
+from pipeline.outputs.health import health_lines, run_health
 from pipeline.outputs.hub import push_stage
 from pipeline.outputs.report import write_report
 from pipeline.run.runner import RunError, Runner
 from pipeline.runtime.distributed import LaunchChanged, MainProcessFailed, rank_label
+from pipeline.training.health import HealthFailure
 from pipeline.training.trainers import TrainingDiverged
 from pipeline.validation.preflight import check_data, check_launch, check_output_dir, output_dir_problem
 from pipeline.validation.prompt_checks import prompt_renderings
@@ -70,6 +72,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    """Each training stage's findings, from the logs on disk (also of a run from before run health existed)."""
+    try:
+        found = run_health(Path(args.run_dir))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(health_lines(found)) or "no training stage has completed")
+    return 0
+
+
 def cmd_push(args) -> int:
     push = PushSpec(repo_id=args.repo_id, private=args.private, revision=args.revision, merge_adapter=args.merge_adapter)
     try:
@@ -105,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("health", parents=[common], help="each training stage's run-health findings, from its logs")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("push", parents=[common], help="upload a finished stage's output and a model card to the Hugging Face Hub")
     p.add_argument("run_dir")
     p.add_argument("stage")
@@ -137,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def is_user_error(err: Exception) -> bool:
-    """Errors whose message says everything: bad data, a diverged loss, a failure the main process reported,
-    a run that cannot go on as asked."""
+    """Errors whose message says everything: bad data, a diverged loss, a `health.fail_on` finding, a failure the
+    main process reported, a run that cannot go on as asked."""
 
-    return isinstance(err, (DataError, TrainingDiverged, MainProcessFailed, RunError, LaunchChanged))
+    return isinstance(err, (DataError, TrainingDiverged, HealthFailure, MainProcessFailed, RunError, LaunchChanged))
 
 
 def error_line(err: Exception) -> str:

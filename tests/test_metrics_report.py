@@ -183,11 +183,12 @@ def test_report_opens_with_the_headline_table_and_accuracy_chart(tmp_path):
                    "eval": {"type": "eval", "metrics": eval_metrics}})
     report = write_report(run).read_text()
     lines = report.splitlines()
-    assert lines[4:7] == ["## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) |"]
-    assert lines[8:11] == ["| sft | sft | completed |   | held-out loss 8.5 -> 0.2 |",
-                           "| grpo | grpo | completed |   | exact match 0.45 -> 0.66 |",
+    assert lines[4:7] == ["## Headline", "",
+                          "| stage | type | status | seconds | key metrics (before -> after) | health |"]
+    assert lines[8:11] == ["| sft | sft | completed |   | held-out loss 8.5 -> 0.2 | healthy |",
+                           "| grpo | grpo | completed |   | exact match 0.45 -> 0.66 | healthy |",
                            "| eval | eval | completed |   | accuracy sft 0.45, dpo 0.5, grpo 0.66, ppo 0.62; "
-                           "pass@8 sft 0.9, grpo 0.93; reward sft 1.5 |"]
+                           "pass@8 sft 0.9, grpo 0.93; reward sft 1.5 |   |"]
     assert lines[12] == "![held-out accuracy across stages](plots/accuracy.png)"  # under the table, before the rest
     assert report.count("plots/accuracy.png") == 1
     chart = Image.open(run / "plots" / "accuracy.png")
@@ -200,8 +201,8 @@ def test_report_without_an_eval_stage_has_no_accuracy_chart(tmp_path):
     fake_run(run, {"sft": {"type": "sft", "metrics": {"initial_eval_loss": 8.5, "eval_loss": 0.2}},
                    "eval": {"type": "eval", "status": "pending", "metrics": {}}})
     report = write_report(run).read_text()
-    assert "## Headline" in report and "| sft | sft | completed |   | held-out loss 8.5 -> 0.2 |" in report
-    assert "| eval | eval | pending |   |   |" in report
+    assert "## Headline" in report and "| sft | sft | completed |   | held-out loss 8.5 -> 0.2 | healthy |" in report
+    assert "| eval | eval | pending |   |   |   |" in report
     assert "accuracy.png" not in report and not (run / "plots" / "accuracy.png").exists()
 
 

@@ -116,3 +116,10 @@ def test_report_shows_every_stage(quickstart):
     assert (run_dir / "plots" / "eval.png").is_file() and "Sample greedy responses" in report
     # The headline chart: greedy accuracy per policy with its gain, and SFT's pass@8 line.
     assert "plots/accuracy.png" in report and (run_dir / "plots" / "accuracy.png").stat().st_size > 1000
+
+
+def test_every_training_stage_is_healthy(quickstart):
+    """Run health raises no false alarm on the quickstart (tests/test_health.py raises each finding on purpose)."""
+    health = {name: quickstart[name].get("health") for name in ("base", "sft", "rm", "dpo", "grpo", "ppo")}
+    assert health == {name: [] for name in health}
+    assert "health" not in quickstart["tok"] and "health" not in quickstart["eval"]  # not training stages

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.config.health import HealthSpec, health_settings
 from pipeline.config.paths import config_fields
 from pipeline.config.schema import RecipeError, build, suggest
 from pipeline.config.specs import SourceSpec, StageSpec, TrainStageSpec
@@ -56,6 +57,11 @@ class Recipe:
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
+
+    def stage_health(self, stage: StageSpec) -> HealthSpec:
+        """Run-health thresholds: `defaults.health`, overridden key by key by the stage's `health` (validated by
+        `load_recipe`)."""
+        return health_settings(self.defaults, getattr(stage, "health", {}), "health", [])
 
     def stage_args(self, stage: StageSpec) -> dict[str, Any]:
         """`defaults` that apply to this stage's config class, overridden by its own `args`, then by the stage

@@ -69,6 +69,10 @@ class StageSpec:
     # The console and report's key metrics: (label, metric before or None, metric after); a trailing `*`
     # matches every metric with that prefix (one per reward term, say).
     headline_metrics: ClassVar[tuple[tuple[str, str | None, str], ...]] = ()
+    # Run health (`pipeline.training.health`): the findings this type is checked for, and the logged or reported
+    # name of each quantity they read, by role (`reward`, `entropy`, `pair_accuracy`, ...); absent: not applicable.
+    health_checks: ClassVar[tuple[str, ...]] = ()
+    health_names: ClassVar[dict[str, str]] = {}
 
     def check(self) -> list[str]:
         """Problems in this stage's own keys, one line each (cross-stage and library checks run elsewhere)."""
@@ -163,9 +167,14 @@ class TrainStageSpec(StageSpec):
     quantization: QuantizationSpec | None = None
     revision: str | None = None  # Hub revision of `model`
     push_to_hub: PushSpec | None = None  # publishing only: not part of the stage's fingerprint
+    # Run-health thresholds and `fail_on` (pipeline.config.health.HealthSpec), over `defaults.health`; judging
+    # only: not part of the stage's fingerprint
+    health: dict[str, Any] = field(default_factory=dict)
 
     ref_fields = ("model",)
     model_task = "causal-lm"
+    health_checks = ("loss_not_falling", "overfitting")
+    health_names = {"loss": "loss", "eval_loss": "eval_loss"}
 
     def tokenizer_ref(self) -> str | None:
         return self.model
@@ -182,6 +191,10 @@ PREFERENCE_FORMATS = {
 }
 
 PROMPT_FORMATS = {"prompts": ("prompt",)}
+
+# What every online RL stage (grpo, rloo, ppo) is checked for; their loss is no learning signal, their reward is.
+RL_HEALTH_CHECKS = ("policy_not_moving", "reward_flat", "reward_hacking", "kl_past_bound", "kl_growing",
+                    "entropy_collapse", "responses_truncated", "length_growing", "zero_variance_groups")
 
 @dataclass(kw_only=True)
 class RewardTermSpec:

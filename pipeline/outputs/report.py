@@ -1,6 +1,6 @@
-"""`report.md`: a headline table (each stage's key metric before -> after) with a chart of held-out accuracy
-across the eval stage's models (greedy, best-of-N, pass@k), then per-stage launches, metrics, training curves,
-eval results and samples, the recipe and package versions.
+"""`report.md`: a headline table (each stage's key metric before -> after, and its run-health verdict) with a chart of held-out accuracy
+across the eval stage's models (greedy, best-of-N, pass@k), then per-stage launches, metrics, training curves
+(and the curves behind each health finding), eval results and samples, the recipe and package versions.
 
 Everything is rebuilt from the run directory (summary.json, manifest.json, each stage's log_history.json,
 result.json and an eval stage's samples.json), so `pipeline report RUN_DIR` works on any run, finished or not.
@@ -20,8 +20,10 @@ import yaml
 matplotlib.use("Agg")  # plots are written to files, never shown (the run may have no display)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from pipeline.outputs.health import recipe_settings, stage_findings
 from pipeline.runtime.disk import disk_use, megabytes
 from pipeline.runtime.distributed import launch_label
+from pipeline.training.health import Finding, verdict
 from pipeline.stages import STAGE_TYPES
 from pipeline.stages.eval import sampled_name
 
@@ -84,6 +86,28 @@ def plot_curves(history: list[dict], out: Path, title: str) -> Series:
         ax.set_title(base)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    _save(plt, fig, out, title)
+    return drawn
+
+
+def plot_health(history: list[dict], findings: list[Finding], out: Path, title: str) -> Series:
+    """A panel per finding about a logged curve: the curve, and a line at the step the finding was made; the
+    series drawn, by finding. Findings on end-of-stage metrics only have no curve: none drawn, {} returned."""
+    curves = [(f, [(row["step"], row[f["metric"]]) for row in history if f["metric"] in row and "step" in row])
+              for f in findings]
+    curves = [(f, points) for f, points in curves if len(points) > 1]
+    if not curves:
+        return {}
+    plt, fig, axes = _figure(len(curves))
+    drawn: Series = {}
+    for ax, (found, points) in zip(axes, curves):
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        if found.get("step") is not None:
+            ax.axvline(found["step"], linestyle="--", color="tab:red")
+        ax.set_title(f"{found['finding']}: {found['metric']}", fontsize="small")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        drawn[found["finding"]] = [tuple(map(float, xy)) for xy in line.get_xydata()]
     _save(plt, fig, out, title)
     return drawn
 
@@ -218,14 +242,17 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Run report: {summary['recipe']}", "",
              f"Recipe `{summary.get('recipe_path')}`, seed {manifest.get('seed')}"
              + (f", git commit `{commit[:12]}`" if commit else "") + ".", "",
-             "## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) |",
-             "|---|---|---|---|---|"]
+             "## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) | health |",
+             "|---|---|---|---|---|---|"]
+    health = {name: recorded_health(run_dir, name, stage, manifest) for name, stage in stages.items()}
     for name, stage in stages.items():
         status = stage["status"]
         if status == "failed" and (run_dir / name / "error.txt").is_file():
             status += f" (see {name}/error.txt)"
         shown = headline(stage["type"], stage["metrics"])
-        lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} |")
+        judged = verdict(health[name]) if health[name] is not None else ""
+        lines.append(f"| {name} | {stage['type']} | {cell(status)} | {cell(seconds[name] or '')} | {cell(shown)} "
+                     f"| {cell(judged)} |")
     lines += _accuracy_chart(run_dir, stages, plots)
     lines += time_and_disk_section(run_dir, stages, seconds)
     lines += launch_section(stages, manifest)
@@ -239,6 +266,12 @@ def write_report(run_dir: Path) -> Path:
         history = _read(run_dir / name / "log_history.json")
         if history and plot_curves(history, plots / f"{name}.png", f"{name} ({stage['type']})"):
             lines += ["", f"![{name} curves](plots/{name}.png)"]
+        if health[name]:
+            lines += ["", "Health findings (`pipeline health` prints them with what to try):", ""]
+            lines += [f"- {f['finding']}: " + ", ".join(f"{k} {cell(v)}" for k, v in f.items() if k != "finding")
+                      for f in health[name]]
+            if history and plot_health(history, health[name], plots / f"{name}_health.png", f"{name}: health"):
+                lines += ["", f"![{name} health](plots/{name}_health.png)"]
 
     if manifest.get("recipe"):
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip(), "```"]
@@ -262,6 +295,18 @@ def time_and_disk_section(run_dir: Path, stages: dict[str, Any], seconds: dict[s
         lines.append(f"| {name} | {cell(seconds[name] or '')} | {cell(evaluating if evaluating else '')} | "
                      f"{megabytes(own)} | {megabytes(shared) if shared else ''} |")
     return lines + ["", f"Disk in all: {megabytes(sum(own for own, _ in use.values()))}."]
+
+
+def recorded_health(run_dir: Path, name: str, stage: dict[str, Any], manifest: dict[str, Any]) -> list[Finding] | None:
+    """A finished training stage's findings: as summary.json records them, or (a run from before run health) read
+    from its logs; None for other stages and unfinished ones."""
+    if stage["status"] not in ("completed", "skipped", "failed"):
+        return None
+    if "health" in stage:
+        return stage["health"]
+    if stage["status"] == "failed":
+        return None
+    return stage_findings(run_dir, name, stage, recipe_settings(manifest.get("recipe") or {}, name))
 
 
 def launch_section(stages: dict[str, Any], manifest: dict[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.prompts import recipe_prompt_format
 from pipeline.models.loading import process_defaults
+from pipeline.outputs.health import stage_findings
 from pipeline.outputs.hub import push_if_configured
 from pipeline.outputs.report import headline, write_report
 from pipeline.run.manifest import write_manifest
@@ -73,12 +74,14 @@ class Runner:
         return self.state.is_main_process
 
     def stage_record(self, stage, status: str, metrics: dict[str, float] | None = None,
-                     launch: dict[str, Any] | None = None) -> None:
+                     launch: dict[str, Any] | None = None, health: list[dict[str, Any]] | None = None) -> None:
         self.summary["stages"][stage.name] = {
             "type": stage.type, "status": status, "output": str(self.run_dir / stage.name / "output"),
             "metrics": metrics or {}, "fingerprint": self.fingerprints.get(stage.name),
             "launch": launch,  # how the stage was trained (for a skipped one, by an earlier launch)
         }
+        if health is not None:  # training stages (pipeline.training.health): [] when healthy
+            self.summary["stages"][stage.name]["health"] = health
         if self.is_main:
             write_json(self.run_dir / "summary.json", self.summary)
 
@@ -181,7 +184,11 @@ class Runner:
                                      f"stage '{stage.name}': deciding whether to run")
         if decision == "skip":
             self.log(f"{label}: skipped, already completed with the same inputs")
-            self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"))
+            record = {"type": stage.type, "metrics": previous.get("metrics") or {}}
+            settings = self.recipe.stage_health(stage)  # judged again from its logs: not part of the fingerprint
+            health = on_main(self.state, lambda: stage_findings(self.run_dir, stage.name, record, settings),
+                             f"stage '{stage.name}': reading its health")
+            self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"), health)
             return
         if decision == "pending":
             self.log(f"{label}: not selected (--stages), left pending")
@@ -196,11 +203,14 @@ class Runner:
             with progress.Heartbeat() if self.is_main else contextlib.nullcontext(), \
                     recipe_prompt_format(self.recipe.prompt_format):
                 metrics = STAGE_TYPES[stage.type].run(stage, ctx)
+            # the whole run checked again from its logs (a `fail_on` finding fails the stage on every rank)
+            health = on_main(self.state, lambda: self.final_health(stage, ctx, metrics),
+                             f"stage '{stage.name}': checking its health")
         except BaseException as err:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
             # (pipeline.runtime.distributed); the launcher stops them when this process exits.
             self.timings[stage.name] = round(time.time() - started, 2)
-            self.stage_record(stage, "failed", launch=self.launch)
+            self.stage_record(stage, "failed", launch=self.launch, health=getattr(err, "findings", None))
             if self.is_main:
                 note = ("" if self.state.num_processes == 1 else "On the main process. A communication error here "
                         "usually means another rank failed first: the launcher's output names it.\n")
@@ -218,7 +228,14 @@ class Runner:
                       if self.evaluating[stage.name] >= 1 else "")
         self.log(f"{label}: completed in {progress.duration(self.timings[stage.name])}{evaluating}"
                  + (f": {shown}" if shown else ""))
-        self.stage_record(stage, "completed", metrics, self.launch)
+        self.stage_record(stage, "completed", metrics, self.launch, health)
+
+    def final_health(self, stage, ctx: StageContext, metrics: dict[str, float]) -> list[dict[str, Any]] | None:
+        """A training stage's findings over its whole log (printing those not printed while it trained)."""
+        if not stage.health_checks:
+            return None
+        history = read_json(ctx.stage_dir / "log_history.json")
+        return ctx.health.observe(history if isinstance(history, list) else [], metrics, final=True)
 
     @staticmethod
     def prepare_stage_dir(stage_dir: Path, expected: str) -> None:

@@ -112,7 +112,8 @@ def fingerprint(recipe: Recipe, stage, upstream: dict[str, str]) -> str:
     """Hash of everything that determines a stage's result: its spec, args, seed, input files, upstream stages,
     and the code, library versions and hardware choices it runs with (`pipeline.run.stage_identity`)."""
     payload = {
-        "spec": {k: v for k, v in dataclasses.asdict(stage).items() if k != "push_to_hub"},  # publishing, not an input
+        # publishing and judging the result, not inputs
+        "spec": {k: v for k, v in dataclasses.asdict(stage).items() if k not in ("push_to_hub", "health")},
         "args": recipe.stage_args(stage), "seed": recipe.seed,
         "inputs": input_files(recipe, stage), "upstream": upstream, "runs_with": stage_identity(stage.type),
     }

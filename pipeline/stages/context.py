@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from datasets import Dataset
@@ -11,6 +12,7 @@ from pipeline.config.paths import resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import DatasetSpec, StageSpec
 from pipeline.data.loading import load_mixture, load_splits
+from pipeline.training.health import HealthWatch
 
 
 @dataclass
@@ -33,6 +35,13 @@ class StageContext:
     def output_dir(self) -> Path:
         """Where the stage writes its model/tokenizer/data; renamed to `output` only on success."""
         return self.stage_dir / "output.partial"
+
+    @cached_property
+    def health(self) -> HealthWatch:
+        """The stage's run-health watch (`pipeline.training.health`): lines printed by the main process only."""
+        log = (lambda line: print(line, flush=True)) if self.is_main_process else (lambda line: None)
+        return HealthWatch(self.stage.name, self.stage.health_checks, self.stage.health_names,
+                           self.recipe.stage_health(self.stage), log)
 
     @property
     def seed(self) -> int:

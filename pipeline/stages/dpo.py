@@ -35,6 +35,9 @@ class DPOSpec(TrainStageSpec):
     preference_data = True
     headline_metrics = (("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
                         ("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins"))
+    health_checks = TrainStageSpec.health_checks + ("chosen_logp_falling", "reward_accuracy_stuck")
+    health_names = {**TrainStageSpec.health_names, "chosen_logp": "logps/chosen",
+                    "pair_accuracy": "eval_rewards/accuracies", "margin": "eval_rewards/margins"}
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PREFERENCE_FORMATS
@@ -56,7 +59,7 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=training.stage_callbacks(spec.name))
+                         callbacks=training.stage_callbacks(spec.name, ctx.health))
     match_trainable_dtype(trainer.model, spec.quantization)
     training.batch_by_length(trainer, pair_length)
     check_padding(trainer, pair_length, where)

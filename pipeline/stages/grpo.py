@@ -18,6 +18,7 @@ from trl.models.utils import unwrap_model_for_generation
 from pipeline.algorithms.dynamic_sampling import with_dynamic_sampling
 from pipeline.config.specs import (
     PROMPT_FORMATS,
+    RL_HEALTH_CHECKS,
     AnswerExtractorSpec,
     RewardTermSpec,
     TrainStageSpec,
@@ -64,6 +65,12 @@ class GRPOSpec(TrainStageSpec):
     continues_adapter = True
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("train reward", "train_reward_first", "train_reward_last"))
+    # TRL's logged names. Its clip ratio is 0 by construction at num_iterations 1 (pi_old is pi), so movement is
+    # read from the KL to the reference, logged per token when beta != 0.
+    health_checks = RL_HEALTH_CHECKS
+    health_names = {"reward": "reward", "movement_kl": "kl", "kl_per_token": "kl", "entropy": "entropy",
+                    "length": "completions/mean_length", "truncated": "completions/clipped_ratio",
+                    "zero_variance": "frac_reward_zero_std"}
 
     def reward_terms(self) -> list[RewardTermSpec]:
         return self.rewards
@@ -129,7 +136,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = trainer_class(model=model, reward_funcs=functions, args=args, train_dataset=train,
                             processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=training.stage_callbacks(spec.name))
+                            callbacks=training.stage_callbacks(spec.name, ctx.health))
     match_trainable_dtype(trainer.model, spec.quantization)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names and len(held_out) > 0

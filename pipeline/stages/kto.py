@@ -34,6 +34,9 @@ class KTOSpec(TrainStageSpec):
     args_class = "trl.KTOConfig"
     preference_data = True  # besides its own unpaired rows
     headline_metrics = (("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins"),)
+    # TRL's KTO logs no pair accuracy: `reward_accuracy_stuck` reads the held-out margin instead
+    health_checks = TrainStageSpec.health_checks + ("chosen_logp_falling", "reward_accuracy_stuck")
+    health_names = {**TrainStageSpec.health_names, "chosen_logp": "logps/chosen", "margin": "eval_rewards/margins"}
 
     def check(self) -> list[str]:
         """What TRL's KTOTrainer refuses only when the stage starts (its KL estimate pairs rows within a batch)."""
@@ -78,7 +81,7 @@ def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
                                 seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=training.stage_callbacks(spec.name))
+                         callbacks=training.stage_callbacks(spec.name, ctx.health))
     match_trainable_dtype(trainer.model, spec.quantization)
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
                              initial=("eval_loss", "eval_rewards/margins", "eval_kl"))

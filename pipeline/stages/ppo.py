@@ -27,6 +27,7 @@ from pipeline.algorithms.ppo_trainer.models import ActorCritic, decoder_trunk
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.config.specs import (
     PROMPT_FORMATS,
+    RL_HEALTH_CHECKS,
     AnswerExtractorSpec,
     RewardTermSpec,
     TrainStageSpec,
@@ -72,6 +73,12 @@ class PPOSpec(TrainStageSpec):
     zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
+    # The trainer's per-step names (pipeline.algorithms.ppo_trainer.trainer); `kl` is per response, and the
+    # truncated share is 1 - eos_fraction
+    health_checks = RL_HEALTH_CHECKS + ("critic_not_learning",)
+    health_names = {"reward": "reward", "movement_kl": "approx_kl", "movement_clip": "clip_fraction", "kl": "kl",
+                    "entropy": "entropy", "length": "response_length", "finished": "eos_fraction",
+                    "zero_variance": "zero_variance_fraction", "explained_variance": "explained_variance"}
 
     def reward_terms(self) -> list[RewardTermSpec]:
         own = [RewardTermSpec(reward_model=self.reward_model)] if self.reward_model else []
@@ -199,7 +206,7 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(trainer, ctx.checkpoint_dir)
     checkpoints.resume()
-    history = trainer.train(on_step_end=[checkpoints.on_step_end])
+    history = trainer.train(on_step_end=[checkpoints.on_step_end, ctx.health.step_hook(config.max_steps)])
     final = held_out_scores(trainer, held_out, is_correct)
     metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()}}
     quarter = max(len(history) // 4, 1)

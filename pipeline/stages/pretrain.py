@@ -115,7 +115,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=training.evaluated(eval_blocks),
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=training.stage_callbacks(spec.name))
+                      callbacks=training.stage_callbacks(spec.name, ctx.health))
     metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
     if "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))

@@ -39,6 +39,8 @@ class RewardSpec(TrainStageSpec):
     chat_needs_template = False
     preference_data = True
     headline_metrics = (("pair accuracy", "initial_eval_accuracy", "eval_accuracy"),)
+    health_checks = TrainStageSpec.health_checks + ("pair_accuracy_near_chance", "margin_collapse")
+    health_names = {**TrainStageSpec.health_names, "pair_accuracy": "eval_accuracy", "margin": "eval_margin"}
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PREFERENCE_FORMATS
@@ -109,7 +111,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_ids, eval_dataset=training.evaluated(eval_ids), processing_class=tokenizer,
         peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
-        callbacks=training.stage_callbacks(spec.name),
+        callbacks=training.stage_callbacks(spec.name, ctx.health),
     )
     match_trainable_dtype(trainer.model, spec.quantization)
     training.batch_by_length(trainer, pair_length)

@@ -121,7 +121,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out), processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=training.stage_callbacks(spec.name),
+        callbacks=training.stage_callbacks(spec.name, ctx.health),
     )
     match_trainable_dtype(trainer.model, spec.quantization)
     lengths = check_sft_lengths(trainer, (len(train), len(held_out)), where)  # over-long rows, before training

@@ -24,6 +24,7 @@ from pipeline.config.paths import import_object
 from pipeline.models.loading import process_defaults, save_merged, use_bf16
 from pipeline.runtime.memory import freed_memory_returned, huge_pages_on
 from pipeline.runtime.progress import StageProgress, held_out_evaluation
+from pipeline.training.health import HealthWatch
 
 
 class TrainingDiverged(RuntimeError):
@@ -146,9 +147,10 @@ class DivergenceGuard(TrainerCallback):
                                        "lower the learning rate or check the data")
 
 
-def stage_callbacks(stage: str) -> list[TrainerCallback]:
-    """What every Trainer-based stage passes to its Trainer: NaN guard, logs that tile the run, progress lines."""
-    return [DivergenceGuard(stage), LogAtCheckpoints(), StageProgress()]
+def stage_callbacks(stage: str, health: HealthWatch) -> list[TrainerCallback]:
+    """What every Trainer-based stage passes to its Trainer: NaN guard, logs that tile the run, progress lines,
+    run-health findings as they show."""
+    return [DivergenceGuard(stage), LogAtCheckpoints(), StageProgress(), health.callback()]
 
 
 class LogAtCheckpoints(TrainerCallback):

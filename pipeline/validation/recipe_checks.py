@@ -15,12 +15,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.health import health_settings
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
 from pipeline.config.recipe import PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import SourceSpec, TrainStageSpec
 from pipeline.models.loading import ADAPTER_MODES, PEFT_EXTRA_KEYS, is_adapter
 from pipeline.stages import STAGE_TYPES
+from pipeline.training.health import CHECKS
 from pipeline.training.trainers import make_config
 from pipeline.validation.arg_checks import value_problems
 from pipeline.validation.model_checks import model_problems
@@ -68,6 +70,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
             errors += [f"{at}: {key}.{e}" for e in eval_samples_problems(spec.eval_samples, stage.holds_out)]
         if isinstance(stage, TrainStageSpec):
             errors += [f"{at}: {e}" for e in training_key_problems(recipe, stage)]
+            errors += [f"{at}: {e}" for e in health_problems(stage.health, stage.health_checks, stage.type)]
         errors += [f"{at}: {e}" for e in stage.check()]
         if not any(e.startswith(at) for e in errors):  # the model checks build configs: only from sound keys
             errors += [f"{at}: {e}" for e in model_problems(recipe, stage)]
@@ -77,12 +80,23 @@ def check_recipe(recipe: Recipe) -> list[str]:
     for stage in recipe.stages:
         if stage.args_class:
             training_fields |= config_fields(stage.args_class)
+    errors += [f"{where}: defaults.{e}" for e in health_problems(recipe.defaults.get("health", {}), tuple(CHECKS))]
     for key in recipe.defaults:
-        if training_fields and key not in training_fields:
+        if key != "health" and training_fields and key not in training_fields:
             errors.append(f"{where}: defaults.{key}: not a field of any stage's config{suggest(key, training_fields)}")
     if recipe.prompt_format not in PROMPT_RENDERINGS:
         errors.append(f"{where}: prompt_format: must be one of {', '.join(PROMPT_RENDERINGS)}, got "
                       f"'{recipe.prompt_format}'{suggest(str(recipe.prompt_format), PROMPT_RENDERINGS)}")
+    return errors
+
+def health_problems(health: Any, checks: tuple[str, ...], stage_type: str | None = None) -> list[str]:
+    """`health:` keys (thresholds of pipeline.config.health.HealthSpec) and `fail_on` names, with suggestions."""
+    errors: list[str] = []
+    settings = health_settings({}, health, "health", errors)
+    for name in settings.fail_on if isinstance(settings.fail_on, list) else []:
+        if name not in checks:
+            which = f"a {stage_type} stage's findings" if stage_type else "findings"
+            errors.append(f"health.fail_on: '{name}' is not one of {which} ({', '.join(checks)}){suggest(str(name), checks)}")
     return errors
 
 def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: Path | None,
