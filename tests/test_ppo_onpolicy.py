@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import policy_loss
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer, Rollout
+from pipeline.data.prompts import record_prompt_format
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.ppo import PPOSpec, build_models
 from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
@@ -40,6 +41,8 @@ def make_tokenizer(family: str, directory) -> None:
     pad = {"quickstart": PAD, "llama": None, "chatml": EOS}[family]
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=pad)
     tokenizer.chat_template = CHATML_TEMPLATE
+    if family != "chatml":  # its "Q: ... A:" prompts are plain text, as an SFT on plain text records it
+        record_prompt_format(tokenizer, chat=False)
     tokenizer.save_pretrained(directory)
 
 
