@@ -18,6 +18,7 @@ import torch
 from bench.alignment import alignment_table, run_alignment
 from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
+from bench.probe import peak_flops
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
 from bench.sft_memory import run_sft_memory, sft_memory_table
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run_rl_defaults(Path(args.rl_recipe), [int(s) for s in args.rl_defaults.split(",")],
                                   args.estimators.split(","), args.modes.split(","),
                                   args.threads or max(2 // args.rl_jobs, 1), args.rl_jobs, Path(args.rl_work_dir), log)
-        return emit(results, rl_defaults_table(results), args.json)
+        torch.set_num_threads(args.threads or max(2 // args.rl_jobs, 1))  # the runs' thread count
+        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)"
+        return emit(results, f"{peak}\n{rl_defaults_table(results)}", args.json)
     if args.threads:  # children inherit it; torch reads it when it starts
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)  # for the peak-FLOP/s measurement in this process
