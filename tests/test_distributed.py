@@ -57,8 +57,15 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
         {"name": "grpo", "type": "grpo", "model": "sft",
          "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64, "eval": str(DATA / "eval.jsonl")},
          "rewards": [{"reward_model": "rm", "weight": 0.5}, {"function": "exact_match"}], "peft": LORA,
+         "dynamic_sampling": {"max_draws": 2},
          "args": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 8,
                   "max_completion_length": 4, "logging_steps": 1}},
+        # The ppo stage's critic-free GRPO: its batch std is all-reduced; dynamic sampling draws with no collective,
+        # so ranks that draw different numbers of times must not hang.
+        {"name": "ppo_grpo", "type": "ppo", "model": "sft", "rewards": [{"function": "exact_match"}], "peft": LORA,
+         "advantage_estimator": "grpo", "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64},
+         "args": {"max_steps": 2, "rollout_batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+                  "max_new_tokens": 4, "dynamic_sampling_max_draws": 3}},
     ]
     recipe = write_recipe(tmp_path, stages)
     result = launch(recipe, "--multi_gpu")
@@ -80,6 +87,10 @@ def test_ddp_runs_sft_reward_dpo_grpo(tmp_path):
     for name in ("dpo", "grpo"):  # LoRA adapters on the SFT model
         AutoPeftModelForCausalLM.from_pretrained(stages_out[name]["output"])
     assert 0.0 <= stages_out["grpo"]["metrics"]["eval_accuracy"] <= 1.0
+    for name, max_draws in (("grpo", 2), ("ppo_grpo", 3)):  # dynamic sampling ran, within its cap
+        history = json.loads((run_dir / name / "log_history.json").read_text())
+        draws = [row["dynamic_sampling/draws"] for row in history if "dynamic_sampling/draws" in row]
+        assert draws and all(1 <= n <= max_draws for n in draws)
 
 
 def lora_weights(adapter_dir: str) -> dict[str, torch.Tensor]:

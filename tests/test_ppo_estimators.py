@@ -151,6 +151,8 @@ ESTIMATOR_CASES = {
         {"advantage_estimator": "rloo"}, {"dynamic_sampling_max_draws": 0}, "dynamic_sampling_max_draws must be >= 1"),
     "dynamic sampling without groups": (
         {}, {"dynamic_sampling_max_draws": 2}, "use advantage_estimator rloo, reinforce_plus_plus or grpo"),
+    "GRPO's scaling without GRPO": (
+        {"advantage_estimator": "rloo"}, {"scale_rewards": "group"}, "args.scale_rewards scales GRPO's advantages"),
     "unknown estimator": ({"advantage_estimator": "vtrace"}, {}, "advantage_estimator must be one of"),
     "estimator in args": ({}, {"advantage_estimator": "rloo"}, "args.advantage_estimator: a key of the stage itself"),
 }

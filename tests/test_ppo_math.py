@@ -138,6 +138,8 @@ def test_config_rejects_bad_values():
         PPOConfig(advantage_estimator="rloo", samples_per_prompt=4, dynamic_sampling_max_draws=0)
     with pytest.raises(ValueError, match="group baseline"):
         PPOConfig(dynamic_sampling_max_draws=2)
+    with pytest.raises(ValueError, match="scale_rewards must be one of"):
+        PPOConfig(advantage_estimator="grpo", scale_rewards="rank")
     with pytest.raises(ValueError, match="advantage_estimator must be one of"):
         PPOConfig(advantage_estimator="vtrace")
     assert PPOConfig(learning_rate=2e-5).learning_rates(adapters=True) == pytest.approx((2e-5, 2e-4))
@@ -161,10 +163,29 @@ def test_reinforce_plus_plus_baseline_is_the_group_mean():
                           T([0.0, -1.0, -1.0, 2.0, 0, 0, 0, 0]))
 
 
-def test_grpo_normalises_by_the_group_mean_and_std():
+def test_grpo_divides_by_the_group_std():
     std = math.sqrt((0 + 1 + 1 + 4) / 3)  # unbiased, around the mean 1
     expected = T([0.0, -1.0, -1.0, 2.0]) / (std + 1e-4)
-    assert torch.allclose(group_baselined_scores(GROUPS, 4, "grpo"), torch.cat([expected, torch.zeros(4)]))
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "grpo", "group"), torch.cat([expected, torch.zeros(4)]))
+
+
+def test_grpo_divides_by_the_batch_std_or_not_at_all():
+    mean = 12 / 8  # all eight scores
+    std = math.sqrt(sum((x - mean) ** 2 for x in [1, 0, 0, 3, 2, 2, 2, 2]) / 7)
+    centred = T([0.0, -1.0, -1.0, 2.0, 0, 0, 0, 0])
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "grpo", "batch"), centred / (std + 1e-4))
+    assert torch.allclose(group_baselined_scores(GROUPS, 4, "grpo", "none"), centred)
+    assert PPOConfig(advantage_estimator="grpo").scale_rewards == "batch"
+
+
+def test_grpo_batch_std_is_over_every_process():
+    """Under DDP each rank holds part of the batch: summing the statistics gives the whole batch's std."""
+    halves = GROUPS.view(2, 4)
+    sums = [torch.stack([h.sum(), (h * h).sum(), torch.tensor(4.0)]) for h in halves]
+    whole = group_baselined_scores(GROUPS, 4, "grpo", "batch")
+    for rank, half in enumerate(halves):
+        on_rank = group_baselined_scores(half, 4, "grpo", "batch", all_reduce_sum=lambda x: sums[0] + sums[1])
+        assert torch.allclose(on_rank, whole[4 * rank:4 * rank + 4])
 
 
 def test_zero_variance_groups():

@@ -21,7 +21,7 @@ from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.algorithms.ppo_trainer.checkpointing import Checkpoints
-from pipeline.algorithms.ppo_trainer.config import CRITIC_KEYS, PPOConfig
+from pipeline.algorithms.ppo_trainer.config import CRITIC_KEYS, STD_SCALED, PPOConfig
 from pipeline.algorithms.ppo_trainer.evaluation import evaluate
 from pipeline.algorithms.ppo_trainer.models import ActorCritic, decoder_trunk
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
@@ -96,6 +96,9 @@ class PPOSpec(TrainStageSpec):
             if critic_keys:
                 problems.append(f"advantage_estimator {self.advantage_estimator!r} trains no critic, so "
                                 f"{', '.join(critic_keys)} would do nothing: remove them, or use advantage_estimator 'gae'")
+        if "scale_rewards" in self.args and self.advantage_estimator not in STD_SCALED:
+            problems.append(f"args.scale_rewards scales GRPO's advantages: it does nothing with advantage_estimator "
+                            f"{self.advantage_estimator!r}; remove it, or use advantage_estimator 'grpo'")
         return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:

@@ -10,6 +10,8 @@ from transformers.trainer_utils import SchedulerType
 KL_ESTIMATORS = ("k1", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "rloo", "reinforce_plus_plus", "grpo")
 REWARD_NORMALIZATIONS = ("running", "batch", "none")
+REWARD_SCALINGS = ("group", "batch", "none")
+STD_SCALED = ("grpo",)  # estimators whose group-centred scores are then divided by a std (`scale_rewards`)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class PPOConfig:
     # mean and std). In every estimator the KL penalty is a per-token reward; the critic-free ones take
     # each token's advantage as its reward-to-go.
     advantage_estimator: str = "gae"
+    # grpo only: its group-centred scores divided by the std of the group ("group", GRPO as published and TRL's
+    # default), of the whole batch ("batch") or not at all ("none"). "batch": dividing by a group's own std turned
+    # small score differences between near misses into full-size advantages and hacked the reward model (README).
+    scale_rewards: str = "batch"
     gamma: float = 1.0  # discount; 1.0 is the usual choice for short text episodes
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # gae and reinforce_plus_plus: advantages whitened over the global rollout batch
@@ -90,7 +96,8 @@ class PPOConfig:
         if self.samples_per_prompt is None:
             self.samples_per_prompt = 1 if self.uses_critic else 4
         for name, choices in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
-                              ("reward_normalization", REWARD_NORMALIZATIONS)):
+                              ("reward_normalization", REWARD_NORMALIZATIONS),
+                              ("scale_rewards", REWARD_SCALINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         for problem in self.estimator_problems():

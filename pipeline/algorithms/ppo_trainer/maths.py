@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from pipeline.algorithms.ppo_trainer.config import STD_SCALED
+
 
 def identity(x: torch.Tensor) -> torch.Tensor:
     return x
@@ -71,18 +73,34 @@ def minus_group_mean(groups: torch.Tensor) -> torch.Tensor:
     return groups - groups.mean(1, keepdim=True)
 
 
-def group_normalised(groups: torch.Tensor) -> torch.Tensor:
-    """(s_i - group mean) / (group std + 1e-4) (GRPO, Shao et al., 2024; the unbiased std, as TRL's GRPOTrainer)."""
-    return (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+def divided_by_std(centred: torch.Tensor, groups: torch.Tensor, scale: str,
+                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = identity) -> torch.Tensor:
+    """GRPO's scaling of group-centred scores: by the group's std ("group", Shao et al., 2024, as TRL's default), by
+    the std of every score in the batch, all processes' ("batch", Liu et al., 2025's "Lite PPO"), or not ("none",
+    Dr. GRPO). Unbiased stds and +1e-4, as TRL's GRPOTrainer."""
+    if scale == "group":
+        return centred / (groups.std(1, keepdim=True) + 1e-4)
+    if scale == "batch":
+        sums = all_reduce_sum(torch.stack([groups.sum(), (groups * groups).sum(), torch.tensor(float(groups.numel()))]))
+        count = sums[2]
+        var = ((sums[1] - sums[0] ** 2 / count) / (count - 1).clamp(min=1)).clamp(min=0)
+        return centred / (var.sqrt() + 1e-4)
+    return centred
 
 
 GROUP_BASELINES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "rloo": leave_one_out, "reinforce_plus_plus": minus_group_mean, "grpo": group_normalised}
+    "rloo": leave_one_out, "reinforce_plus_plus": minus_group_mean, "grpo": minus_group_mean}
 
 
-def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
-    """Each sample's score against its group's (the other samples of the same prompt): `GROUP_BASELINES[estimator]`."""
-    return GROUP_BASELINES[estimator](scores.view(-1, group_size)).reshape(-1)
+def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str, scale_rewards: str = "group",
+                           all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = identity) -> torch.Tensor:
+    """Each sample's score against its group's (the other samples of the same prompt): `GROUP_BASELINES[estimator]`,
+    then for GRPO divided by a std (`divided_by_std`)."""
+    groups = scores.view(-1, group_size)
+    baselined = GROUP_BASELINES[estimator](groups)
+    if estimator in STD_SCALED:
+        baselined = divided_by_std(baselined, groups, scale_rewards, all_reduce_sum)
+    return baselined.reshape(-1)
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -309,7 +309,8 @@ class PPOTrainer:
         kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
         scores = self.normalized_scores(rollout.scores)
         if not config.uses_critic:
-            scores = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator)
+            scores = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator,
+                                            config.scale_rewards, self.all_reduce_sum)
         rollout.rewards = shaped_rewards(scores, kl, mask, self.kl_controller.value)
         return {
             "kl": self.gather_mean(kl.sum(1)),
