@@ -9,8 +9,9 @@
 #   3. FSDP2 (accelerate_configs/fsdp.yaml): a LoRA SFT stage saved with FULL_STATE_DICT, then its adapter
 #      reloaded with peft and checked trained. On 2+ GPUs it runs 2 processes; on one GPU, 1 (said in the table).
 #
-# Exit status 0 only if every check that ran passed. GPU_CHECK_DRY_RUN=1 walks the script through on CPU
-# (bf16, FlashAttention-2, Liger, vLLM and FSDP then report "not on GPU"): a check of the script itself.
+# Exit status 0 only if every check that ran passed; 1, with the step named, if the script's own helpers fail.
+# GPU_CHECK_DRY_RUN=1 walks the script through on CPU (bf16, FlashAttention-2, Liger, vLLM and FSDP then report
+# "not on GPU"): a check of the script itself, which the test suite runs (tests/test_bench.py).
 set -uo pipefail
 
 WORK=$(realpath -m "${1:-runs/gpu_check}")
@@ -18,11 +19,12 @@ RUN="$WORK/run"
 mkdir -p "$WORK"
 LOG="$WORK/log"
 : > "$LOG"
-GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())") || { echo "gpu_check: torch does not import" >&2; exit 1; }
 if [[ $GPUS -lt 1 && ${GPU_CHECK_DRY_RUN:-0} != 1 ]]; then
   echo "gpu_check: no GPU visible (torch.cuda.device_count() == 0); GPU_CHECK_DRY_RUN=1 checks the script on CPU" >&2
   exit 2
 fi
+DRY=$(( ${GPU_CHECK_DRY_RUN:-0} == 1 ))  # a dry run checks the script, not the hardware: a few steps each
 installed() { python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
 
 cat > "$WORK/recipe.yaml" <<EOF
@@ -38,25 +40,25 @@ stages:
     model: {architecture: llama, hidden_size: 128, intermediate_size: 256, num_hidden_layers: 4,
             num_attention_heads: 4, num_key_value_heads: 2}
     dataset: {path: data/quickstart/pretrain.jsonl, test_size: 0.05}
-    args: {max_steps: 30, learning_rate: 3.0e-3, per_device_train_batch_size: 16}
+    args: {max_steps: $((DRY ? 2 : 30)), learning_rate: 3.0e-3, per_device_train_batch_size: 16}
   - name: sft
     type: sft
     model: base
     dataset: {path: data/quickstart/sft.jsonl, max_samples: 2000, test_size: 0.05}
-    args: {max_steps: 30, learning_rate: 1.0e-3, per_device_train_batch_size: 32, max_length: 64}
+    args: {max_steps: $((DRY ? 2 : 30)), learning_rate: 1.0e-3, per_device_train_batch_size: 32, max_length: 64}
   - name: grpo
     type: grpo
     model: sft
     dataset: {path: data/quickstart/prompts.jsonl, max_samples: 256, eval: {path: data/quickstart/eval.jsonl, max_samples: 64}}
     rewards: [{function: exact_match}]
     peft: {r: 8, lora_alpha: 16}
-    args: {max_steps: 5, num_generations: 4, per_device_train_batch_size: 8, max_completion_length: 8}
+    args: {max_steps: $((DRY ? 1 : 5)), num_generations: 4, per_device_train_batch_size: 8, max_completion_length: 8}
   - name: lora
     type: sft
     model: sft
     dataset: {path: data/quickstart/sft.jsonl, max_samples: 512}
     peft: {r: 8, lora_alpha: 16}
-    args: {max_steps: 10, learning_rate: 1.0e-3, per_device_train_batch_size: 16, max_length: 64}
+    args: {max_steps: $((DRY ? 2 : 10)), learning_rate: 1.0e-3, per_device_train_batch_size: 16, max_length: 64}
 EOF
 
 ROWS=()
@@ -72,14 +74,18 @@ stages() {
   return $status
 }
 
-# What the pipeline turns on by itself on this machine (pipeline.modeling / pipeline.training).
-read -r BF16 ATTN LIGER VLLM < <(python - <<'EOF'
-from pipeline.modeling import attn_implementation, use_bf16
-from pipeline.training import gpu_fast_paths
+# A helper that fails is the script's own error, never a check's "not on GPU": stop, and say where.
+die() { echo "gpu_check: $1; see $LOG" >&2; exit 1; }
+
+# What the pipeline turns on by itself on this machine (pipeline.models.loading / pipeline.training.trainers).
+FLAGS=$(python - 2>> "$LOG" <<'EOF'
+from pipeline.models.loading import attn_implementation, use_bf16
+from pipeline.training.trainers import gpu_fast_paths
 fast = gpu_fast_paths()
 print(use_bf16(), attn_implementation() or "sdpa", fast.get("use_liger_kernel", False), fast.get("use_vllm", False))
 EOF
-)
+) || die "reading what the pipeline turns on failed"
+read -r BF16 ATTN LIGER VLLM <<< "$FLAGS"
 
 if ! python -m pipeline validate "$WORK/recipe.yaml" >> "$LOG" 2>&1; then
   echo "gpu_check: the check recipe does not validate; see $LOG" >&2
@@ -89,13 +95,14 @@ stages python -m pipeline run "$WORK/recipe.yaml" --stages tok,base || row "pret
 
 # 1. SFT: bf16, FlashAttention-2, Liger.
 if stages python -m pipeline run "$WORK/recipe.yaml" --stages sft; then
-  read -r USED_ATTN USED_DTYPE < <(python - "$RUN/sft/output" <<'EOF'
+  USED=$(python - "$RUN/sft/output" 2>> "$LOG" <<'EOF'
 import sys
-from pipeline.modeling import load_causal_lm
+from pipeline.models.loading import load_causal_lm
 model = load_causal_lm(sys.argv[1])  # the loader the stage trained with
 print(model.config._attn_implementation, str(next(model.parameters()).dtype).removeprefix("torch."))
 EOF
-)
+) || die "loading the SFT output failed"
+  read -r USED_ATTN USED_DTYPE <<< "$USED"
   row "SFT in bf16" "$([[ $BF16 == True && $USED_DTYPE == bfloat16 ]] && echo passed || echo 'not on GPU')" \
       $ELAPSED "weights $USED_DTYPE"
   if installed flash_attn; then
@@ -118,7 +125,8 @@ fi
 if installed vllm; then
   if stages python -m pipeline run "$WORK/recipe.yaml" --stages grpo; then
     note=$(python -c "import json; m = json.load(open('$RUN/summary.json'))['stages']['grpo']['metrics']; \
-print(f\"held-out accuracy {m['initial_eval_accuracy']:.3f} -> {m['eval_accuracy']:.3f}\")")
+print(f\"held-out accuracy {m['initial_eval_accuracy']:.3f} -> {m['eval_accuracy']:.3f}\")" 2>> "$LOG") \
+      || die "reading the GRPO metrics failed"
     row "GRPO + vLLM colocate" "$([[ $VLLM == True ]] && echo passed || echo 'not on GPU')" $ELAPSED "$note"
   else
     row "GRPO + vLLM colocate" failed $ELAPSED "see $LOG"

@@ -1,4 +1,4 @@
-"""Command line: `pipeline validate|run|report|health|push`."""
+"""Command line: `pipeline validate|run|report|health|push|explain`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pipeline.run.runner import RunError, Runner
 from pipeline.runtime.distributed import LaunchChanged, MainProcessFailed, rank_label
 from pipeline.training.health import HealthFailure
 from pipeline.training.trainers import TrainingDiverged
+from pipeline.validation.explain import explain_recipe, explain_stage_type
 from pipeline.validation.preflight import check_data, check_launch, check_output_dir, output_dir_problem
 from pipeline.validation.prompt_checks import prompt_renderings
 from pipeline.validation.recipe_checks import load_recipe
@@ -40,7 +41,17 @@ def cmd_validate(args) -> int:
     renderings, warnings = prompt_renderings(recipe)
     print_warnings(check_data(recipe) + warnings)
     print("\n".join(renderings + [""]), end="")
+    if args.explain:
+        print(explain_recipe(recipe) + "\n")
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    try:
+        print(explain_stage_type(args.stage_type))
+    except KeyError as err:
+        raise RecipeError([err.args[0]]) from None
     return 0
 
 
@@ -104,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", parents=[common], help="check a recipe without training")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--explain", action="store_true",
+                   help="also print each training stage's resolved config and where every value came from")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("explain", parents=[common], help="every key of a stage type: its type, default and help")
+    p.add_argument("stage_type")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("run", parents=[common], help="run a recipe's stages")
     p.add_argument("recipe")

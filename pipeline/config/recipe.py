@@ -64,12 +64,25 @@ class Recipe:
         return health_settings(self.defaults, getattr(stage, "health", {}), "health", [])
 
     def stage_args(self, stage: StageSpec) -> dict[str, Any]:
-        """`defaults` that apply to this stage's config class, overridden by its own `args`, then by the stage
-        keys that set config fields (`config_keys`)."""
+        """The stage's config values, lowest first: its type's `arg_defaults`, the `defaults` it shares
+        (`shared_defaults`), its own `args`, then the stage keys that set config fields (`config_keys`)."""
+        return {key: value for key, (value, _) in self.stage_arg_sources(stage).items()}
+
+    def stage_arg_sources(self, stage: StageSpec) -> dict[str, tuple[Any, str]]:
+        """`stage_args` with where each value came from: "stage type", "defaults", "args" or "stage key"."""
         if not isinstance(stage, TrainStageSpec) or stage.args_class is None:
             return {}
-        valid = config_fields(stage.args_class)
-        return {**{k: v for k, v in self.defaults.items() if k in valid}, **stage.args, **stage.config_keys()}
+        layers = {"stage type": stage.arg_defaults,
+                  "defaults": {k: v for k, v in self.defaults.items() if k in names_taken_from_defaults(stage)},
+                  "args": stage.args, "stage key": stage.config_keys()}
+        return {key: (value, source) for source, values in layers.items() for key, value in values.items()}
+
+
+def names_taken_from_defaults(stage: TrainStageSpec) -> set[str]:
+    """The names in a recipe's `defaults` this stage's config takes (see `TrainStageSpec.shared_defaults`)."""
+    valid = config_fields(stage.args_class)
+    return valid if stage.shared_defaults is None else valid & set(stage.shared_defaults)
+
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
     """Apply `--set dotted.key=value` (value parsed as YAML); `stages.NAME.key` finds a stage by name."""

@@ -171,6 +171,12 @@ class TrainStageSpec(StageSpec):
     # only: not part of the stage's fingerprint
     health: dict[str, Any] = field(default_factory=dict)
 
+    # Which keys of the recipe's `defaults:` reach this stage's config: None, every field of `args_class` (the
+    # Trainer configs, where a shared name means the same thing); a tuple, only those named (PPO: its steps are
+    # whole rollouts, so Trainer step counts must not become PPO step counts by name).
+    shared_defaults: ClassVar[tuple[str, ...] | None] = None
+    arg_defaults: ClassVar[dict[str, Any]] = {}  # config values of this stage type, under `defaults:` and `args`
+
     ref_fields = ("model",)
     model_task = "causal-lm"
     health_checks = ("loss_not_falling", "overfitting")

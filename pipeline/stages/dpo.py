@@ -31,6 +31,7 @@ class DPOSpec(TrainStageSpec):
     """
 
     args_class = "trl.DPOConfig"
+    arg_defaults = {"truncation_mode": "keep_end"}  # an over-long pair keeps its replies, not its prompt's start
     continues_adapter = True
     preference_data = True
     headline_metrics = (("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
@@ -55,7 +56,7 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
     model, peft_config = load_policy(path, spec)
-    args = training.make_config(spec.args_class, {"truncation_mode": "keep_end", **ctx.recipe.stage_args(spec)},
+    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
                          processing_class=tokenizer, peft_config=peft_config,

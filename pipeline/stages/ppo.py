@@ -70,6 +70,9 @@ class PPOSpec(TrainStageSpec):
 
     ref_fields = ("model", "value_model")
     args_class = "pipeline.algorithms.ppo_trainer.config.PPOConfig"
+    # A PPO step is a whole rollout and its updates, so a recipe's `defaults:` sized for Trainer steps (save_steps,
+    # logging_steps, max_steps, warmup_steps) or for supervised learning rates stay with the Trainer stages.
+    shared_defaults = ("seed", "report_to", "bf16", "weight_decay", "lr_scheduler_type", "max_grad_norm")
     zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
@@ -189,11 +192,8 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     terms = spec.reward_terms()
     if any(t.function == "exact_match" for t in terms) and "answer" not in train.column_names:
         raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
-    # Every PPO step is a whole rollout: log each one unless the stage's own args say otherwise (a recipe's
-    # `defaults: {logging_steps: N}` is sized for Trainer steps; the train_reward_first/last summary needs them all).
-    config: PPOConfig = make_config(spec.args_class, {**ctx.recipe.stage_args(spec),
-                                                      "logging_steps": spec.args.get("logging_steps", 1)},
-                                    output_dir=str(ctx.checkpoint_dir), seed=ctx.seed)
+    config: PPOConfig = make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
+                                    seed=ctx.seed)
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     value_model = ctx.resolve(spec.value_model) if spec.value_model else None

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer import utils as trl_utils
 
@@ -81,7 +81,17 @@ def unused_parameters_possible(model) -> bool:
 
 def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int, model=None,
                 eval_on_start: bool = False):
-    """Build a TRL/transformers config: hardware-appropriate defaults, then the recipe's `args`.
+    """Build a TRL/transformers (or the PPO trainer's) config: `pipeline_defaults`, then the recipe's `args`."""
+    args = dict(args)
+    if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
+        args.setdefault("activation_checkpointing", args.pop("gradient_checkpointing"))
+    cls = import_object(dotted)
+    defaults = pipeline_defaults(cls, seed, model=model, eval_on_start=eval_on_start)
+    return cls(output_dir=output_dir, **{**defaults, **args})
+
+
+def pipeline_defaults(cls: type, seed: int, *, model=None, eval_on_start: bool = False) -> dict[str, Any]:
+    """What the pipeline sets over the config class's own defaults, for the fields `cls` has.
 
     TRL defaults to bf16 (fails or crawls on CPU) and gradient checkpointing (slower on small
     models); both are chosen here from the hardware unless the recipe sets them, as are `use_cpu`
@@ -89,22 +99,19 @@ def make_config(dotted: str, args: dict[str, Any], *, output_dir: str, seed: int
     the GPU fast paths (`gpu_fast_paths`). `eval_on_start` measures the starting model on the held-out split
     (for `train`'s `initial` metrics). Given the `model`, DDP looks for unused parameters only
     where there can be some (transformers' default searches every step, and warns that it found none).
+    Logging and checkpoint intervals are sized for Trainer steps, so only Trainer configs get them.
     """
-    args = dict(args)
-    if "gradient_checkpointing" in args:  # deprecated alias in transformers 5
-        args.setdefault("activation_checkpointing", args.pop("gradient_checkpointing"))
-    defaults: dict[str, Any] = dict(
-        bf16=use_bf16(), fp16=False, activation_checkpointing=False, report_to="none",
-        logging_steps=10, logging_first_step=True, save_steps=50, save_total_limit=2,
-        logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
-        seed=seed, data_seed=seed, eval_strategy="no", eval_on_start=eval_on_start, **process_defaults(), **gpu_fast_paths(),
-    )
-    if model is not None:
-        defaults["ddp_find_unused_parameters"] = unused_parameters_possible(model)
-    cls = import_object(dotted)
+    defaults: dict[str, Any] = dict(bf16=use_bf16(), report_to="none", seed=seed)
+    if issubclass(cls, TrainingArguments):
+        defaults |= dict(
+            fp16=False, activation_checkpointing=False, logging_steps=10, logging_first_step=True, save_steps=50,
+            save_total_limit=2,
+            logging_nan_inf_filter=False,  # the default logs a NaN loss as the window's mean: DivergenceGuard would miss it
+            data_seed=seed, eval_strategy="no", eval_on_start=eval_on_start, **process_defaults(), **gpu_fast_paths())
+        if model is not None:
+            defaults["ddp_find_unused_parameters"] = unused_parameters_possible(model)
     fields = {f.name for f in dataclasses.fields(cls)}
-    defaults = {k: v for k, v in defaults.items() if k in fields}  # e.g. PPOConfig has no eval_strategy
-    return cls(output_dir=output_dir, **{**defaults, **args})
+    return {k: v for k, v in defaults.items() if k in fields}
 
 
 def evaluated(held_out: Dataset) -> Dataset | None:

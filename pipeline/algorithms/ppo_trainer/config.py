@@ -28,15 +28,15 @@ class PPOConfig:
     learning_rate: float | None = None
     lr_scheduler_type: str = "linear"  # any transformers scheduler ("constant", "cosine", ...), stepped once per PPO step
     warmup_steps: int = 0  # PPO steps of linear learning-rate warm-up
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay, policy and critic
     max_grad_norm: float | None = 1.0  # the policy's gradients clipped to this norm (0 or null: not clipped)
     target_kl: float | None = None  # stop a rollout's epochs early once their approximate KL old->new exceeds this
-    seed: int = 42
+    seed: int = 42  # prompt order and sampling, offset per process (the pipeline passes the recipe's `seed`)
     # --- rollout
-    max_new_tokens: int = 16
-    temperature: float = 1.0
+    max_new_tokens: int = 16  # longest response sampled; one that stops here without EOS gets `missing_eos_penalty`
+    temperature: float = 1.0  # sampling temperature of the rollouts (log-probs are taken at this temperature)
     top_k: int = 0  # 0 disables top-k filtering
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; 1.0 disables it
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of responses that never emit EOS
     samples_per_prompt: int | None = None  # responses sampled per prompt (a group); default 1 for gae, 4 for the others
     # Dynamic sampling (DAPO, Yu et al., 2025): a group whose samples all got the same score has no advantage under a
@@ -63,8 +63,8 @@ class PPOConfig:
     # --- losses
     clip_range: float = 0.2  # policy ratio clipping epsilon
     clip_range_value: float = 0.2  # value clipping around the rollout-time value
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
+    vf_coef: float = 0.1  # weight of the value loss beside the policy loss
+    entropy_coef: float = 0.0  # weight of an entropy bonus (0: none, and no entropy graph is built)
     # --- KL to the reference
     kl_coef: float = 0.05  # beta: initial (or fixed) KL penalty coefficient
     kl_estimator: str = "k1"  # "k1": log pi - log pi_ref; "k3": (rho - 1) - log rho, rho = pi_ref / pi
@@ -78,7 +78,7 @@ class PPOConfig:
     critic_warmup_steps: int = 0  # first PPO steps in which only the critic learns (the policy is frozen)
     value_head_init_std: float = 0.0  # critic on the policy's trunk: 0 starts it at V = 0 (unused with `value_model`)
     # --- bookkeeping
-    logging_steps: int = 1
+    logging_steps: int = 1  # log every N PPO steps
     save_steps: int = 20  # checkpoint every N PPO steps (accelerate state: weights, optimizer, RNG)
     report_to: list[str] | str = "none"  # accelerate trackers: "tensorboard", "wandb", ...
     bf16: bool | None = None  # default: bf16 on GPUs that support it, fp32 elsewhere

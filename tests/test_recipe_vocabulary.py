@@ -1,0 +1,120 @@
+"""The recipe's vocabulary: a `defaults:` key reaches a stage only where its config means the same thing by it
+(a Trainer step count never becomes a count of PPO steps), and `pipeline explain` / `validate --explain` say
+what every key is and where every value came from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.algorithms.ppo_trainer.config import PPOConfig
+from pipeline.config.recipe import names_taken_from_defaults
+from pipeline.stages.ppo import PPOSpec
+from pipeline.training.trainers import make_config
+from pipeline.validation.explain import declared_help
+from pipeline.validation.recipe_checks import load_recipe
+from tests.conftest import DATA, tiny_stages, write_recipe
+
+# Every PPOConfig field that a transformers Trainer config also has, with a value unlike either default.
+SHARED_NAMES = {"max_steps": 3, "learning_rate": 0.5, "lr_scheduler_type": "cosine", "warmup_steps": 2,
+                "weight_decay": 0.3, "max_grad_norm": 0.7, "seed": 5, "logging_steps": 7, "save_steps": 100,
+                "report_to": "tensorboard", "bf16": True}
+
+
+def ppo_recipe(tmp_path, defaults: dict, **ppo_keys):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
+                               "rewards": [{"function": "exact_match"}], **ppo_keys}]
+    return load_recipe(write_recipe(tmp_path, stages, defaults=defaults))
+
+
+def ppo_config(recipe, tmp_path) -> PPOConfig:
+    return make_config(PPOSpec.args_class, recipe.stage_args(recipe.stage("ppo")), output_dir=str(tmp_path / "out"),
+                       seed=recipe.seed)
+
+
+def test_every_shared_trainer_name_is_listed():
+    from transformers import TrainingArguments
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert {f.name for f in dataclasses.fields(PPOConfig)} & trainer_fields - {"output_dir"} == set(SHARED_NAMES)
+
+
+@pytest.mark.parametrize("name", list(SHARED_NAMES))
+def test_a_default_reaches_ppo_only_where_ppo_declares_it(tmp_path, name):
+    """`defaults: {NAME: value}` changes the SFT stage and leaves PPO's config as without it, unless PPO
+    declares NAME as meaning the same (seed, report_to, ...)."""
+    plain = ppo_config(ppo_recipe(tmp_path / "plain", {}), tmp_path)
+    recipe = ppo_recipe(tmp_path / "defaults", {name: SHARED_NAMES[name]})
+    shared = ppo_config(recipe, tmp_path)
+    if name in PPOSpec.shared_defaults:
+        assert getattr(shared, name) == SHARED_NAMES[name] != getattr(plain, name)
+    else:
+        assert getattr(shared, name) == getattr(plain, name)
+    assert name in names_taken_from_defaults(recipe.stage("sft"))  # the Trainer stage takes it
+
+
+def test_ppo_keeps_its_own_step_counts_without_defaults(tmp_path):
+    """The pipeline's Trainer-sized logging and checkpoint intervals are not PPO's either."""
+    config = ppo_config(ppo_recipe(tmp_path, {}), tmp_path)
+    assert (config.logging_steps, config.save_steps) == (PPOConfig.logging_steps, PPOConfig.save_steps) == (1, 20)
+
+
+def test_stage_args_layers(tmp_path):
+    """stage type < defaults < args < stage keys, each value with its source."""
+    recipe = ppo_recipe(tmp_path, {"seed": 5, "save_steps": 100}, advantage_estimator="rloo",
+                        args={"seed": 6, "max_steps": 2})
+    sources = recipe.stage_arg_sources(recipe.stage("ppo"))
+    assert sources["seed"] == (6, "args") and sources["max_steps"] == (2, "args")
+    assert sources["advantage_estimator"] == ("rloo", "stage key") and "save_steps" not in sources
+    stages = tiny_stages() + [{"name": "dpo", "type": "dpo", "model": "sft", "dataset": str(DATA / "prefs.jsonl")}]
+    (tmp_path / "dpo").mkdir()
+    dpo = load_recipe(write_recipe(tmp_path / "dpo", stages))
+    assert dpo.stage_arg_sources(dpo.stage("dpo"))["truncation_mode"] == ("keep_end", "stage type")
+
+
+def test_every_ppo_field_is_documented():
+    helps = declared_help(PPOConfig)
+    assert [f.name for f in dataclasses.fields(PPOConfig) if f.name != "output_dir" and not helps.get(f.name)] == []
+    assert helps["clip_range"] == "policy ratio clipping epsilon"
+    assert "`ppo_epochs`" in helps["max_steps"]
+    assert not helps["kl_coef"].startswith("---")  # section headings are not help
+
+
+def test_library_configs_are_documented_from_their_metadata():
+    from trl import DPOConfig
+
+    beta = next(f for f in dataclasses.fields(DPOConfig) if f.name == "beta")
+    assert declared_help(DPOConfig)["beta"] == " ".join(beta.metadata["help"].split()) != ""
+
+
+def test_explain_prints_every_key_of_a_stage_type(capsys):
+    from pipeline.cli import main
+
+    assert main(["explain", "ppo"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(PPOSpec):
+        if f.name not in ("name", "type"):
+            assert f"\n  {f.name}: " in out
+    assert "  args.clip_range: float = 0.2\n      policy ratio clipping epsilon" in out
+    assert "args.advantage_estimator" not in out  # a stage key, not an `args` field
+    assert "reach this stage only for: seed, report_to" in out
+    assert main(["explain", "ppx"]) == 2
+    assert "no stage type 'ppx'; did you mean 'ppo'" in capsys.readouterr().err
+
+
+def test_validate_explain_says_where_each_value_came_from(tmp_path, capsys):
+    from pipeline.cli import main
+
+    stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
+                               "rewards": [{"function": "exact_match"}], "args": {"max_steps": 3}}]
+    recipe = write_recipe(tmp_path, stages, defaults={"save_steps": 100, "weight_decay": 0.01})
+    assert main(["validate", str(recipe), "--explain"]) == 0
+    out = capsys.readouterr().out
+    sft, ppo = out.split("stage 'sft' (sft, SFTConfig):")[1].split("stage 'ppo' (ppo, PPOConfig):")
+    assert "  save_steps = 10  [args]" in sft and "  bf16 = False  [pipeline]" in sft
+    assert "  weight_decay = 0.01  [defaults]" in sft and "  weight_decay = 0.01  [defaults]" in ppo
+    assert "  max_steps = 3  [args]" in ppo and "  save_steps = 20  [library]" in ppo
+    assert "  advantage_estimator = 'gae'  [stage key]" in ppo
+    assert "not taken from defaults: save_steps" in ppo
