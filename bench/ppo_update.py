@@ -25,6 +25,7 @@ from datasets import load_dataset
 from bench.workloads import DATA, build_model
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
+from pipeline.config.specs import PeftSpec
 from pipeline.models.loading import load_tokenizer
 from pipeline.models.reward_functions import exact_match_reward
 from pipeline.stages.ppo import PPOSpec, build_models
@@ -42,7 +43,7 @@ def measure(mode: str, model: str, steps: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(max_steps=steps, output_dir=out, **PPO_ARGS)
         spec = PPOSpec(name="bench", type="ppo", model=model, dataset=None,
-                       peft={"r": 16, "lora_alpha": 32} if mode == "lora" else None)
+                       peft=PeftSpec(lora={"r": 16, "lora_alpha": 32}) if mode == "lora" else None)
         actor_critic, reference = build_models(spec, model, 0.0)
         prompts = load_dataset("json", data_files=str(DATA / "prompts.jsonl"), split="train")
         trainer = PPOTrainer(config, actor_critic, load_tokenizer(model), prompts, [exact_match_reward()], [1.0],

@@ -23,14 +23,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
-from pipeline.config.specs import TrainStageSpec
-from pipeline.models.loading import load_causal_lm, load_tokenizer, lora_config, use_bf16
+from pipeline.config.specs import PeftSpec, TrainStageSpec
+from pipeline.models.loading import load_causal_lm, load_tokenizer, use_bf16
 from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.stages.ppo import build_models
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "quickstart" / "prompts.jsonl"
-LORA = {"r": 16, "lora_alpha": 32}
+LORA = PeftSpec(lora={"r": 16, "lora_alpha": 32})
 
 
 def peak_memory_mb() -> float:
@@ -64,7 +64,7 @@ def measure_grpo(run_dir: Path, steps: int, completions: int, max_new_tokens: in
     prompts = load_dataset("json", data_files=str(PROMPTS), split="train")
     trainer = GRPOTrainer(model=load_causal_lm(sft), reward_funcs=[RewardModelScorer(str(run_dir / "rm" / "output"))],
                           args=args, train_dataset=prompts, processing_class=load_tokenizer(sft),
-                          peft_config=lora_config(LORA, "CAUSAL_LM"))
+                          peft_config=LORA.lora_config("CAUSAL_LM"))
     started = time.time()
     trainer.train()
     seconds = (time.time() - started) / steps

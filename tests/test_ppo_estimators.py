@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
+from pipeline.config.specs import PeftSpec
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.ppo import PPOSpec, build_models
 from tests.test_ppo_onpolicy import length_reward, make_tokenizer, prompts_for
@@ -31,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 def trainer_for(directory, peft: bool = True, reward=length_reward, **args) -> PPOTrainer:
     spec = PPOSpec(name="ppo", type="ppo", model=str(directory), dataset=None,
-                   peft={"r": 4, "lora_alpha": 8} if peft else None)
+                   peft=PeftSpec(lora={"r": 4, "lora_alpha": 8}) if peft else None)
     config = PPOConfig(output_dir=str(directory / "ppo"), rollout_batch_size=16, mini_batch_size=8, max_new_tokens=6,
                        **args)
     torch.manual_seed(0)  # the same LoRA initialisation for every trainer built with the same arguments

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.algorithms.ppo_trainer.maths import policy_loss
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer, Rollout
+from pipeline.config.specs import PeftSpec
 from pipeline.data.prompts import record_prompt_format
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.ppo import PPOSpec, build_models
@@ -75,7 +76,7 @@ def trainer_for(model_dir, peft: bool, **args) -> PPOTrainer:
     family, directory = model_dir
     # lora_dropout 0.3: a LoRA dropout PPO must switch off too
     spec = PPOSpec(name="ppo", type="ppo", model=str(directory), dataset=None,
-                   peft={"r": 4, "lora_alpha": 8, "lora_dropout": 0.3} if peft else None)
+                   peft=PeftSpec(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.3}) if peft else None)
     config = PPOConfig(output_dir=str(directory / "ppo"), rollout_batch_size=8, mini_batch_size=4, max_new_tokens=6,
                        **args)
     model, reference = build_models(spec, str(directory), init_std=0.0, critic=config.uses_critic)
@@ -204,7 +205,7 @@ def test_critic_starts_from_the_reward_model(model_dir, peft, tmp_path):
     load_tokenizer(str(directory)).save_pretrained(tmp_path)
 
     spec = PPOSpec(name="ppo", type="ppo", model=str(directory), dataset=None, value_model=str(tmp_path),
-                   peft={"r": 4, "lora_alpha": 8} if peft else None)
+                   peft=PeftSpec(lora={"r": 4, "lora_alpha": 8}) if peft else None)
     model, reference = build_models(spec, str(directory), 0.0, value_model_path=str(tmp_path))
     assert model.critic_trunk is not None and (reference is None) == peft
     trainer = PPOTrainer(PPOConfig(output_dir=str(tmp_path / "ppo"), rollout_batch_size=8, mini_batch_size=4,

@@ -118,3 +118,34 @@ def test_validate_explain_says_where_each_value_came_from(tmp_path, capsys):
     assert "  max_steps = 3  [args]" in ppo and "  save_steps = 20  [library]" in ppo
     assert "  advantage_estimator = 'gae'  [stage key]" in ppo
     assert "not taken from defaults: save_steps" in ppo
+
+
+def test_peft_is_typed_and_read_nowhere_by_key():
+    """`peft:` is a PeftSpec built from the recipe's flat mapping; no module outside `config/` reads its keys by
+    string (the adapter mode, merge and LoRA fields each have one owner)."""
+    import re
+
+    from pipeline.config.specs import PeftSpec
+    from tests.conftest import REPO
+
+    reads = re.compile(r"""peft(\s*or\s*\{\})?\)?\s*(\.get\(|\[)|\.lora(\.get\(|\[)|PEFT_EXTRA_KEYS""")
+    offenders = [f"{path.relative_to(REPO)}:{number}" for path in (REPO / "pipeline").rglob("*.py")
+                 if "config" not in path.relative_to(REPO / "pipeline").parts[:1]
+                 for number, line in enumerate(path.read_text().splitlines(), start=1) if reads.search(line)]
+    assert offenders == []
+    spec = PeftSpec(**PeftSpec.fields_from({"r": 8, "merge": True}))
+    assert (spec.lora, spec.merge, spec.adapter, spec.continues) == ({"r": 8}, True, "stack", False)
+    config = spec.lora_config("SEQ_CLS")
+    assert (config.r, config.lora_alpha, config.task_type) == (8, 32, "SEQ_CLS")  # LORA_DEFAULTS under the recipe's
+
+
+def test_a_recipes_peft_mapping_becomes_a_peft_spec(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.config.specs import PeftSpec
+
+    recipe = ppo_recipe(tmp_path / "ok", {}, peft={"r": 8, "lora_alpha": 16, "merge": True})
+    assert recipe.stage("ppo").peft == PeftSpec(merge=True, lora={"r": 8, "lora_alpha": 16})
+    stages = tiny_stages() + [{"name": "ppo", "type": "ppo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
+                               "rewards": [{"function": "exact_match"}], "peft": {"r": 8, "adapter": "stacked"}}]
+    assert main(["validate", str(write_recipe(tmp_path, stages))]) == 2
+    assert "peft.adapter: must be one of stack, continue, got 'stacked'" in capsys.readouterr().err

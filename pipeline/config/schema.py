@@ -56,6 +56,8 @@ def build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     if not isinstance(data, dict):
         errors.append(f"{where}: expected a mapping, got {type(data).__name__}")
         return None
+    if hasattr(cls, "fields_from"):  # a spec written flat in recipes (PeftSpec)
+        data = cls.fields_from(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}

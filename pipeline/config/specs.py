@@ -141,6 +141,53 @@ class QuantizationSpec:
     double_quant: bool = True  # 4-bit: quantise the quantisation constants too
     compute_dtype: str | None = None  # default: bfloat16 on GPUs that support it, else float32
 
+ADAPTER_MODES = ("stack", "continue")  # values of `peft.adapter`
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+
+
+@dataclass(kw_only=True)
+class PeftSpec:
+    """LoRA adapters on a stage's model, written flat in a recipe (`peft: {r: 16, lora_alpha: 32, merge: true}`):
+    `adapter` and `merge` are the pipeline's keys, every other key a `peft.LoraConfig` field (checked against that
+    class by `pipeline validate`)."""
+
+    # What a stage starting from an upstream LoRA adapter does with it: "stack" merges it into its base and trains a
+    # fresh adapter on top; "continue" trains that same adapter further (stage types with `continues_adapter`)
+    adapter: str = "stack"
+    merge: bool | None = None  # save the adapter merged into its base (full weights); null: the stage type's choice
+    lora: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields, over LORA_DEFAULTS
+
+    @classmethod
+    def fields_from(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's flat mapping as this class's fields: LoraConfig's keys gathered under `lora`."""
+        own = {key: data[key] for key in ("adapter", "merge") if key in data}
+        return {**own, "lora": {key: value for key, value in data.items() if key not in own}}
+
+    @property
+    def continues(self) -> bool:
+        return self.adapter == "continue"
+
+    def merges(self, stage_default: bool) -> bool:
+        return self.merge if self.merge is not None else stage_default
+
+    @property
+    def target_modules(self) -> Any:
+        return self.lora.get("target_modules", LORA_DEFAULTS["target_modules"])
+
+    def lora_config(self, task_type: str):
+        """The `peft.LoraConfig` for a model of `task_type` ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")."""
+        from peft import LoraConfig  # lazy: the config layer imports no ML library (validate and --help stay fast)
+
+        return LoraConfig(task_type=task_type, **{**LORA_DEFAULTS, **self.lora})
+
+    def check(self) -> list[str]:
+        problems = [] if self.adapter in ADAPTER_MODES else [
+            f"adapter: must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter!r}"]
+        if self.continues:
+            problems += [f"{key}: a continued adapter keeps its own LoraConfig; remove this key" for key in self.lora]
+        return problems
+
+
 @dataclass(kw_only=True)
 class PushSpec:
     """Upload a finished stage's output and a model card to the Hugging Face Hub (see `pipeline.outputs.hub`)."""
@@ -161,9 +208,7 @@ class TrainStageSpec(StageSpec):
     model: str  # a previous stage's name, a local folder, or a Hub id
     dataset: DatasetSpec
     args: dict[str, Any] = field(default_factory=dict)  # fields of the stage's TRL/transformers config
-    # peft.LoraConfig fields, plus `merge: true` to save merged weights and `adapter: stack|continue`
-    # (what to do with an upstream LoRA adapter: merge it and add a new one, or train it further)
-    peft: dict[str, Any] | None = None
+    peft: PeftSpec | None = None  # LoRA adapters: peft.LoraConfig fields, `merge` and `adapter` (see PeftSpec)
     quantization: QuantizationSpec | None = None
     revision: str | None = None  # Hub revision of `model`
     push_to_hub: PushSpec | None = None  # publishing only: not part of the stage's fingerprint

@@ -16,17 +16,11 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
-from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel
+from peft import AutoPeftModelForSequenceClassification, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from pipeline.config.specs import QuantizationSpec
 
-# Keys a recipe's `peft:` takes beyond peft.LoraConfig's own fields.
-PEFT_EXTRA_KEYS = ("merge", "adapter")
-# `peft.adapter`: what a stage starting from an upstream LoRA adapter does with it. "stack" merges it
-# into its base and trains a fresh adapter on top; "continue" trains that same adapter further.
-ADAPTER_MODES = ("stack", "continue")
-LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
 def use_bf16() -> bool:
@@ -102,7 +96,7 @@ def stage_base(path: str, stage_dir: Path, *, trust_remote_code: bool = False) -
 def starting_point(spec, stage_dir: Path, path: str) -> str:
     """Where a training stage's model and tokenizer load from: `stage_base(path)`, except that an upstream
     adapter trained further (`peft: {adapter: continue}`) stays an adapter on its own base."""
-    if (spec.peft or {}).get("adapter", "stack") == "continue" and is_adapter(path):
+    if spec.peft is not None and spec.peft.continues and is_adapter(path):
         return path
     return stage_base(path, stage_dir, trust_remote_code=spec.trust_remote_code)
 
@@ -115,8 +109,7 @@ def load_policy(path: str, spec) -> tuple[Any, Any]:
     own base and with its own LoraConfig: the trainer gets the PeftModel and no new config, and DPO
     and GRPO keep a frozen copy of the adapter (TRL's "ref" adapter) as the reference.
     """
-    peft = spec.peft or {}
-    if peft.get("adapter", "stack") == "continue":
+    if spec.peft is not None and spec.peft.continues:
         if not is_adapter(path):
             raise ValueError(f"stage '{spec.name}': peft.adapter: continue needs `model` to be a LoRA adapter "
                              f"(a stage trained with `peft` and no `merge: true`); {path} holds full weights")
@@ -125,14 +118,7 @@ def load_policy(path: str, spec) -> tuple[Any, Any]:
         return model, None
     model = load_causal_lm(path, quantization=spec.quantization, trust_remote_code=spec.trust_remote_code,
                            revision=spec.revision)
-    return model, (lora_config(spec.peft, "CAUSAL_LM") if spec.peft is not None else None)
-
-
-def lora_config(peft: dict[str, Any], task_type: str):
-    """A peft.LoraConfig from the recipe's `peft:` mapping, with small-model-friendly defaults."""
-
-    options = {**LORA_DEFAULTS, **{k: v for k, v in peft.items() if k not in PEFT_EXTRA_KEYS}}
-    return LoraConfig(task_type=task_type, **options)
+    return model, (spec.peft.lora_config("CAUSAL_LM") if spec.peft is not None else None)
 
 
 def quantized_compute_dtype(spec: QuantizationSpec) -> torch.dtype:

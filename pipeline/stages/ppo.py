@@ -39,7 +39,6 @@ from pipeline.models.loading import (
     compute_dtype,
     load_causal_lm,
     load_tokenizer,
-    lora_config,
     quantization_config,
     stage_base,
 )
@@ -117,14 +116,14 @@ def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: st
     hidden_size = policy.config.get_text_config().hidden_size
     reference = None if spec.peft is not None else copy.deepcopy(policy).eval().requires_grad_(False)
     if spec.peft is not None:
-        policy = get_peft_model(policy, lora_config(spec.peft, "CAUSAL_LM"), adapter_name="policy")
+        policy = get_peft_model(policy, spec.peft.lora_config("CAUSAL_LM"), adapter_name="policy")
     if not critic:
         return ActorCritic(policy, None, None), reference
     if value_model_path is not None:
         trunk, head = critic_from_reward_model(spec, value_model_path)
         return ActorCritic(policy, trunk, head), reference
     if spec.peft is not None:
-        policy.add_adapter("value", lora_config(spec.peft, "CAUSAL_LM"))
+        policy.add_adapter("value", spec.peft.lora_config("CAUSAL_LM"))
         return ActorCritic.with_new_head(policy, None, hidden_size, init_std), None
     critic_trunk = copy.deepcopy(decoder_trunk(policy))  # the transformer without its LM head
     return ActorCritic.with_new_head(policy, critic_trunk, hidden_size, init_std), reference
@@ -145,7 +144,7 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
                         "(a `reward` stage's output); the critic needs its per-token score head")
     trunk = decoder_trunk(model)
     if spec.peft is not None:
-        trunk = get_peft_model(trunk, lora_config(spec.peft, "FEATURE_EXTRACTION"))
+        trunk = get_peft_model(trunk, spec.peft.lora_config("FEATURE_EXTRACTION"))
     head.requires_grad_(True)
     return trunk, head
 
@@ -163,7 +162,7 @@ def save_policy(model, tokenizer, spec: PPOSpec, ctx: StageContext) -> None:
     policy = model.policy
     if spec.peft is None:
         policy.save_pretrained(out, safe_serialization=True)
-    elif spec.peft.get("merge", False):
+    elif spec.peft.merges(False):
         policy.set_adapter("policy")
         if "value" in policy.peft_config:
             policy.delete_adapter("value")

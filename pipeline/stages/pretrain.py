@@ -12,7 +12,7 @@ from trl import pack_dataset
 
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
-from pipeline.models.loading import load_causal_lm, load_tokenizer, lora_config, stage_base
+from pipeline.models.loading import load_causal_lm, load_tokenizer, stage_base
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
 from pipeline.training import trainers as training
@@ -109,7 +109,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
         model = load_causal_lm(path, quantization=spec.quantization,
                                trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.peft is not None:
-        model = get_peft_model(model, lora_config(spec.peft, "CAUSAL_LM"))
+        model = get_peft_model(model, spec.peft.lora_config("CAUSAL_LM"))
 
     args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
                                 output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)

@@ -18,7 +18,6 @@ from pipeline.models.loading import (
     compute_dtype,
     held_back_load_report,
     load_tokenizer,
-    lora_config,
     match_trainable_dtype,
     quantization_config,
     stage_base,
@@ -110,7 +109,7 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
                              f"than max_length={max_length} and were cut from the left (final replies kept)", flush=True)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_ids, eval_dataset=training.evaluated(eval_ids), processing_class=tokenizer,
-        peft_config=lora_config(spec.peft, "SEQ_CLS") if spec.peft is not None else None,
+        peft_config=spec.peft.lora_config("SEQ_CLS") if spec.peft is not None else None,
         callbacks=training.stage_callbacks(spec.name, ctx.health),
     )
     match_trainable_dtype(trainer.model, spec.quantization)

@@ -292,8 +292,7 @@ def announced(trainer) -> None:
 def save(trainer, tokenizer, spec, ctx, *, merge_default: bool = False) -> None:
     """Write the trained model (or adapter, or adapter merged into its base) and tokenizer to the stage output."""
 
-    peft = spec.peft
-    merge = peft is not None and bool(peft.get("merge", merge_default))
+    merge = spec.peft is not None and spec.peft.merges(merge_default)
     target = ctx.stage_dir / "adapter.partial" if merge else ctx.output_dir
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):  # TRL's frozen reference copy of a continued adapter

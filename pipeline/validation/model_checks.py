@@ -105,9 +105,8 @@ def _fresh(stage: StageSpec):
 def lora_target_problems(recipe: Recipe, stage: TrainStageSpec) -> list[str]:
     """`peft.target_modules` entries that name no module of the model the stage trains (peft would raise
     mid-stage, or silently adapt fewer layers than asked when only some match)."""
-    peft = stage.peft or {}
-    targets = peft.get("target_modules")
-    if targets is None or targets == "all-linear" or peft.get("adapter") == "continue":
+    targets = stage.peft.target_modules
+    if targets == "all-linear" or stage.peft.continues:
         return []
     trust = stage.trust_remote_code
     model = stage.model

@@ -19,8 +19,8 @@ from pipeline.config.health import health_settings
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
 from pipeline.config.recipe import PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
-from pipeline.config.specs import SourceSpec, TrainStageSpec
-from pipeline.models.loading import ADAPTER_MODES, PEFT_EXTRA_KEYS, is_adapter
+from pipeline.config.specs import PeftSpec, SourceSpec, TrainStageSpec
+from pipeline.models.loading import is_adapter
 from pipeline.stages import STAGE_TYPES
 from pipeline.training.health import CHECKS
 from pipeline.training.trainers import make_config
@@ -196,31 +196,27 @@ def training_key_problems(recipe: Recipe, stage: TrainStageSpec) -> list[str]:
                     errors += value_problems(config, recipe.stage_args(stage))
     peft = stage.peft
     if peft is not None:
-        valid = {f.name for f in dataclasses.fields(import_object("peft.LoraConfig")) if f.init} | set(PEFT_EXTRA_KEYS)
-        errors += [f"peft.{k}: not a field of LoraConfig{suggest(k, valid)}" for k in peft if k not in valid]
-        errors += _check_adapter_mode(recipe, stage, peft)
+        valid = {f.name for f in dataclasses.fields(import_object("peft.LoraConfig")) if f.init}
+        errors += [f"peft.{k}: not a field of LoraConfig{suggest(k, valid | {'adapter', 'merge'})}"
+                   for k in peft.lora if k not in valid]
+        errors += [f"peft.{e}" for e in peft.check()] + _check_adapter_mode(recipe, stage, peft)
     quant = stage.quantization
     if quant is not None and quant.bits not in (4, 8):
         errors.append(f"quantization.bits: must be 4 or 8, got {quant.bits}")
     return errors + [f"push_to_hub.{e}" for e in (stage.push_to_hub.check() if stage.push_to_hub else [])]
 
-def _check_adapter_mode(recipe: Recipe, stage: TrainStageSpec, peft: dict[str, Any]) -> list[str]:
+def _check_adapter_mode(recipe: Recipe, stage: TrainStageSpec, peft: PeftSpec) -> list[str]:
     """`peft.adapter: continue` needs a stage type that supports it and an upstream LoRA adapter to continue."""
-
-    mode = peft.get("adapter", "stack")
-    if mode not in ADAPTER_MODES:
-        return [f"peft.adapter: must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}"]
-    if mode == "stack":
+    if not peft.continues:
         return []
     if not stage.continues_adapter:
         continuing = [name for name, known in STAGE_TYPES.items() if known.spec.continues_adapter]
         return [f"peft.adapter: continue works in {', '.join(continuing)} stages, not in {stage.type}"]
-    errors = [f"peft.{k}: a continued adapter keeps its own LoraConfig; remove this key"
-              for k in peft if k not in PEFT_EXTRA_KEYS]
+    errors = []
     upstream = next((s for s in recipe.stages if s.name == stage.model), None)
     if upstream is not None:
         upstream_peft = upstream.peft if isinstance(upstream, TrainStageSpec) else None
-        if upstream_peft is None or upstream_peft.get("merge", False):
+        if upstream_peft is None or upstream_peft.merges(False):
             errors.append(f"peft.adapter: continue needs `model` to be a LoRA adapter; stage '{upstream.name}' "
                           "saves full weights (give it `peft:` without `merge: true`)")
     else:
