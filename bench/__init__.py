@@ -9,4 +9,7 @@
     sft_memory peak memory and step time of LoRA SFT of SmolLM2-135M at 2 x 512 tokens (`--sft-memory`)
 """
 
-import pipeline  # noqa: F401  (first, as for the `pipeline` command: its import silences library noise)
+from pipeline.runtime.process import prepare_process
+
+# As the `pipeline` command does before importing the libraries: huge pages asked for, library noise silenced.
+prepare_process()

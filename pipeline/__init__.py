@@ -1,27 +1,3 @@
-import logging
-import os
-import warnings
+"""A YAML recipe drives a staged post-training run; `pipeline.cli` is the command, `pipeline.config` the recipe.
 
-from pipeline.runtime.memory import use_huge_pages
-
-# Large CPU tensors on transparent huge pages (pipeline/runtime/memory.py): set before torch makes its first one.
-use_huge_pages()
-
-# Library messages a user cannot act on, silenced once for every command:
-# - bitsandbytes' CPU backend warns on import, so on every run, that it could not fetch an optional faster
-#   4-bit kernel from the Hub; its own fallback is correct, and the pipeline runs offline.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# - TRL 1.16's generation helpers (trl/models/utils.py) read transformers 5's deprecated
-#   `model.is_gradient_checkpointing`.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-# - TRL deprecates DPO's `truncation_mode: keep_end` for its 2.0; the dpo stage chooses it on purpose (the
-#   compared replies are never what is cut), and pyproject pins trl<2.
-warnings.filterwarnings("ignore", message="The `'keep_end'` truncation mode is deprecated", category=FutureWarning)
-# - accelerate's save_state drops the tied copy of the embedding (lm_head) from a PPO checkpoint and asks
-#   to check that reloading works: tests/test_ppo.py resumes a killed run to the same numbers as an unbroken one.
-logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
-# - DeepSpeed, when installed, logs on import in every process of a CPU machine that it chose the CPU.
-logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
-# - `datasets` draws a progress bar for every map and filter (hundreds per run); the run's own progress lines
-#   (pipeline.runtime.progress) say where it is. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+Importing the package sets nothing up: each command does, in `pipeline.runtime.process.prepare_process`."""

@@ -9,18 +9,10 @@ from pathlib import Path
 
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import PushSpec
-from pipeline.data.loading import DataError
-from pipeline.outputs.health import health_lines, run_health
-from pipeline.outputs.hub import push_stage
-from pipeline.outputs.report import write_report
-from pipeline.run.runner import RunError, Runner
-from pipeline.runtime.distributed import LaunchChanged, MainProcessFailed, rank_label
-from pipeline.training.health import HealthFailure
-from pipeline.training.trainers import TrainingDiverged
-from pipeline.validation.explain import explain_recipe, explain_stage_type
-from pipeline.validation.preflight import check_data, check_launch, check_output_dir, output_dir_problem
-from pipeline.validation.prompt_checks import prompt_renderings
-from pipeline.validation.recipe_checks import load_recipe
+from pipeline.runtime.process import UserError, prepare_process, rank_label
+
+# Each command imports the libraries it needs when it runs (marked `lazy`), after `prepare_process`: `--help`
+# needs none of them, and some warn on import.
 
 
 def run_dir_for(recipe, output_dir: str | None) -> Path:
@@ -33,6 +25,11 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def cmd_validate(args) -> int:
+    from pipeline.validation.explain import explain_recipe  # lazy: see above
+    from pipeline.validation.preflight import check_data, check_launch, output_dir_problem  # lazy: see above
+    from pipeline.validation.prompt_checks import prompt_renderings  # lazy: see above
+    from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
+
     recipe = load_recipe(args.recipe, args.set)
     check_launch(recipe)
     problem = output_dir_problem(run_dir_for(recipe, None))
@@ -48,6 +45,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    from pipeline.validation.explain import explain_stage_type  # lazy: see above
+
     try:
         print(explain_stage_type(args.stage_type))
     except KeyError as err:
@@ -56,6 +55,10 @@ def cmd_explain(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from pipeline.run.runner import Runner  # lazy: see above
+    from pipeline.validation.preflight import check_data, check_launch, check_output_dir  # lazy: see above
+    from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
+
     recipe = load_recipe(args.recipe, args.set)
     selected = [s.strip() for s in args.stages.split(",")] if args.stages else None
     names = [s.name for s in recipe.stages]
@@ -79,12 +82,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from pipeline.outputs.report import write_report  # lazy: see above
+
     print(write_report(Path(args.run_dir)))
     return 0
 
 
 def cmd_health(args) -> int:
     """Each training stage's findings, from the logs on disk (also of a run from before run health existed)."""
+    from pipeline.outputs.health import health_lines, run_health  # lazy: see above
+
     try:
         found = run_health(Path(args.run_dir))
     except FileNotFoundError as err:
@@ -95,6 +102,8 @@ def cmd_health(args) -> int:
 
 
 def cmd_push(args) -> int:
+    from pipeline.outputs.hub import push_stage  # lazy: see above
+
     push = PushSpec(repo_id=args.repo_id, private=args.private, revision=args.revision, merge_adapter=args.merge_adapter)
     try:
         push_stage(Path(args.run_dir), args.stage, push)
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
     args = parser.parse_args(argv)
+    prepare_process()
     debug = getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
@@ -171,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def is_user_error(err: Exception) -> bool:
-    """Errors whose message says everything: bad data, a diverged loss, a `health.fail_on` finding, a failure the
-    main process reported, a run that cannot go on as asked."""
-
-    return isinstance(err, (DataError, TrainingDiverged, HealthFailure, MainProcessFailed, RunError, LaunchChanged))
+    return isinstance(err, UserError)
 
 
 def error_line(err: Exception) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,13 @@ def test_no_stage_type_is_named_outside_its_own_module(folder):
                              for e in c.elts if isinstance(e, ast.Constant)]
                 named += [f"{name}:{node.lineno} {ast.unparse(node)}" for v in literals if v in STAGE_TYPES]
     assert not named, "\n".join(named)
+
+
+def test_importing_the_package_or_its_command_line_sets_nothing_up_and_imports_no_ml_library():
+    """`pipeline --help` answers without torch, transformers, TRL or datasets; importing changes no environment
+    variable and no warning filter (each command calls `prepare_process` itself)."""
+    code = ("import os, sys, warnings; env, filters = dict(os.environ), list(warnings.filters); import pipeline.cli; "
+            "heavy = sorted({'torch', 'transformers', 'trl', 'datasets', 'peft', 'accelerate'} & set(sys.modules)); "
+            "print(heavy, dict(os.environ) == env, list(warnings.filters) == filters)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.stdout.strip() == "[] True True", done.stdout + done.stderr

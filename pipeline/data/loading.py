@@ -18,9 +18,10 @@ from datasets.utils import logging
 
 from pipeline.config.paths import resolve_local
 from pipeline.config.specs import DatasetSpec, SourceSpec
+from pipeline.runtime.process import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be used as given: the message says where and why."""
 
 

@@ -25,6 +25,7 @@ from transformers import set_seed
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.prompts import recipe_prompt_format
+from pipeline.runtime.process import UserError
 from pipeline.models.loading import process_defaults
 from pipeline.outputs.health import stage_findings
 from pipeline.outputs.hub import push_if_configured
@@ -39,7 +40,7 @@ from pipeline.stages import STAGE_TYPES
 from pipeline.stages.context import StageContext
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that cannot go on as asked (e.g. `--stages` leaves out a stage another one needs); the message says why."""
 
 

@@ -23,15 +23,17 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from pipeline.runtime.process import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class MainProcessFailed(RuntimeError):
+class MainProcessFailed(UserError, RuntimeError):
     """Raised on the other ranks when work done by the main process alone failed."""
 
 
-class LaunchChanged(RuntimeError):
+class LaunchChanged(UserError, RuntimeError):
     """A stage's checkpoints were made under another launch (process count, distributed type, ZeRO stage)."""
 
 
@@ -124,8 +126,3 @@ def forget_zero3_init() -> None:
     unset_hf_deepspeed_config()
 
 
-def rank_label() -> str:
-    """"[rank N] " under a multi-process launch (the launchers set RANK and WORLD_SIZE), else ""."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"[rank {os.environ.get('RANK', '?')}] "
-    return ""

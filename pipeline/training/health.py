@@ -20,12 +20,13 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from pipeline.config.health import HealthSpec
+from pipeline.runtime.process import UserError
 
 Finding = dict[str, Any]
 Series = list[tuple[float, float]]  # (step, value)
 
 
-class HealthFailure(RuntimeError):
+class HealthFailure(UserError, RuntimeError):
     """A finding the recipe's `health.fail_on` names."""
 
     def __init__(self, message: str, findings: list[Finding]):

@@ -23,11 +23,12 @@ from trl.trainer import utils as trl_utils
 from pipeline.config.paths import import_object
 from pipeline.models.loading import process_defaults, save_merged, use_bf16
 from pipeline.runtime.memory import freed_memory_returned, huge_pages_on
+from pipeline.runtime.process import UserError
 from pipeline.runtime.progress import StageProgress, held_out_evaluation
 from pipeline.training.health import HealthWatch
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
