@@ -255,6 +255,13 @@ class RewardTermSpec:
     function: str | None = None  # built-in (exact_match, format) or `package.module:function`
     weight: float = 1.0
 
+    COLUMNS: ClassVar[dict[str, tuple[str, ...]]] = {"exact_match": ("answer",)}  # read by built-in rule rewards
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The dataset columns this term reads from each row (beside the prompt)."""
+        return self.COLUMNS.get(self.function or "", ())
+
     def check(self) -> list[str]:
         if (self.reward_model is None) == (self.function is None):
             return ["each reward needs exactly one of `reward_model` or `function`"]

@@ -17,7 +17,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging
 
 from pipeline.config.paths import resolve_local
-from pipeline.config.specs import DatasetSpec, SourceSpec
+from pipeline.config.specs import DatasetSpec, RewardTermSpec, SourceSpec
 from pipeline.runtime.process import UserError
 
 
@@ -213,6 +213,14 @@ def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
     if spec.eval_samples is not None and spec.eval_samples < len(held_out):
         held_out = held_out.select(range(spec.eval_samples))
     return train, held_out
+
+
+def require_reward_columns(terms: list[RewardTermSpec], columns: list[str], where: str) -> None:
+    """A DataError where a reward term reads a column the rows lack (the `exact_match` reward's `answer`)."""
+    for term in terms:
+        missing = [c for c in term.columns if c not in columns]
+        if missing:
+            raise DataError(f"{where}: the {term.function} reward needs column(s) {missing}; columns are {columns}")
 
 
 def require_columns(dataset: Dataset, formats: dict[str, tuple[str, ...]], where: str) -> str:

@@ -33,7 +33,7 @@ from pipeline.config.specs import (
     answer_extractor_problems,
 )
 from pipeline.data.answers import answer_check
-from pipeline.data.loading import DataError, require_columns
+from pipeline.data.loading import DataError, require_columns, require_reward_columns
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.decoding import generate, prompt_text
 from pipeline.models.loading import load_causal_lm, load_tokenizer
@@ -167,8 +167,7 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
-    if any(t.function == "exact_match" for t in spec.rewards) and "answer" not in rows.column_names:
-        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {rows.column_names}")
+    require_reward_columns(spec.rewards, rows.column_names, where)
     k = spec.num_samples
     prompts = list(rows["prompt"])
     indices = list(range(len(prompts)))

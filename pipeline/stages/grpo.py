@@ -25,7 +25,7 @@ from pipeline.config.specs import (
     answer_extractor_problems,
 )
 from pipeline.data.answers import AnswerCheck, answer_check
-from pipeline.data.loading import DataError, require_columns
+from pipeline.data.loading import require_columns, require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
@@ -121,8 +121,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     where = f"stage '{spec.name}'"
     train, held_out = ctx.splits(spec.dataset)
     require_columns(train, spec.formats(), where)
-    if any(t.function == "exact_match" for t in spec.rewards) and "answer" not in train.column_names:
-        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
+    require_reward_columns(spec.rewards, train.column_names, where)
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained

@@ -34,7 +34,7 @@ from pipeline.config.specs import (
     answer_extractor_problems,
 )
 from pipeline.data.answers import answer_check
-from pipeline.data.loading import DataError, require_columns
+from pipeline.data.loading import DataError, require_columns, require_reward_columns
 from pipeline.models.loading import (
     compute_dtype,
     load_causal_lm,
@@ -189,8 +189,7 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     train, held_out = ctx.splits(spec.dataset)
     require_columns(train, spec.formats(), where)
     terms = spec.reward_terms()
-    if any(t.function == "exact_match" for t in terms) and "answer" not in train.column_names:
-        raise DataError(f"{where}: the exact_match reward needs an `answer` column; columns are {train.column_names}")
+    require_reward_columns(terms, train.column_names, where)
     config: PPOConfig = make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
                                     seed=ctx.seed)
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)

@@ -22,14 +22,12 @@ from pipeline.config.recipe import Recipe
 from pipeline.config.schema import RecipeError
 from pipeline.config.specs import PREFERENCE_FORMATS, StageSpec
 from pipeline.data.checks import Rows, identical_pairs, row_problems, split_problem
-from pipeline.data.loading import DataError, load_source, require_columns, row_numbers
+from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import gguf_location
 from pipeline.runtime.distributed import zero_stage
 
 MIN_FREE_BYTES = 1 << 30
-# Columns that built-in rule rewards (pipeline.models.reward_functions) read from each training row.
-REWARD_COLUMNS = {"exact_match": ("answer",)}
 
 
 def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
@@ -82,7 +80,7 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
     formats = stage.formats() or None
     data_format = require_columns(dataset, formats, where) if formats else None
     if training:
-        require_reward_columns(stage, dataset.column_names, where)
+        require_reward_columns(stage.reward_terms(), dataset.column_names, where)
     kind, numbers = row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset))
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
@@ -117,13 +115,6 @@ def check_launch(recipe: Recipe, selected: list[str] | None = None) -> None:
                 if stage.zero3_unsupported and (selected is None or stage.name in selected)]
     if problems:
         raise RecipeError(problems)
-
-
-def require_reward_columns(stage: StageSpec, columns: list[str], where: str) -> None:
-    for term in stage.reward_terms():
-        missing = [c for c in REWARD_COLUMNS.get(term.function or "", ()) if c not in columns]
-        if missing:
-            raise DataError(f"{where}: the {term.function} reward needs column(s) {missing}; columns are {columns}")
 
 
 def is_conversational(row: dict[str, Any]) -> bool:
