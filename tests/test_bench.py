@@ -133,3 +133,28 @@ def test_gpu_check_dry_run_walks_the_script_through(tmp_path):
     assert "| SFT in bf16 | not on GPU |" in done.stdout and "weights float32" in done.stdout
     assert "| FSDP2 LoRA save + reload | not on GPU |" in done.stdout and "lora_B trained" in done.stdout
     assert "| failed |" not in done.stdout
+
+
+def test_bench_recipes_table_has_each_stage_headline_before_and_after():
+    from bench.recipes import offline_overrides, recipes_table
+
+    summary = {"recipe": "gsm8k", "stages": {
+        "sft": {"type": "sft", "status": "completed", "seconds": 412.3,
+                "metrics": {"initial_eval_loss": 1.5, "eval_loss": 0.9, "train_loss": 1.1}},
+        "ppo": {"type": "ppo", "status": "completed", "seconds": 300.0,
+                "metrics": {"initial_eval_accuracy": 0.1, "eval_accuracy": 0.2, "initial_eval_reward/rm": -1.0,
+                            "eval_reward/rm": 0.5, "eval_kl": 0.3}},
+        "eval": {"type": "eval", "status": "completed", "seconds": 60.0,
+                 "metrics": {"accuracy/sft": 0.1, "accuracy/sft@pass4": 0.25}},
+        "rm": {"type": "reward", "status": "failed", "seconds": None, "metrics": {}},
+    }}
+    lines = recipes_table({"gsm8k-seed1": summary}).splitlines()
+    assert lines[0] == "| recipe | seed | stage | metric | before -> after | seconds |"
+    assert "| gsm8k | 1 | sft | held-out loss | 1.500 -> 0.900 | 412 |" in lines
+    assert "| gsm8k | 1 | ppo | reward rm | -1.000 -> 0.500 |  |" in lines  # seconds once per stage
+    assert "| gsm8k | 1 | ppo | KL | 0.300 |  |" in lines
+    assert "| gsm8k | 1 | eval | accuracy/sft@pass4 | 0.250 |  |" in lines
+    assert "| gsm8k | 1 | rm | (failed) | - | - |" in lines
+    recipe = {"stages": [{"name": "sft", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                         {"name": "eval", "models": ["sft", "HuggingFaceTB/SmolLM2-135M-Instruct"], "baseline": "sft"}]}
+    assert offline_overrides(recipe, "/m.gguf") == ["stages.sft.model=/m.gguf", 'stages.eval.models=["sft", "/m.gguf"]']

@@ -22,6 +22,7 @@ class SourceSpec:
 
     path: str  # .jsonl/.json/.parquet/.csv file, a Hub dataset id, or the name of a data-producing stage
     name: str | None = None  # Hub dataset configuration
+    data_dir: str | None = None  # a folder of a Hub dataset's repository (Anthropic/hh-rlhf's subsets: harmless-base)
     split: str = "train"  # split to read from a Hub dataset or local file
     columns: dict[str, str] = field(default_factory=dict)  # rename columns {old: new}
     weight: float = 1.0  # in a mixture: fraction of this source's rows to take (>1 repeats rows)
@@ -242,6 +243,9 @@ PREFERENCE_FORMATS = {
 }
 
 PROMPT_FORMATS = {"prompts": ("prompt",)}
+# Public formats the RL and eval stages also take prompts from (`pipeline.data.formats.as_prompts`): the turns before
+# the final reply of an HH-RLHF `chosen` transcript, an Alpaca row's request.
+DERIVED_PROMPT_FORMATS = {"hh-rlhf transcripts": ("chosen",), "alpaca": ("instruction", "output")}
 
 # What every online RL stage (grpo, rloo, ppo) is checked for; their loss is no learning signal, their reward is.
 RL_HEALTH_CHECKS = ("policy_not_moving", "reward_flat", "reward_hacking", "kl_past_bound", "kl_growing",

@@ -28,11 +28,27 @@ def first_word(response: str) -> str:
     return words[0].rstrip(".,;:!?") if words else ""
 
 
+def same_answer(stated: str, expected: str) -> bool:
+    """Equal as written, or as numbers: `1,080` is `1080`, `$18` is `18`, `72.` (a sentence's end) and `72.0` are `72`."""
+    if stated == expected:
+        return True
+    numbers = [_number(text) for text in (stated, expected)]
+    return None not in numbers and numbers[0] == numbers[1]
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.removeprefix("$").replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
 def answer_check(extractor: AnswerExtractorSpec | None = None) -> AnswerCheck:
     """`is_correct(response, answer)`: whether the answer read from `response` equals the reference `answer`.
 
     A regex also reads the reference where it matches, so GSM8K's `answer` column (a worked solution ending
-    in `#### 72`) is compared by its final `72`; a reference it does not match is compared as written.
+    in `#### 72`) is compared by its final `72`; a reference it does not match is compared as written. What a regex
+    reads is compared by `same_answer` (numbers by value: GSM8K writes `#### 1,080`, a model may write `1080`).
     """
     if extractor is None:
         return lambda response, answer: first_word(response) == str(answer)
@@ -47,6 +63,6 @@ def answer_check(extractor: AnswerExtractorSpec | None = None) -> AnswerCheck:
 
     def is_correct(response: str, answer: Any) -> bool:
         stated, expected = read(response), read(str(answer))
-        return stated is not None and stated == (str(answer).strip() if expected is None else expected)
+        return stated is not None and same_answer(stated, str(answer).strip() if expected is None else expected)
 
     return is_correct

@@ -153,7 +153,7 @@ def load_source(source: SourceSpec, *, recipe_path: Path | None,
             local = local / "data.jsonl"
         dataset = read_local(local)
     else:
-        dataset = load_dataset(source.path, source.name, split=source.split)
+        dataset = load_dataset(source.path, source.name, split=source.split, data_dir=source.data_dir)
     if len(dataset) == 0:
         raise DataError(f"{source.path}: empty dataset")
     missing = [old for old in source.columns if old not in dataset.column_names]

@@ -153,7 +153,7 @@ def _from_pairwise(dataset: Dataset, where: str, label: Callable[[int], str]) ->
     if "prompt" in dataset.column_names:
         return [_harmonize(p, c, r) for p, c, r in zip(_values(dataset, "prompt", label), chosen, rejected)]
     # Majority vote, so a few malformed transcripts are dropped rather than the whole set read as plain text
-    if sum(isinstance(c, str) and isinstance(r, str) and _looks_like_transcript(c)
+    if sum(isinstance(c, str) and isinstance(r, str) and looks_like_transcript(c)
            for c, r in zip(chosen, rejected)) * 2 > len(chosen):
         return _from_transcripts(chosen, rejected, where)
     return [_split_messages(c, r, label(row)) if isinstance(c, list) or isinstance(r, list)
@@ -183,36 +183,37 @@ def _split_messages(chosen: Any, rejected: Any, what: str) -> Pair:
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
-class _Unusable(Exception):
-    """An HH-RLHF transcript pair that cannot be converted; the message is the reason."""
+class UnusableTranscript(Exception):
+    """An HH-RLHF transcript (or pair) that cannot be converted; the message is the reason."""
 
 
-def _looks_like_transcript(text: str) -> bool:
+def looks_like_transcript(text: str) -> bool:
     return "\n\nHuman:" in text and "\n\nAssistant:" in text
 
 
-def _parse_transcript(text: str) -> list[dict[str, str]]:
+def parse_transcript(text: str) -> list[dict[str, str]]:
+    """HH-RLHF's "\\n\\nHuman: ...\\n\\nAssistant: ..." as {role, content} messages; `UnusableTranscript` if it is not one."""
     head, *turns = _TURN.split(text)
     if head.strip() or not turns:
-        raise _Unusable("not a Human/Assistant transcript")
+        raise UnusableTranscript("not a Human/Assistant transcript")
     return [{"role": _ROLES[speaker], "content": content.strip()}
             for speaker, content in zip(turns[::2], turns[1::2])]
 
 
 def _transcript_pair(chosen: str, rejected: str) -> Pair:
     """Shared turns up to the last shared user turn as the prompt; the rest of each transcript as its completion."""
-    a, b = _parse_transcript(chosen), _parse_transcript(rejected)
+    a, b = parse_transcript(chosen), parse_transcript(rejected)
     if a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
-        raise _Unusable("no final assistant reply")
+        raise UnusableTranscript("no final assistant reply")
     if not a[-1]["content"] or not b[-1]["content"]:
-        raise _Unusable("empty final assistant reply")
+        raise UnusableTranscript("empty final assistant reply")
     # Usually everything but the final reply is shared; when the transcripts diverge earlier, the
     # differing turns stay in the completions. The prompt must end on a user turn to be generated from.
     shared = _common_prefix_len(a[:-1], b[:-1])
     while shared and a[shared - 1]["role"] != "user":
         shared -= 1
     if not shared:
-        raise _Unusable("no shared user turn")
+        raise UnusableTranscript("no shared user turn")
     return {"prompt": a[:shared], "chosen": a[shared:], "rejected": b[shared:]}
 
 
@@ -221,7 +222,7 @@ def _from_transcripts(chosen: list[str], rejected: list[str], where: str) -> lis
     for c, r in zip(chosen, rejected):
         try:
             pairs.append(_transcript_pair(c, r))
-        except _Unusable as reason:
+        except UnusableTranscript as reason:
             dropped[str(reason)] += 1
     reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
     if not pairs:

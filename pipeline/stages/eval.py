@@ -32,8 +32,15 @@ from typing import Any
 from accelerate import PartialState
 
 from pipeline.config.paths import resolve_local
-from pipeline.config.specs import AnswerExtractorSpec, DatasetSpec, StageSpec, answer_extractor_problems
+from pipeline.config.specs import (
+    DERIVED_PROMPT_FORMATS,
+    AnswerExtractorSpec,
+    DatasetSpec,
+    StageSpec,
+    answer_extractor_problems,
+)
 from pipeline.data.answers import answer_check
+from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
@@ -123,7 +130,10 @@ class EvalSpec(StageSpec):
     def formats(self) -> dict[str, tuple[str, ...]]:
         answers = ("answer",) if self.pass_at_k else ()  # pass@k counts correct samples; the rest scores without
         name = "prompts with answers" if answers else "prompts (answer optional)"
-        return {name: ("prompt",) + answers + ((self.reference_column,) if self.reference_column else ())}
+        given = {name: ("prompt",) + answers + ((self.reference_column,) if self.reference_column else ())}
+        # Open-ended prompts may come from public formats (HH-RLHF transcripts, Alpaca rows), with their reply as
+        # the reference `completion`
+        return given if answers or self.reference_column else given | DERIVED_PROMPT_FORMATS
 
     @classmethod
     def headline(cls, metrics: dict[str, float]) -> str:
@@ -198,6 +208,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
+    rows = as_prompts(rows, where)
     prompts = list(rows["prompt"])
     # Rows with an answer to check; an empty one (`answer: ""`, a workaround for open-ended data) is no answer.
     answers = [str(a) if a is not None else "" for a in rows["answer"]] if "answer" in rows.column_names \

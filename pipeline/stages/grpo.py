@@ -17,6 +17,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from pipeline.algorithms.dynamic_sampling import with_dynamic_sampling
 from pipeline.config.specs import (
+    DERIVED_PROMPT_FORMATS,
     PROMPT_FORMATS,
     RL_HEALTH_CHECKS,
     AnswerExtractorSpec,
@@ -25,7 +26,8 @@ from pipeline.config.specs import (
     answer_extractor_problems,
 )
 from pipeline.data.answers import AnswerCheck, answer_check
-from pipeline.data.loading import require_columns, require_reward_columns
+from pipeline.data.formats import as_prompts
+from pipeline.data.loading import require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
@@ -83,7 +85,7 @@ class GRPOSpec(TrainStageSpec):
         return problems
 
     def formats(self) -> dict[str, tuple[str, ...]]:
-        return PROMPT_FORMATS
+        return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
 
 
 def reward_trend(history: list[dict]) -> dict[str, float]:
@@ -119,8 +121,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     prompts and weighted rewards; held-out greedy accuracy before and after, and the training reward's trend."""
 
     where = f"stage '{spec.name}'"
-    train, held_out = ctx.splits(spec.dataset)
-    require_columns(train, spec.formats(), where)
+    train, held_out = (as_prompts(rows, where) for rows in ctx.splits(spec.dataset))
     require_reward_columns(spec.rewards, train.column_names, where)
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)

@@ -26,6 +26,7 @@ from pipeline.algorithms.ppo_trainer.evaluation import evaluate
 from pipeline.algorithms.ppo_trainer.models import ActorCritic, decoder_trunk
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
 from pipeline.config.specs import (
+    DERIVED_PROMPT_FORMATS,
     PROMPT_FORMATS,
     RL_HEALTH_CHECKS,
     AnswerExtractorSpec,
@@ -34,7 +35,8 @@ from pipeline.config.specs import (
     answer_extractor_problems,
 )
 from pipeline.data.answers import answer_check
-from pipeline.data.loading import DataError, require_columns, require_reward_columns
+from pipeline.data.formats import as_prompts
+from pipeline.data.loading import DataError, require_reward_columns
 from pipeline.models.loading import (
     compute_dtype,
     load_causal_lm,
@@ -104,7 +106,7 @@ class PPOSpec(TrainStageSpec):
         return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
-        return PROMPT_FORMATS
+        return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
 
 
 def build_models(spec: PPOSpec, path: str, init_std: float, value_model_path: str | None = None,
@@ -186,8 +188,7 @@ def held_out_scores(trainer: PPOTrainer, held_out, is_correct) -> dict[str, floa
 
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = ctx.splits(spec.dataset)
-    require_columns(train, spec.formats(), where)
+    train, held_out = (as_prompts(rows, where) for rows in ctx.splits(spec.dataset))
     terms = spec.reward_terms()
     require_reward_columns(terms, train.column_names, where)
     config: PPOConfig = make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),

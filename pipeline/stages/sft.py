@@ -7,6 +7,8 @@ Every input format becomes prompt/completion, which TRL trains with completion-o
   is then trained in the format it is served with); otherwise the prompt is rendered through `prompt_template`
   (default: the Alpaca templates);
 - `instruction`/`instances` (Self-Instruct): one Alpaca row per instance `{input, output}`;
+- `chosen` (HH-RLHF transcripts): each chosen transcript as a `messages` row, its final reply trained on
+  (`pipeline.data.formats`);
 - `prompt`/`completion`: as given, plain-text rows as a user turn and the reply when the tokenizer has a chat
   template (`pipeline.data.prompts`); `text`: plain language modelling on the whole text.
 
@@ -22,6 +24,7 @@ from typing import Any
 from trl import SFTTrainer
 
 from pipeline.config.specs import TrainStageSpec
+from pipeline.data.formats import alpaca_request, sft_messages
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
 from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
@@ -36,6 +39,7 @@ SFT_FORMATS = {
     "alpaca": ("instruction", "output"),
     "self-instruct": ("instruction", "instances"),  # one row per instance {input, output}
     "text": ("text",),
+    "hh-rlhf transcripts": ("chosen",),  # each chosen transcript as `messages`: SFT on the chosen replies
 }
 
 @dataclass(kw_only=True)
@@ -73,6 +77,8 @@ def to_prompt_completion(dataset, data_format: str, template: str | None, where:
     """
     if data_format == "text":
         return dataset.select_columns(["text"])
+    if data_format == "hh-rlhf transcripts":
+        dataset, data_format = sft_messages(dataset, where), "messages"
     if data_format == "prompt-completion":
         dataset = dataset.select_columns(["prompt", "completion"])
         return user_turns(dataset) if chat else dataset
@@ -87,7 +93,7 @@ def to_prompt_completion(dataset, data_format: str, template: str | None, where:
         def render(row: dict[str, Any]) -> dict[str, Any]:
             extra = (row.get("input") or "").strip()
             if chat and template is None:
-                request = row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+                request = alpaca_request(row["instruction"], extra)
                 return {"prompt": [{"role": "user", "content": request}],
                         "completion": [{"role": "assistant", "content": row["output"]}]}
             chosen = template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
@@ -112,7 +118,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     chat = renders_chat(tokenizer)
     train = to_prompt_completion(train, data_format, spec.prompt_template, where, chat)
     held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where, chat)
-    if data_format == "messages" and tokenizer.chat_template is None:
+    if data_format in ("messages", "hh-rlhf transcripts") and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
     model, peft_config = load_policy(model_path, spec)

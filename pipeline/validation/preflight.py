@@ -22,6 +22,7 @@ from pipeline.config.recipe import Recipe
 from pipeline.config.schema import RecipeError
 from pipeline.config.specs import PREFERENCE_FORMATS, StageSpec
 from pipeline.data.checks import Rows, identical_pairs, row_problems, split_problem
+from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import gguf_location
@@ -94,6 +95,8 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
             to_pairwise(dataset, where, rows.one)
     else:
         problems = row_problems(dataset, columns, rows, sft_messages=data_format == "messages")
+        if not problems and data_format == "hh-rlhf transcripts":  # SFT messages or prompts: the same parse
+            as_prompts(dataset, where)
     if problems:
         raise DataError("\n".join(problems))
     if is_conversational(dataset[0]) and stage.chat_needs_template:

