@@ -182,9 +182,10 @@ def test_huge_pages_asked_for_where_the_kernel_offers_them(tmp_path, monkeypatch
 @pytest.mark.skipif(not Path(memory.THP_SWITCH).is_file() or "[never]" in Path(memory.THP_SWITCH).read_text(),
                     reason="a kernel that offers transparent huge pages")
 def test_huge_pages_on_only_where_pytorch_took_the_switch():
-    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation: the pipeline imported first, large tensors are on
+    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation: a command's set-up run first, large tensors are on
     huge pages; a tensor made before, and they are not, whatever the environment says."""
-    probe = "import pipeline.runtime.memory as m, os; print(os.environ['THP_MEM_ALLOC_ENABLE'], m.huge_pages_on())"
+    probe = ("from pipeline.runtime.process import prepare_process; prepare_process(); "
+             "import pipeline.runtime.memory as m, os; print(os.environ['THP_MEM_ALLOC_ENABLE'], m.huge_pages_on())")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     for before, expected in (("", "1 True"), ("import torch; torch.zeros(1); ", "1 False")):
         done = subprocess.run([sys.executable, "-c", before + probe], capture_output=True, text=True, cwd=REPO, env=env)

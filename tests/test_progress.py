@@ -61,7 +61,8 @@ def test_heartbeat_speaks_only_when_the_stage_has_been_quiet(capsys, monkeypatch
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_cpu_notice_is_filtered_at_its_source():
-    code = "import pipeline, deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator()"
+    code = ("from pipeline.runtime.process import prepare_process; prepare_process(); "
+            "import deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator()")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Setting accelerator to CPU" not in result.stdout + result.stderr
