@@ -40,8 +40,8 @@ def test_hh_transcripts_become_prompts_with_the_chosen_reply_as_reference(capsys
     assert len(rows) == 1 and rows.column_names == ["prompt", "completion"]
     assert rows[0]["prompt"][-1] == {"role": "user", "content": "What is 2 + 2?"}
     assert rows[0]["completion"] == [{"role": "assistant", "content": "4."}]
-    assert "dropped 2 of 3 transcripts (empty final assistant reply: 1, not a Human/Assistant transcript: 1)" \
-        in capsys.readouterr().out
+    assert ("dropped 2 of 3 HH-RLHF transcripts in 'chosen' (empty final assistant reply: 1, "
+            "not a Human/Assistant transcript: 1)") in capsys.readouterr().out
 
 
 def test_no_usable_transcript_is_an_error():

@@ -12,15 +12,13 @@ GSM8K needs nothing here: `columns: {question: prompt}` renames its question, an
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Callable
 
-from accelerate import PartialState
 from datasets import Dataset
 
 from pipeline.config.specs import DERIVED_PROMPT_FORMATS, PROMPT_FORMATS
-from pipeline.data.loading import DataError, require_columns
-from pipeline.data.preferences import UnusableTranscript, parse_transcript
+from pipeline.data.loading import require_columns
+from pipeline.data.preferences import UnusableTranscript, parse_transcript, usable_transcripts
 
 Messages = list[dict[str, str]]
 
@@ -47,17 +45,8 @@ def final_reply_split(text: Any) -> tuple[Messages, Messages]:
 
 def _from_transcripts(dataset: Dataset, where: str, row: Callable[[Messages, Messages], dict[str, Any]]) -> Dataset:
     """One row per usable `chosen` transcript, made by `row(prompt, reply)`; the rest dropped, and counted."""
-    rows, dropped = [], Counter()
-    for text in dataset["chosen"]:
-        try:
-            rows.append(row(*final_reply_split(text)))
-        except UnusableTranscript as reason:
-            dropped[str(reason)] += 1
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
-    if not rows:
-        raise DataError(f"{where}: none of the {len(dataset)} HH-RLHF transcripts in 'chosen' could be used ({reasons})")
-    if dropped:
-        PartialState().print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(dataset)} transcripts ({reasons})")
+    rows = usable_transcripts(list(dataset["chosen"]), lambda text: row(*final_reply_split(text)), where,
+                              "HH-RLHF transcripts in 'chosen'")
     return Dataset.from_list(rows)
 
 

@@ -218,15 +218,22 @@ def _transcript_pair(chosen: str, rejected: str) -> Pair:
 
 
 def _from_transcripts(chosen: list[str], rejected: list[str], where: str) -> list[Pair]:
-    pairs, dropped = [], Counter()
-    for c, r in zip(chosen, rejected):
+    return usable_transcripts(list(zip(chosen, rejected)), lambda pair: _transcript_pair(*pair), where,
+                              "HH-RLHF transcript pairs")
+
+
+def usable_transcripts(items: list[Any], convert: Callable[[Any], Any], where: str, what: str) -> list[Any]:
+    """`convert` of every item it can use; the rest (`UnusableTranscript`) dropped and counted by reason, and a
+    DataError if none is left."""
+    converted, dropped = [], Counter()
+    for item in items:
         try:
-            pairs.append(_transcript_pair(c, r))
+            converted.append(convert(item))
         except UnusableTranscript as reason:
             dropped[str(reason)] += 1
     reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.most_common())
-    if not pairs:
-        raise DataError(f"{where}: none of the {len(chosen)} HH-RLHF transcript pairs could be used ({reasons})")
+    if not converted:
+        raise DataError(f"{where}: none of the {len(items)} {what} could be used ({reasons})")
     if dropped:
-        PartialState().print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(chosen)} transcript pairs ({reasons})")
-    return pairs
+        PartialState().print(f"{where}: hh-rlhf: dropped {dropped.total()} of {len(items)} {what} ({reasons})")
+    return converted
