@@ -10,8 +10,12 @@ import pytest
 
 from pipeline.algorithms.ppo_trainer.config import PPOConfig
 from pipeline.config.recipe import names_taken_from_defaults
+from pipeline.config.specs import RewardsSpec, RewardTermSpec
+from pipeline.models.reward_functions import resolve_function
+from pipeline.stages import STAGE_TYPES
+from pipeline.stages.context import StageContext
 from pipeline.stages.ppo import PPOSpec
-from pipeline.training.trainers import make_config
+from pipeline.training.trainers import TrainerStage, make_config
 from pipeline.validation.explain import declared_help
 from pipeline.validation.recipe_checks import load_recipe
 from tests.conftest import DATA, tiny_stages, write_recipe
@@ -149,3 +153,47 @@ def test_a_recipes_peft_mapping_becomes_a_peft_spec(tmp_path, capsys):
                                "rewards": [{"function": "exact_match"}], "peft": {"r": 8, "adapter": "stacked"}}]
     assert main(["validate", str(write_recipe(tmp_path, stages))]) == 2
     assert "peft.adapter: must be one of stack, continue, got 'stacked'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage_type", ["grpo", "rloo", "ppo", "generate"])
+def test_every_scoring_stage_declares_the_reward_vocabulary_once(stage_type):
+    """`rewards` and `answer_extractor` are RewardsSpec's (its fields, their help, its checks), in every stage that
+    scores responses, and each built-in reward name it accepts is one `resolve_function` builds."""
+    spec = STAGE_TYPES[stage_type].spec
+    assert issubclass(spec, RewardsSpec)
+    declared = {f.name: f for f in dataclasses.fields(spec)}
+    assert declared["rewards"] == {f.name: f for f in dataclasses.fields(RewardsSpec)}["rewards"]
+    assert "weighted reward models" in declared_help(spec)["rewards"]
+    for name in RewardTermSpec.BUILTIN:
+        assert callable(resolve_function(name))
+
+
+def test_reward_terms_are_checked_where_they_are_declared():
+    assert RewardTermSpec(function="exact_mtch").check() == [
+        "function: 'exact_mtch' is not a built-in (exact_match, format); did you mean 'exact_match'? "
+        "nor a `package.module:function` path"]
+    assert "cannot import" in RewardTermSpec(function="no_such_module:f").check()[0]
+    assert RewardTermSpec(function="format", reward_model="rm").check() == [
+        "each reward needs exactly one of `reward_model` or `function`"]
+    assert RewardTermSpec(function="exact_match").columns == ("answer",)
+    rewards = RewardsSpec(rewards=[RewardTermSpec(function="format"), RewardTermSpec(function="nope")])
+    assert rewards.reward_problems()[0].startswith("rewards[1]: function: 'nope' is not a built-in")
+
+
+def test_a_trainer_stage_refuses_a_trainer_it_did_not_build(tmp_path):
+    """The Trainer stages' protocol (`TrainerStage`): a Trainer made without its args and callbacks (so without
+    the divergence guard and the run-health watch) is refused before it trains."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_stages(pretrain_steps=1, sft_steps=1)))
+    spec = recipe.stage("base")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    stage = TrainerStage(spec, StageContext(recipe, spec, tmp_path / "run"), model)
+    assert stage.args.max_steps == 1 and stage.args.output_dir.endswith("checkpoints")
+    built = stage.build(Trainer, model=model)
+    assert built.args is stage.args and all(c in built.callback_handler.callbacks for c in stage.callbacks)
+    for unbuilt in (Trainer(model=model, args=stage.args), Trainer(model=model, args=stage.args.__class__(
+            output_dir=str(tmp_path / "other"), use_cpu=True), callbacks=stage.callbacks)):
+        with pytest.raises(RuntimeError, match="its Trainer was not made by `TrainerStage.build`"):
+            stage.fit(unbuilt, tokenizer=None)

@@ -118,6 +118,18 @@ def test_all_problems_reported_at_once(tmp_path, capsys):
     assert code != 0 and "block_sise" in out and "learning_rat" in out
 
 
+def test_a_value_of_the_wrong_type_leaves_the_other_stages_checked(tmp_path, capsys):
+    """A stage whose value failed its type check is not checked further (its value is None), and every other
+    stage's cross-field checks still run in the same pass, their problems listed with it."""
+    def edit(s):
+        s[1]["block_size"] = "sixty-four"
+        s[2]["model"] = "bse"  # a reference to no earlier stage
+    code, out = validate(tmp_path, capsys, mutate(edit))
+    assert code != 0
+    assert "stage 'base': block_size: expected int" in out
+    assert "stage 'sft': model: " in out and "did you mean 'base'" in out
+
+
 def test_malformed_jsonl_names_the_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     lines = (DATA / "sft.jsonl").read_text().splitlines()[:5]

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config.health import HealthSpec, health_settings
 from pipeline.config.paths import config_fields
-from pipeline.config.schema import RecipeError, build, suggest
+from pipeline.config.schema import RecipeError, build, suggest, values_intact
 from pipeline.config.specs import SourceSpec, StageSpec, TrainStageSpec
 
 
@@ -145,10 +145,14 @@ def read_recipe(path: Path, overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def build_recipe(path: Path, data: dict[str, Any], spec_classes: dict[str, type[StageSpec]]) -> tuple[Recipe, list[str], bool]:
-    """(the recipe, its schema errors, whether every stage was built) from a mapping and the stage types' specs.
+def build_recipe(path: Path, data: dict[str, Any], spec_classes: dict[str, type[StageSpec]]
+                 ) -> tuple[Recipe, list[str], set[str] | None]:
+    """(the recipe, its schema errors, the parts with errors) from a mapping and the stage types' specs.
 
-    Raises `RecipeError` only when not even the top level builds.
+    The parts with errors are the names of the stages with a value that failed its type check (None in the
+    spec), with "" for the recipe's top level; None when some stage was not built at
+    all, so that references to it cannot be told from typos. Raises `RecipeError` only when not even the top
+    level builds.
     """
     raw = copy.deepcopy(data)
     errors: list[str] = []
@@ -157,6 +161,7 @@ def build_recipe(path: Path, data: dict[str, Any], spec_classes: dict[str, type[
         errors.append(f"{path}: `stages` must be a non-empty list")
         stages_data = []
     stages: list[StageSpec] = []
+    flawed: set[str] = set()
     for i, item in enumerate(stages_data):
         label = f"stage {i}"
         if isinstance(item, dict) and isinstance(item.get("name"), str):
@@ -180,6 +185,8 @@ def build_recipe(path: Path, data: dict[str, Any], spec_classes: dict[str, type[
         errors += [f"{path}: {label}: {e.lstrip('.: ')}" for e in stage_errors]
         if spec is not None:
             stages.append(spec)
+            if not values_intact(stage_errors):
+                flawed.add(spec.name)
 
     top = {k: v for k, v in data.items() if k != "stages"}
     top_errors: list[str] = []
@@ -188,4 +195,6 @@ def build_recipe(path: Path, data: dict[str, Any], spec_classes: dict[str, type[
     if recipe is None:
         raise RecipeError(errors or [f"{path}: invalid recipe"])
     recipe.stages, recipe.path, recipe.raw = stages, path, raw
-    return recipe, errors, len(stages) == len(stages_data)
+    if not values_intact(top_errors):
+        flawed.add("")
+    return recipe, errors, flawed if len(stages) == len(stages_data) else None

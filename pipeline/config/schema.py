@@ -51,6 +51,12 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def values_intact(errors: list[str]) -> bool:
+    """Whether a build with these errors kept every value it was given: an unknown key is only left out, while
+    a value that failed its type check became None."""
+    return all(": unknown key '" in e for e in errors)
+
+
 def build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     """Build dataclass ``cls`` from ``data``; append a message to ``errors`` per problem."""
     if not isinstance(data, dict):

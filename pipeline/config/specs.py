@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pipeline.config.paths import HUB_ID, callable_problems
+from pipeline.config.schema import suggest
 
 
 # ----------------------------------------------------------------------------- data specs
@@ -259,17 +260,24 @@ class RewardTermSpec:
     function: str | None = None  # built-in (exact_match, format) or `package.module:function`
     weight: float = 1.0
 
-    COLUMNS: ClassVar[dict[str, tuple[str, ...]]] = {"exact_match": ("answer",)}  # read by built-in rule rewards
+    # The built-in rule rewards (`pipeline.models.reward_functions`) and the dataset columns each reads
+    BUILTIN: ClassVar[dict[str, tuple[str, ...]]] = {"exact_match": ("answer",), "format": ()}
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The dataset columns this term reads from each row (beside the prompt)."""
-        return self.COLUMNS.get(self.function or "", ())
+        return self.BUILTIN.get(self.function or "", ())
 
     def check(self) -> list[str]:
         if (self.reward_model is None) == (self.function is None):
             return ["each reward needs exactly one of `reward_model` or `function`"]
-        return []
+        if self.function is None or self.function in self.BUILTIN:
+            return []
+        if ":" not in self.function:
+            return [f"function: '{self.function}' is not a built-in ({', '.join(self.BUILTIN)})"
+                    f"{suggest(self.function, self.BUILTIN)} nor a `package.module:function` path"]
+        return [f"function: {p}" for p in callable_problems(self.function)]
+
 
 @dataclass(kw_only=True)
 class AnswerExtractorSpec:
@@ -295,3 +303,21 @@ class AnswerExtractorSpec:
 
 def answer_extractor_problems(extractor: AnswerExtractorSpec | None) -> list[str]:
     return extractor.check() if extractor is not None else []
+
+
+@dataclass(kw_only=True)
+class RewardsSpec:
+    """The reward vocabulary of a stage that scores responses (grpo, rloo, ppo, generate), declared once: its keys,
+    their defaults and checks, and the dataset columns the terms read. A stage spec lists it before its base
+    (`class GRPOSpec(RewardsSpec, TrainStageSpec)`) so that `reward_terms` here wins over `StageSpec`'s."""
+
+    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted reward models and rule functions
+    answer_extractor: AnswerExtractorSpec | None = None  # how `exact_match` and held-out accuracy read an answer
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        return list(self.rewards)
+
+    def reward_problems(self) -> list[str]:
+        """Each term's problems (a named function importable and callable) and the answer extractor's."""
+        problems = [f"rewards[{i}]: {p}" for i, term in enumerate(self.rewards) for p in term.check()]
+        return problems + answer_extractor_problems(self.answer_extractor)

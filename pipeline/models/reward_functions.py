@@ -14,8 +14,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.config.paths import callable_problems, import_object
-from pipeline.config.schema import suggest
+from pipeline.config.paths import import_object
 from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.prompts import as_model_prompt
@@ -49,9 +48,6 @@ def format_reward(prompts: list, completions: list, **_: Any) -> list[float]:
     return scores
 
 
-BUILTIN = ("exact_match", "format")
-
-
 def resolve_function(name: str, is_correct: AnswerCheck = answer_check()) -> RewardFn:
     """A `function:` reward term: a built-in (`exact_match` reads answers with `is_correct`) or a user function."""
     if name == "exact_match":
@@ -60,17 +56,6 @@ def resolve_function(name: str, is_correct: AnswerCheck = answer_check()) -> Rew
         return format_reward
 
     return import_object(name)
-
-
-def check_function(name: str) -> list[str]:
-    """Problems with a `function:` reference, for `pipeline validate`."""
-    if name in BUILTIN:
-        return []
-    if ":" not in name:
-        return [f"'{name}' is not a built-in ({', '.join(BUILTIN)}){suggest(name, BUILTIN)} "
-                "nor a `package.module:function` path"]
-
-    return callable_problems(name)
 
 
 class RewardModelScorer:
@@ -146,8 +131,8 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = Non
     return ids
 
 
-def build_reward_terms(terms, resolve: Callable[[str], str], is_correct: AnswerCheck = answer_check()
-                       ) -> tuple[list[RewardFn], list[float], list[str]]:
+def build_reward_terms(terms: list[RewardTermSpec], resolve: Callable[[str], str],
+                       is_correct: AnswerCheck = answer_check()) -> tuple[list[RewardFn], list[float], list[str]]:
     """(functions, weights, names) for a stage's reward terms; `resolve` maps a stage name to its output folder,
     `is_correct` is how `exact_match` reads answers."""
     functions, weights, names = [], [], []
@@ -161,12 +146,3 @@ def build_reward_terms(terms, resolve: Callable[[str], str], is_correct: AnswerC
         weights.append(term.weight)
     return functions, weights, names
 
-
-def reward_term_problems(terms: list[RewardTermSpec]) -> list[str]:
-    """Each `rewards` entry's own problems, and those of a named reward function (importable, callable)."""
-    problems = []
-    for i, term in enumerate(terms):
-        problems += [f"rewards[{i}]: {p}" for p in term.check()]
-        if term.function:
-            problems += [f"rewards[{i}].function: {p}" for p in check_function(term.function)]
-    return problems

@@ -15,11 +15,11 @@ from trl import DPOTrainer
 from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.preferences import to_pairwise
 from pipeline.data.prompts import as_model_rows
-from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
 from pipeline.training.length_checks import check_dpo_lengths, check_padding
+from pipeline.training.trainers import TrainerStage, batch_by_length, evaluated
 
 
 @dataclass(kw_only=True)
@@ -56,20 +56,14 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
     model, peft_config = load_policy(path, spec)
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
-                         processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=training.stage_callbacks(spec.name, ctx.health))
-    match_trainable_dtype(trainer.model, spec.quantization)
-    training.batch_by_length(trainer, pair_length)
+    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
+    trainer = stage.build(DPOTrainer, model=model, train_dataset=train, eval_dataset=evaluated(held_out),
+                          processing_class=tokenizer, peft_config=peft_config)
+    batch_by_length(trainer, pair_length)
     check_padding(trainer, pair_length, where)
     lengths = check_dpo_lengths(trainer, (len(train), len(held_out)), where)  # over-long pairs, before training
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
-                             initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"))
-    metrics.update(lengths)
-    training.save(trainer, tokenizer, spec, ctx)
-    return metrics
+    return stage.fit(trainer, tokenizer, initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"),
+                     after_training=lambda metrics: metrics.update(lengths))
 
 
 STAGE = StageType("dpo", DPOSpec, run)

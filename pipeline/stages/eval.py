@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from pipeline.config.specs import (
     StageSpec,
     answer_extractor_problems,
 )
-from pipeline.data.answers import answer_check
+from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import as_model_prompt
@@ -204,131 +205,168 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
-    where = f"stage '{spec.name}'"
+@dataclass
+class EvalRows:
+    """The rows an eval stage scores."""
+
+    prompts: list[Any]
+    answers: list[str]  # "" where a row has no answer to check
+    completions: list[Any] | None  # reference completions (perplexity), where the rows have them
+
+    @property
+    def answered(self) -> list[int]:
+        return [i for i, answer in enumerate(self.answers) if answer.strip()]
+
+
+@dataclass
+class Judges:
+    """What every model's responses are measured against, loaded once for all of them."""
+
+    is_correct: AnswerCheck
+    reward: RewardModelScorer | None  # reward_model: reward, win rate, best-of-N
+    reference: tuple[Any, Any] | None  # reference: (model, tokenizer) for KL
+
+
+def read_rows(spec: EvalSpec, ctx: StageContext, where: str) -> EvalRows:
     rows = ctx.rows(spec.dataset)
     require_columns(rows, spec.formats(), where)
     rows = as_prompts(rows, where)
     prompts = list(rows["prompt"])
-    # Rows with an answer to check; an empty one (`answer: ""`, a workaround for open-ended data) is no answer.
+    # An empty answer (`answer: ""`, a workaround for open-ended data) is no answer.
     answers = [str(a) if a is not None else "" for a in rows["answer"]] if "answer" in rows.column_names \
         else [""] * len(prompts)
-    answered = [i for i, a in enumerate(answers) if a.strip()]
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
-    completions = list(rows[column]) if column else None
-    indices = list(range(len(prompts)))
+    return EvalRows(prompts, answers, list(rows[column]) if column else None)
 
-    device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
 
-    def load(ref: str):
-        path = ctx.resolve(ref)
-        return (load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device),
-                load_tokenizer(path, trust_remote_code=spec.trust_remote_code))
+def load_model(spec: EvalSpec, ctx: StageContext, ref: str) -> tuple[Any, Any]:
+    """(model on this process's device, tokenizer): the accelerator under `accelerate launch`, else the CPU."""
+    path = ctx.resolve(ref)
+    return (load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(PartialState().device),
+            load_tokenizer(path, trust_remote_code=spec.trust_remote_code))
 
-    def greedy(model, tokenizer, share: list[Any]) -> list[str]:
-        return generate(model, tokenizer, share, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
 
-    def sample(model, tokenizer, share: list[Any], n: int, temperature: float) -> list[str]:
-        """`n` sampled responses per prompt, each prompt's consecutive."""
-        return generate(model, tokenizer, share, max_new_tokens=spec.max_new_tokens,
-                        batch_size=max(spec.batch_size // n, 1), do_sample=True, temperature=temperature,
-                        num_return_sequences=n)
-
-    def per_prompt(model, tokenizer, share: list[int]) -> list[dict[str, Any]]:
-        """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
-        if not share:
-            return []
-        mine = [prompts[i] for i in share]
-        out = [{"response": r} for r in greedy(model, tokenizer, mine)]
-        if scorer is not None:
-            for row, score in zip(out, scorer(mine, [row["response"] for row in out])):
-                row["score"] = score
-        if reference is not None:
-            sampled = generate_ids(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
-                                   batch_size=spec.batch_size, do_sample=True, temperature=1.0)
-            for row, logp, ref_logp in zip(out, response_logprobs(model, sampled, spec.batch_size),
-                                           response_logprobs(reference[0], sampled, spec.batch_size)):
-                row.update(logp=logp, ref_logp=ref_logp)
-        if completions is not None:
-            pairs = reference_pairs(tokenizer, mine, [completions[i] for i in share])
-            for row, logp in zip(out, response_logprobs(model, pairs, spec.batch_size)):
-                row["completion_logp"] = logp
-        if spec.best_of_n is not None:
-            n = spec.best_of_n.n
-            candidates = sample(model, tokenizer, mine, n, spec.best_of_n.temperature)
-            picks, best = best_of_n(candidates, scorer([p for p in mine for _ in range(n)], candidates), n)
-            for row, pick, score in zip(out, picks, best):
-                row.update(bon_pick=pick, bon_score=score)
-        if spec.pass_at_k is not None:
-            n = spec.pass_at_k.samples
-            candidates = sample(model, tokenizer, mine, n, spec.pass_at_k.temperature)
-            for j, (row, i) in enumerate(zip(out, share)):
-                row["pass_correct"] = sum(is_correct(c, answers[i]) for c in candidates[j * n:(j + 1) * n])
-        return out
-
-    exact_match = load_metric("exact_match")
-    is_correct = answer_check(spec.answer_extractor)
+def load_judges(spec: EvalSpec, ctx: StageContext) -> Judges:
     scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model else None
-    if scorer is not None:
-        scorer.model.to(device)
-    reference = load(spec.reference) if spec.reference else None
-    metrics: dict[str, float] = {}
+    return Judges(answer_check(spec.answer_extractor), scorer,
+                  load_model(spec, ctx, spec.reference) if spec.reference else None)
+
+
+def sample(spec: EvalSpec, model, tokenizer, prompts: list[Any], n: int, temperature: float) -> list[str]:
+    """`n` sampled responses per prompt, each prompt's consecutive."""
+    return generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                    batch_size=max(spec.batch_size // n, 1), do_sample=True, temperature=temperature,
+                    num_return_sequences=n)
+
+
+def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, model, tokenizer, share: list[int]) -> list[dict]:
+    """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
+    if not share:
+        return []
+    mine = [rows.prompts[i] for i in share]
+    out = [{"response": r} for r in generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+                                             batch_size=spec.batch_size)]
+    if judges.reward is not None:
+        for row, score in zip(out, judges.reward(mine, [row["response"] for row in out])):
+            row["score"] = score
+    if judges.reference is not None:
+        sampled = generate_ids(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+                               batch_size=spec.batch_size, do_sample=True, temperature=1.0)
+        for row, logp, ref_logp in zip(out, response_logprobs(model, sampled, spec.batch_size),
+                                       response_logprobs(judges.reference[0], sampled, spec.batch_size)):
+            row.update(logp=logp, ref_logp=ref_logp)
+    if rows.completions is not None:
+        pairs = reference_pairs(tokenizer, mine, [rows.completions[i] for i in share])
+        for row, logp in zip(out, response_logprobs(model, pairs, spec.batch_size)):
+            row["completion_logp"] = logp
+    if spec.best_of_n is not None:
+        n = spec.best_of_n.n
+        candidates = sample(spec, model, tokenizer, mine, n, spec.best_of_n.temperature)
+        picks, best = best_of_n(candidates, judges.reward([p for p in mine for _ in range(n)], candidates), n)
+        for row, pick, score in zip(out, picks, best):
+            row.update(bon_pick=pick, bon_score=score)
+    if spec.pass_at_k is not None:
+        n = spec.pass_at_k.samples
+        candidates = sample(spec, model, tokenizer, mine, n, spec.pass_at_k.temperature)
+        for j, (row, i) in enumerate(zip(out, share)):
+            row["pass_correct"] = sum(judges.is_correct(c, rows.answers[i]) for c in candidates[j * n:(j + 1) * n])
+    return out
+
+
+def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict]) -> dict[str, float]:
+    """One model's `<metric>/<label>` values from its per-prompt results (every process's, gathered)."""
+    answered, metrics = rows.answered, {}
+
+    def accuracy(key: str) -> float:
+        return load_metric("exact_match").compute(
+            predictions=[results[i][key] for i in answered], references=[rows.answers[i] for i in answered],
+            answer_extractor=spec.answer_extractor)["exact_match"]
+    if answered:
+        metrics[f"accuracy/{label}"] = accuracy("response")
+    if spec.reward_model is not None:
+        metrics[f"reward/{label}"] = mean([row["score"] for row in results])
+    if spec.reference is not None:
+        metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
+            predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
+    if rows.completions is not None:
+        metrics[f"perplexity/{label}"] = load_metric("perplexity").compute(
+            predictions=[row["completion_logp"] for row in results])["perplexity"]
+    if spec.best_of_n is not None:
+        n = spec.best_of_n.n
+        if answered:
+            metrics[f"accuracy/{label}@bon{n}"] = accuracy("bon_pick")
+        metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
+    if spec.pass_at_k is not None and answered:
+        k, n = spec.pass_at_k.k, spec.pass_at_k.samples
+        metrics[f"accuracy/{label}@pass{k}"] = load_metric("pass_at_k").compute(
+            predictions=[results[i]["pass_correct"] for i in answered], references=[n] * len(answered),
+            k=k)["pass_at_k"]
+    return metrics
+
+
+def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, scores: dict[str, list[float]],
+              named: dict[str, str]) -> dict[str, float]:
+    """`win_rate/<model>`: each model's greedy responses against the baseline's, judged by the reward model."""
+    if spec.baseline not in scores:  # the baseline is not among the models: its greedy responses scored here
+        model, tokenizer = load_model(spec, ctx, spec.baseline)
+
+        def baseline_scores(share: list[int]) -> list[float]:
+            mine = [rows.prompts[i] for i in share]
+            return judges.reward(mine, generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+                                                batch_size=spec.batch_size)) if share else []
+        scores[spec.baseline] = map_shards(list(range(len(rows.prompts))), baseline_scores)
+    win_rate = load_metric("win_rate")
+    return {f"win_rate/{named[ref]}": win_rate.compute(predictions=scores[ref], references=scores[spec.baseline])[
+        "win_rate"] for ref in spec.models if ref != spec.baseline}
+
+
+def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
+    where = f"stage '{spec.name}'"
+    rows = read_rows(spec, ctx, where)
+    judges = load_judges(spec, ctx)
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
+    metrics: dict[str, float] = {}
     scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
-    table = [{"prompt": prompt_text(p), "answer": a or None, "responses": {}} for p, a in
-             zip(prompts[:spec.num_samples_table], answers[:spec.num_samples_table])]
+    shown = range(min(spec.num_samples_table, len(rows.prompts)))
+    table = [{"prompt": prompt_text(rows.prompts[i]), "answer": rows.answers[i] or None, "responses": {}} for i in shown]
 
     for ref in spec.models:
-        label = named[ref]
-        model, tokenizer = load(ref)
-        if reference is not None and reference[1].get_vocab() != tokenizer.get_vocab():
+        model, tokenizer = load_model(spec, ctx, ref)
+        if judges.reference is not None and judges.reference[1].get_vocab() != tokenizer.get_vocab():
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
-        results = map_shards(indices, lambda share: per_prompt(model, tokenizer, share))
-        responses = [row["response"] for row in results]
-        if answered:
-            metrics[f"accuracy/{label}"] = exact_match.compute(
-                predictions=[responses[i] for i in answered], references=[answers[i] for i in answered],
-                answer_extractor=spec.answer_extractor)["exact_match"]
-        if scorer is not None:
+        results = map_shards(list(range(len(rows.prompts))), partial(per_prompt, spec, rows, judges, model, tokenizer))
+        metrics |= model_metrics(spec, named[ref], rows, results)
+        if judges.reward is not None:
             scores[ref] = [row["score"] for row in results]
-            metrics[f"reward/{label}"] = mean(scores[ref])
-        if reference is not None:
-            metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
-                predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
-        if completions is not None:
-            metrics[f"perplexity/{label}"] = load_metric("perplexity").compute(
-                predictions=[row["completion_logp"] for row in results])["perplexity"]
-        if spec.best_of_n is not None:
-            n = spec.best_of_n.n
-            if answered:
-                metrics[f"accuracy/{label}@bon{n}"] = exact_match.compute(
-                    predictions=[results[i]["bon_pick"] for i in answered], references=[answers[i] for i in answered],
-                    answer_extractor=spec.answer_extractor)["exact_match"]
-            metrics[f"reward/{label}@bon{n}"] = mean([row["bon_score"] for row in results])
-        if spec.pass_at_k is not None:
-            k, n = spec.pass_at_k.k, spec.pass_at_k.samples
-            if answered:
-                metrics[f"accuracy/{label}@pass{k}"] = load_metric("pass_at_k").compute(
-                    predictions=[results[i]["pass_correct"] for i in answered], references=[n] * len(answered),
-                    k=k)["pass_at_k"]
-        for i, row in enumerate(table):
-            correct = is_correct(responses[i], answers[i]) if answers[i].strip() else None
-            row["responses"][label] = {"response": responses[i], "correct": correct,
-                                       "reward": scores[ref][i] if ref in scores else None}
+        for i, row in zip(shown, table):
+            response, answer = results[i]["response"], rows.answers[i]
+            row["responses"][named[ref]] = {"response": response, "reward": results[i].get("score"),
+                                            "correct": judges.is_correct(response, answer) if answer.strip() else None}
         del model
 
     if spec.baseline is not None:
-        if spec.baseline not in scores:
-            model, tokenizer = load(spec.baseline)
-            scores[spec.baseline] = map_shards(indices, lambda share: scorer(
-                [prompts[i] for i in share], greedy(model, tokenizer, [prompts[i] for i in share])) if share else [])
-        win_rate = load_metric("win_rate")
-        for ref in spec.models:
-            if ref != spec.baseline:
-                metrics[f"win_rate/{named[ref]}"] = win_rate.compute(predictions=scores[ref],
-                                                                     references=scores[spec.baseline])["win_rate"]
-
+        metrics |= win_rates(spec, ctx, rows, judges, scores, named)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "samples.json").write_text(json.dumps(

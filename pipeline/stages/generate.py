@@ -18,31 +18,25 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from datasets import Dataset
 
 from pipeline.config.specs import (
     PROMPT_FORMATS,
-    AnswerExtractorSpec,
     DatasetSpec,
-    RewardTermSpec,
+    RewardsSpec,
     StageSpec,
-    answer_extractor_problems,
 )
 from pipeline.data.answers import answer_check
 from pipeline.data.loading import DataError, require_columns, require_reward_columns
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.decoding import generate, prompt_text
 from pipeline.models.loading import load_causal_lm, load_tokenizer
-from pipeline.models.reward_functions import (
-    RewardModelScorer,
-    build_reward_terms,
-    completion_text,
-    reward_term_problems,
-)
+from pipeline.models.reward_functions import build_reward_terms, completion_text
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
@@ -75,7 +69,7 @@ class JudgeSpec:
         return problems
 
 @dataclass(kw_only=True)
-class GenerateSpec(StageSpec):
+class GenerateSpec(RewardsSpec, StageSpec):
     """Collect preference data (RLAIF): sample responses from a policy, score them, write preference pairs.
 
     The output folder's `data.jsonl` (pairwise by default) is read by any `reward` or `dpo` stage that
@@ -84,7 +78,6 @@ class GenerateSpec(StageSpec):
 
     model: str  # the policy: a stage, local folder or Hub id; a LoRA adapter folder is merged into its base
     dataset: DatasetSpec  # prompts (`prompt`; `answer` for the exact_match reward); every row is used
-    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted reward models and rule functions
     judge: JudgeSpec | None = None  # LLM-as-a-judge, added to `rewards` with its weight
     num_samples: int = 4  # k responses per prompt
     temperature: float = 1.0
@@ -93,14 +86,10 @@ class GenerateSpec(StageSpec):
     min_margin: float = 0.0  # a pair needs score(chosen) - score(rejected) > min_margin
     output_format: str = "pairwise"  # what data.jsonl holds: pairwise or listwise (all responses, best first)
     batch_size: int = 64  # prompts per generation batch
-    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and the *_accuracy metrics
 
     ref_fields = ("model",)
     holds_out = False
     headline_metrics = (("sample exact match", None, "sample_accuracy"),)
-
-    def reward_terms(self) -> list[RewardTermSpec]:
-        return self.rewards
 
     def tokenizer_ref(self) -> str | None:
         return self.model
@@ -113,7 +102,7 @@ class GenerateSpec(StageSpec):
 
     def check(self) -> list[str]:
         problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
-        problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        problems += self.reward_problems()
         problems += self.judge.check() if self.judge else []
         if self.num_samples < 2:
             problems.append(f"num_samples: must be at least 2 to make a pair, got {self.num_samples}")
@@ -163,44 +152,36 @@ def make_pairs(responses: list[Any], scores: list[float], mode: str, min_margin:
     return [(c, r) for c, r in candidates if scores[c] - scores[r] > min_margin and responses[c] != responses[r]]
 
 
-def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
-    where = f"stage '{spec.name}'"
-    rows = ctx.rows(spec.dataset)
-    require_columns(rows, spec.formats(), where)
-    require_reward_columns(spec.rewards, rows.column_names, where)
+def sample_responses(spec: GenerateSpec, ctx: StageContext, prompts: list[Any]) -> list[str]:
+    """`num_samples` sampled responses to each prompt, each prompt's consecutive. Each process samples its share
+    of the prompts and every process gets all of them (pipeline.runtime.distributed)."""
     k = spec.num_samples
-    prompts = list(rows["prompt"])
-    indices = list(range(len(prompts)))
-    device = PartialState().device  # this process's accelerator under `accelerate launch`, else the CPU
     path = ctx.resolve(spec.model)
-    model = load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(device)
+    # this process's accelerator under `accelerate launch`, else the CPU
+    model = load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(PartialState().device)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code)
 
     def sample(share: list[int]) -> list[list[str]]:
-        """k responses to each prompt of `share`, this process's part of the prompts."""
         texts = generate(model, tokenizer, [prompts[i] for i in share], max_new_tokens=spec.max_new_tokens,
                          batch_size=max(spec.batch_size // k, 1), do_sample=True, temperature=spec.temperature,
                          num_return_sequences=k) if share else []
         return [texts[j * k:(j + 1) * k] for j in range(len(share))]
+    return [text for group in map_shards(list(range(len(prompts))), sample) for text in group]
 
-    # Each process samples and scores its share of the prompts; every process gets all of it (pipeline.runtime.distributed).
-    texts = [text for group in map_shards(indices, sample) for text in group]
-    del model
-    completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
-                   for j, t in enumerate(texts)]
-    is_correct = answer_check(spec.answer_extractor)
-    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
-    for function in functions:
-        if isinstance(function, RewardModelScorer):
-            function.model.to(device)
+
+def score_responses(spec: GenerateSpec, ctx: StageContext, rows: Dataset, texts: list[str],
+                    completions: list[Any]) -> list[float]:
+    """The weighted score of every response (`rewards`, plus the judge's rating with its weight), each process
+    scoring its share of the prompts."""
+    k, prompts = spec.num_samples, list(rows["prompt"])
+    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, answer_check(spec.answer_extractor))
     judge = None
     if spec.judge is not None:
         judge_path = ctx.resolve(spec.judge.model)
-        judge = (load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(device),
+        judge = (load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(PartialState().device),
                  load_tokenizer(judge_path, trust_remote_code=spec.trust_remote_code))
 
     def score(share: list[int]) -> list[list[float]]:
-        """The weighted score of each of the k responses to each prompt of `share`."""
         if not share:
             return []
         # Scored the way TRL reward functions are called: repeated prompts, each row's columns alongside.
@@ -216,10 +197,14 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
             rated = judge_scores(*judge, flat_prompts, [texts[j] for j in mine], spec.judge, spec.batch_size)
             total = [t + spec.judge.weight * s for t, s in zip(total, rated)]
         return [total[j * k:(j + 1) * k] for j in range(len(share))]
+    return [value for group in map_shards(list(range(len(prompts))), score) for value in group]
 
-    total = [value for group in map_shards(indices, score) for value in group]
 
-    pairwise, listwise, margins, paired_rows = [], [], [], 0
+def preference_data(spec: GenerateSpec, rows: Dataset, completions: list[Any], total: list[float]
+                    ) -> tuple[list[dict], list[dict], int]:
+    """(pairwise rows, listwise rows, how many prompts gave a pair); each row keeps its source row's other columns."""
+    k = spec.num_samples
+    pairwise, listwise, paired_rows = [], [], 0
     for i, row in enumerate(rows):
         extra = {key: value for key, value in row.items() if key not in OUTPUT_KEYS}
         responses, scores = completions[i * k:(i + 1) * k], total[i * k:(i + 1) * k]
@@ -228,24 +213,46 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
         for c, r in pairs:
             pairwise.append({"prompt": row["prompt"], "chosen": responses[c], "rejected": responses[r],
                              "score_chosen": scores[c], "score_rejected": scores[r], **extra})
-            margins.append(scores[c] - scores[r])
         order = sorted(range(k), key=lambda j: -scores[j])
         listwise.append({"prompt": row["prompt"], "responses": [responses[j] for j in order],
                          "scores": [scores[j] for j in order], **extra})
-    if not pairwise:
-        raise DataError(f"{where}: no preference pairs: for every prompt the {k} samples scored within "
-                        f"min_margin={spec.min_margin} of each other; raise temperature or num_samples")
+    return pairwise, listwise, paired_rows
 
-    metrics = {"prompts": float(len(rows)), "pairs": float(len(pairwise)),
-               "pair_rate": paired_rows / len(rows),
+
+def label_metrics(spec: GenerateSpec, rows: Dataset, texts: list[str], total: list[float], pairwise: list[dict],
+                  paired_rows: int) -> dict[str, float]:
+    """How many pairs, how far apart, how varied the samples; with answers, how often the labels agree with them."""
+    k = spec.num_samples
+    margins = [pair["score_chosen"] - pair["score_rejected"] for pair in pairwise]
+    metrics = {"prompts": float(len(rows)), "pairs": float(len(pairwise)), "pair_rate": paired_rows / len(rows),
                "mean_score": sum(total) / len(total), "mean_margin": sum(margins) / len(margins),
                "distinct_responses": sum(len(set(texts[i * k:(i + 1) * k])) for i in range(len(rows))) / len(texts)}
-    if "answer" in rows.column_names:  # how often the labels agree with the checkable answer
+    if "answer" in rows.column_names:
+        is_correct = answer_check(spec.answer_extractor)
         answers = [str(a) for a in rows["answer"]]
         metrics["sample_accuracy"] = sum(is_correct(t, answers[j // k]) for j, t in enumerate(texts)) / len(texts)
         for side in ("chosen", "rejected"):
             metrics[f"{side}_accuracy"] = sum(is_correct(completion_text(p[side]), str(p["answer"]))
                                               for p in pairwise) / len(pairwise)
+    return metrics
+
+
+def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
+    where = f"stage '{spec.name}'"
+    rows = ctx.rows(spec.dataset)
+    require_columns(rows, spec.formats(), where)
+    require_reward_columns(spec.rewards, rows.column_names, where)
+    k, prompts = spec.num_samples, list(rows["prompt"])
+    texts = sample_responses(spec, ctx, prompts)
+    # Responses to chat prompts are assistant messages, as the pairs' prompts are chat
+    completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
+                   for j, t in enumerate(texts)]
+    total = score_responses(spec, ctx, rows, texts, completions)
+    pairwise, listwise, paired_rows = preference_data(spec, rows, completions, total)
+    if not pairwise:
+        raise DataError(f"{where}: no preference pairs: for every prompt the {k} samples scored within "
+                        f"min_margin={spec.min_margin} of each other; raise temperature or num_samples")
+    metrics = label_metrics(spec, rows, texts, total, pairwise, paired_rows)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         for name, data in (("pairwise", pairwise), ("listwise", listwise)):

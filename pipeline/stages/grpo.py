@@ -20,24 +20,23 @@ from pipeline.config.specs import (
     DERIVED_PROMPT_FORMATS,
     PROMPT_FORMATS,
     RL_HEALTH_CHECKS,
-    AnswerExtractorSpec,
-    RewardTermSpec,
+    RewardsSpec,
     TrainStageSpec,
-    answer_extractor_problems,
 )
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
-from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
-from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
+from pipeline.models.loading import load_policy, load_tokenizer, starting_point
+from pipeline.models.reward_functions import build_reward_terms
 from pipeline.runtime.distributed import map_shards
 from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
+from pipeline.training.health import first_and_last_quarter
 from pipeline.training.length_checks import check_prompt_lengths
+from pipeline.training.trainers import TrainerStage
 
 
 @dataclass(kw_only=True)
@@ -55,12 +54,10 @@ class DynamicSamplingSpec:
 
 
 @dataclass(kw_only=True)
-class GRPOSpec(TrainStageSpec):
+class GRPOSpec(RewardsSpec, TrainStageSpec):
     """Group-relative policy optimisation with `trl.GRPOTrainer` on prompts (with `answer` for rule rewards)."""
 
-    rewards: list[RewardTermSpec]
     max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
-    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
     dynamic_sampling: DynamicSamplingSpec | None = None
 
     args_class = "trl.GRPOConfig"
@@ -74,27 +71,15 @@ class GRPOSpec(TrainStageSpec):
                     "length": "completions/mean_length", "truncated": "completions/clipped_ratio",
                     "zero_variance": "frac_reward_zero_std"}
 
-    def reward_terms(self) -> list[RewardTermSpec]:
-        return self.rewards
-
     def check(self) -> list[str]:
         problems = [] if self.rewards else ["`rewards` must list at least one reward"]
-        problems += reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        problems += self.reward_problems()
         if self.dynamic_sampling is not None:
             problems += self.dynamic_sampling.check(self.args.get("num_generations"))
         return problems
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
-
-
-def reward_trend(history: list[dict]) -> dict[str, float]:
-    """Mean logged training reward over the first and last quarter of logging steps."""
-    rewards = [row["reward"] for row in history if "reward" in row]
-    if not rewards:
-        return {}
-    quarter = max(len(rewards) // 4, 1)
-    return {"train_reward_first": sum(rewards[:quarter]) / quarter, "train_reward_last": sum(rewards[-quarter:]) / quarter}
 
 
 def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck) -> float:
@@ -132,22 +117,19 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
     if spec.dynamic_sampling:
         trainer_class = with_dynamic_sampling(trainer_class, spec.dynamic_sampling.max_draws)
-    args = training.make_config(spec.args_class, {"reward_weights": weights, **ctx.recipe.stage_args(spec)},
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
-    trainer = trainer_class(model=model, reward_funcs=functions, args=args, train_dataset=train,
-                            processing_class=tokenizer, peft_config=peft_config,
-                            callbacks=training.stage_callbacks(spec.name, ctx.health))
-    match_trainable_dtype(trainer.model, spec.quantization)
+    stage = TrainerStage(spec, ctx, model, extra_args={"reward_weights": weights})
+    trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
+                          processing_class=tokenizer, peft_config=peft_config)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names and len(held_out) > 0
     initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    metrics.update(reward_trend(trainer.state.log_history))
-    if measure:
-        final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct)
-        metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
-    training.save(trainer, tokenizer, spec, ctx)
-    return metrics
+
+    def after_training(metrics: dict[str, float]) -> None:
+        metrics.update(first_and_last_quarter(trainer.state.log_history, ("reward",)))
+        if measure:
+            final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct)
+            metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
+    return stage.fit(trainer, tokenizer, after_training=after_training)
 
 
 STAGE = StageType("grpo", GRPOSpec, run)

@@ -19,10 +19,10 @@ from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.preferences import to_pairwise
 from pipeline.data.prompts import as_model_rows
-from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
+from pipeline.training.trainers import TrainerStage, evaluated
 
 KTO_FORMATS = {"unpaired": ("prompt", "completion", "label"), **PREFERENCE_FORMATS}
 
@@ -77,16 +77,10 @@ def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
     model, peft_config = load_policy(path, spec)
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
-                                seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out),
-                         processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=training.stage_callbacks(spec.name, ctx.health))
-    match_trainable_dtype(trainer.model, spec.quantization)
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir,
-                             initial=("eval_loss", "eval_rewards/margins", "eval_kl"))
-    training.save(trainer, tokenizer, spec, ctx)
-    return metrics
+    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
+    trainer = stage.build(KTOTrainer, model=model, train_dataset=train, eval_dataset=evaluated(held_out),
+                          processing_class=tokenizer, peft_config=peft_config)
+    return stage.fit(trainer, tokenizer, initial=("eval_loss", "eval_rewards/margins", "eval_kl"))
 
 
 STAGE = StageType("kto", KTOSpec, run)

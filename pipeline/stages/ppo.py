@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +29,9 @@ from pipeline.config.specs import (
     DERIVED_PROMPT_FORMATS,
     PROMPT_FORMATS,
     RL_HEALTH_CHECKS,
-    AnswerExtractorSpec,
+    RewardsSpec,
     RewardTermSpec,
     TrainStageSpec,
-    answer_extractor_problems,
 )
 from pipeline.data.answers import answer_check
 from pipeline.data.formats import as_prompts
@@ -44,26 +43,25 @@ from pipeline.models.loading import (
     quantization_config,
     stage_base,
 )
-from pipeline.models.reward_functions import build_reward_terms, reward_term_problems
+from pipeline.models.reward_functions import build_reward_terms
 from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
+from pipeline.training.health import first_and_last_quarter
 from pipeline.training.trainers import make_config
 
 
 @dataclass(kw_only=True)
-class PPOSpec(TrainStageSpec):
+class PPOSpec(RewardsSpec, TrainStageSpec):
     """RLHF with the project's own PPO: critic, GAE, clipping, KL to the reference.
 
     The trainer is `pipeline.algorithms.ppo_trainer`; `args` are fields of its `PPOConfig`."""
 
     reward_model: str | None = None  # shorthand for `rewards: [{reward_model: NAME}]`
-    rewards: list[RewardTermSpec] = field(default_factory=list)  # weighted terms, as in `grpo`
     # The critic's starting point (TRL's `value_model`): a reward-model stage, folder or Hub id whose trunk and
     # score head become the critic (InstructGPT); it must share the policy's tokenizer. Default: the policy's
     # own trunk with a fresh value head (a LoRA adapter on the shared base when `peft` is set).
     value_model: str | None = None
-    answer_extractor: AnswerExtractorSpec | None = None  # for `exact_match` and held-out accuracy
     # "gae": a critic and GAE; critic-free, from groups of samples of each prompt: "rloo", "reinforce_plus_plus",
     # "grpo" (PPOConfig's fields of these names document them)
     advantage_estimator: str = "gae"
@@ -103,7 +101,7 @@ class PPOSpec(TrainStageSpec):
         if "scale_rewards" in self.args and self.advantage_estimator not in STD_SCALED:
             problems.append(f"args.scale_rewards scales GRPO's advantages: it does nothing with advantage_estimator "
                             f"{self.advantage_estimator!r}; remove it, or use advantage_estimator 'grpo'")
-        return problems + reward_term_problems(self.rewards) + answer_extractor_problems(self.answer_extractor)
+        return problems + self.reward_problems()
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
@@ -211,10 +209,7 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     history = trainer.train(on_step_end=[checkpoints.on_step_end, ctx.health.step_hook(config.max_steps)])
     final = held_out_scores(trainer, held_out, is_correct)
     metrics = {**final, **{f"initial_{k}": v for k, v in initial.items()}}
-    quarter = max(len(history) // 4, 1)
-    for key in ("reward", "kl"):
-        metrics[f"train_{key}_first"] = sum(h[key] for h in history[:quarter]) / quarter
-        metrics[f"train_{key}_last"] = sum(h[key] for h in history[-quarter:]) / quarter
+    metrics.update(first_and_last_quarter(history, ("reward", "kl")))
     if ctx.is_main_process:
         (ctx.stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         save_policy(trainer.unwrapped, tokenizer, spec, ctx)

@@ -15,7 +15,7 @@ from pipeline.data.loading import DataError, require_columns
 from pipeline.models.loading import load_causal_lm, load_tokenizer, stage_base
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
+from pipeline.training.trainers import TrainerStage, evaluated
 
 
 @dataclass(kw_only=True)
@@ -111,17 +111,15 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
     if spec.peft is not None:
         model = get_peft_model(model, spec.peft.lora_config("CAUSAL_LM"))
 
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model)
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=training.evaluated(eval_blocks),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=training.stage_callbacks(spec.name, ctx.health))
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir)
-    if "eval_loss" in metrics:
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
-    training.save(trainer, tokenizer, spec, ctx)
-    return metrics
+    stage = TrainerStage(spec, ctx, model)
+    trainer = stage.build(Trainer, model=model, train_dataset=train_blocks, eval_dataset=evaluated(eval_blocks),
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+
+    def after_training(metrics: dict[str, float]) -> None:
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
+    return stage.fit(trainer, tokenizer, after_training=after_training)
 
 
 STAGE = StageType("pretrain", PretrainSpec, run)

@@ -18,15 +18,14 @@ from pipeline.models.loading import (
     compute_dtype,
     held_back_load_report,
     load_tokenizer,
-    match_trainable_dtype,
     quantization_config,
     stage_base,
 )
 from pipeline.models.reward_functions import encode, max_tokens
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
 from pipeline.training.length_checks import check_padding
+from pipeline.training.trainers import TrainerStage, batch_by_length, evaluated
 
 
 @dataclass(kw_only=True)
@@ -98,33 +97,29 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     model = load_reward_model(path, spec, tokenizer)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
+    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
     # At most what the model's positions take (an encoder's 512 under TRL's default max_length of 1024)
-    max_length = min((n for n in (args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
+    max_length = min((n for n in (stage.args.max_length, max_tokens(tokenizer, model.config)) if n), default=None)
     train_ids, truncated_train = tokenize_pairs(train, tokenizer, max_length)
     eval_ids, truncated_eval = tokenize_pairs(held_out, tokenizer, max_length)
     if truncated_train or truncated_eval:
         PartialState().print(f"{where}: {truncated_train} training and {truncated_eval} held-out pairs were longer "
                              f"than max_length={max_length} and were cut from the left (final replies kept)", flush=True)
-    trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train_ids, eval_dataset=training.evaluated(eval_ids), processing_class=tokenizer,
-        peft_config=spec.peft.lora_config("SEQ_CLS") if spec.peft is not None else None,
-        callbacks=training.stage_callbacks(spec.name, ctx.health),
-    )
-    match_trainable_dtype(trainer.model, spec.quantization)
-    training.batch_by_length(trainer, pair_length)
+    trainer = stage.build(RewardTrainer, model=model, train_dataset=train_ids, eval_dataset=evaluated(eval_ids),
+                          processing_class=tokenizer,
+                          peft_config=spec.peft.lora_config("SEQ_CLS") if spec.peft is not None else None)
+    batch_by_length(trainer, pair_length)
     check_padding(trainer, pair_length, where)
-    # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_accuracy",))
-    metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
-    # The saved tokenizer cuts as training did, so `tokenizer(text, truncation=True)` scores what was trained on.
-    tokenizer.truncation_side = "left"
-    if max_length is not None:
-        tokenizer.model_max_length = max_length
-    # Downstream stages (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
-    training.save(trainer, tokenizer, spec, ctx, merge_default=True)
-    return metrics
+
+    def after_training(metrics: dict[str, float]) -> None:
+        metrics.update(truncated_pairs=float(truncated_train + truncated_eval))
+        # The saved tokenizer cuts as training did, so `tokenizer(text, truncation=True)` scores what was trained on.
+        tokenizer.truncation_side = "left"
+        if max_length is not None:
+            tokenizer.model_max_length = max_length
+    # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed. Downstream stages
+    # (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
+    return stage.fit(trainer, tokenizer, initial=("eval_accuracy",), merge_default=True, after_training=after_training)
 
 
 STAGE = StageType("reward", RewardSpec, run)

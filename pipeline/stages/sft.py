@@ -27,11 +27,11 @@ from pipeline.config.specs import TrainStageSpec
 from pipeline.data.formats import alpaca_request, sft_messages
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
-from pipeline.models.loading import load_policy, load_tokenizer, match_trainable_dtype, starting_point
+from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-from pipeline.training import trainers as training
 from pipeline.training.length_checks import check_padding, check_sft_lengths
+from pipeline.training.trainers import TrainerStage, evaluated
 
 SFT_FORMATS = {
     "messages": ("messages",),
@@ -122,23 +122,18 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
     model, peft_config = load_policy(model_path, spec)
-    args = training.make_config(spec.args_class, ctx.recipe.stage_args(spec),
-                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model, eval_on_start=len(held_out) > 0)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=training.evaluated(held_out), processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=training.stage_callbacks(spec.name, ctx.health),
-    )
-    match_trainable_dtype(trainer.model, spec.quantization)
+    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
+    trainer = stage.build(SFTTrainer, model=model, train_dataset=train, eval_dataset=evaluated(held_out),
+                          processing_class=tokenizer, peft_config=peft_config)
     lengths = check_sft_lengths(trainer, (len(train), len(held_out)), where)  # over-long rows, before training
     check_padding(trainer, lambda row: len(row["input_ids"]), where)  # group_by_length measures input_ids itself
+
+    def after_training(metrics: dict[str, float]) -> None:
+        metrics.update(lengths)
+        if data_format != "text":
+            record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
-    metrics = training.train(trainer, ctx.checkpoint_dir, ctx.stage_dir, initial=("eval_loss",))
-    metrics.update(lengths)
-    if data_format != "text":
-        record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
-    training.save(trainer, tokenizer, spec, ctx)
-    return metrics
+    return stage.fit(trainer, tokenizer, initial=("eval_loss",), after_training=after_training)
 
 
 STAGE = StageType("sft", SFTSpec, run)

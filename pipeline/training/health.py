@@ -72,6 +72,18 @@ def quarters(points: Series) -> tuple[Series, Series]:
     return points[:q], points[-q:]
 
 
+def first_and_last_quarter(history: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """`train_<key>_first` and `train_<key>_last`: each logged key's mean over the first and last quarter of the
+    rows that log it (a stage's trend in its summary)."""
+    trend = {}
+    for key in keys:
+        values = [(0.0, float(row[key])) for row in history if _number(row.get(key))]
+        if values:
+            first, last = quarters(values)
+            trend |= {f"train_{key}_first": _mean(first), f"train_{key}_last": _mean(last)}
+    return trend
+
+
 def second_half(points: Series) -> Series:
     end = points[-1][0]
     return [p for p in points if p[0] > end / 2] or points[-1:]

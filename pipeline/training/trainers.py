@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer import utils as trl_utils
 
 from pipeline.config.paths import import_object
-from pipeline.models.loading import process_defaults, save_merged, use_bf16
+from pipeline.models.loading import match_trainable_dtype, process_defaults, save_merged, use_bf16
 from pipeline.runtime.memory import freed_memory_returned, huge_pages_on
 from pipeline.runtime.process import UserError
 from pipeline.runtime.progress import StageProgress, held_out_evaluation
@@ -250,6 +250,42 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
         history = trainer.state.log_history
         (stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     return numeric(metrics)
+
+
+class TrainerStage:
+    """The protocol every Trainer-based stage follows, kept in one place so that no step can be left out.
+
+    Made with the stage: `args`, the stage's config (the pipeline's defaults, then the recipe's `defaults:` and
+    `args`), and the callbacks every stage's Trainer needs (divergence guard, run health, progress). `build`
+    makes the Trainer with both and gives a quantized model's trainable parameters their compute dtype again
+    (before any held-out measurement generates with it). `fit` trains (resuming), runs the stage's
+    `after_training` and saves. A Trainer built any other way is refused by `fit`: without the callbacks a
+    diverged or unhealthy run would pass silently.
+    """
+
+    def __init__(self, spec, ctx, model, *, extra_args: dict[str, Any] | None = None, eval_on_start: bool = False):
+        self.spec, self.ctx = spec, ctx
+        self.args = make_config(spec.args_class, {**(extra_args or {}), **ctx.recipe.stage_args(spec)},
+                                output_dir=str(ctx.checkpoint_dir), seed=ctx.seed, model=model,
+                                eval_on_start=eval_on_start)
+        self.callbacks = stage_callbacks(spec.name, ctx.health)
+
+    def build(self, trainer_class: type, **kwargs: Any):
+        """`trainer_class(args=..., callbacks=..., **kwargs)`, its trainable parameters in the compute dtype."""
+        trainer = trainer_class(args=self.args, callbacks=self.callbacks, **kwargs)
+        match_trainable_dtype(trainer.model, self.spec.quantization)
+        return trainer
+
+    def fit(self, trainer, tokenizer, *, initial: tuple[str, ...] = (), merge_default: bool = False,
+            after_training: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train, let `after_training` add to the metrics (and ready the tokenizer), save; the stage's metrics."""
+        if trainer.args is not self.args or any(c not in trainer.callback_handler.callbacks for c in self.callbacks):
+            raise RuntimeError(f"stage '{self.spec.name}': its Trainer was not made by `TrainerStage.build`")
+        metrics = train(trainer, self.ctx.checkpoint_dir, self.ctx.stage_dir, initial=initial)
+        if after_training is not None:
+            after_training(metrics)
+        save(trainer, tokenizer, self.spec, self.ctx, merge_default=merge_default)
+        return metrics
 
 
 def tied_parameter_names(model) -> set[str]:

@@ -31,30 +31,30 @@ from pipeline.validation.model_checks import model_problems
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, build and check a recipe; raise `RecipeError` listing every problem."""
     path = Path(path)
-    recipe, errors, complete = build_recipe(path, read_recipe(path, overrides or []),
-                                            {name: stage.spec for name, stage in STAGE_TYPES.items()})
-    if not errors:
-        errors += check_recipe(recipe)
-    elif complete:
-        # Report cross-stage problems too, so one pass lists everything; values that failed their
-        # type check are None here and may trip a check, which then adds nothing.
-        try:
-            errors += check_recipe(recipe)
-        except Exception:
-            pass
+    recipe, errors, flawed = build_recipe(path, read_recipe(path, overrides or []),
+                                          {name: stage.spec for name, stage in STAGE_TYPES.items()})
+    if flawed is not None:  # every stage built: the cross-field problems are listed in the same pass
+        errors += check_recipe(recipe, skip=flawed)
     if errors:
         raise RecipeError(list(dict.fromkeys(errors)))
     return recipe
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Cross-field checks: names, references, files, library config keys and values."""
+def check_recipe(recipe: Recipe, skip: set[str] = frozenset()) -> list[str]:
+    """Cross-field checks: names, references, files, library config keys and values.
+
+    The stages named in `skip` (and with "", the top level) had schema errors, so some of their values are None:
+    they are not checked further, but their names still count as defined.
+    """
     errors: list[str] = []
     where = str(recipe.path)
     all_names = [s.name for s in recipe.stages]
     seen: list[str] = []
     for stage in recipe.stages:
         at = f"{where}: stage '{stage.name}'"
+        if stage.name in skip:
+            seen.append(stage.name)
+            continue
         if stage.name in seen:
             errors.append(f"{at}: duplicate stage name")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name):
@@ -76,6 +76,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
             errors += [f"{at}: {e}" for e in model_problems(recipe, stage)]
         seen.append(stage.name)
 
+    if "" in skip:
+        return errors
     training_fields: set[str] = set()
     for stage in recipe.stages:
         if stage.args_class:
