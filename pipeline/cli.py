@@ -26,7 +26,12 @@ def print_warnings(warnings: list[str]) -> None:
 
 def cmd_validate(args) -> int:
     from pipeline.validation.explain import explain_recipe  # lazy: see above
-    from pipeline.validation.preflight import check_data, check_launch, output_dir_problem  # lazy: see above
+    from pipeline.validation.preflight import (  # lazy: see above
+        check_data,
+        check_launch,
+        output_dir_problem,
+        remote_problems,
+    )
     from pipeline.validation.prompt_checks import prompt_renderings  # lazy: see above
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
@@ -35,6 +40,9 @@ def cmd_validate(args) -> int:
     problem = output_dir_problem(run_dir_for(recipe, None))
     if problem:
         raise RecipeError([f"{args.recipe}: output_dir: {problem}"])
+    unreachable = remote_problems(recipe) if args.check_remote else []
+    if unreachable:
+        raise RecipeError(unreachable)
     renderings, warnings = prompt_renderings(recipe)
     print_warnings(check_data(recipe) + warnings)
     print("\n".join(renderings + [""]), end="")
@@ -113,6 +121,13 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pipeline.serving.reward_server import serve  # lazy: see above
+
+    serve(args.model, args.host, args.port, args.batch_size, args.run_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # before or after the command
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--explain", action="store_true",
                    help="also print each training stage's resolved config and where every value came from")
+    p.add_argument("--check-remote", action="store_true", help="also check that every served reward answers")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("explain", parents=[common], help="every key of a stage type: its type, default and help")
@@ -158,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_push)
 
 
+
+    p = sub.add_parser("serve", parents=[common], help="serve a reward model over HTTP (POST /score, GET /health)")
+    p.add_argument("model", help="a reward stage (its folder runs/NAME/STAGE, or its name), a model folder or a Hub id")
+    p.add_argument("--run-dir", help="with a stage name: the run it is in (default: the one under runs/ that has it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     prepare_process()

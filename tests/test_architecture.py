@@ -15,7 +15,7 @@ from pipeline.stages import STAGE_TYPES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # Lowest first: a module may import its own layer and the layers before it, never one after (README, Architecture).
-LAYERS = ["config", "runtime", "data", "models", "training algorithms metrics", "stages", "validation", "outputs",
+LAYERS = ["config", "runtime", "data", "models", "training algorithms metrics", "stages", "validation", "outputs serving",
           "run", "cli __main__"]
 LAYER = {folder: i for i, folders in enumerate(LAYERS) for folder in folders.split()}
 # Optional dependencies, imported where they are used so that the package works without them. Any other import

@@ -174,7 +174,11 @@ def test_reward_terms_are_checked_where_they_are_declared():
         "nor a `package.module:function` path"]
     assert "cannot import" in RewardTermSpec(function="no_such_module:f").check()[0]
     assert RewardTermSpec(function="format", reward_model="rm").check() == [
-        "each reward needs exactly one of `reward_model` or `function`"]
+        "each reward needs exactly one of `reward_model`, `function` or `reward_url`"]
+    assert RewardTermSpec(reward_url="localhost:8000").check() == [
+        "reward_url: 'localhost:8000' is not an http:// or https:// URL with a host"]
+    assert RewardTermSpec(reward_url="http://rm:80x").check() == ["reward_url: 'http://rm:80x' has no valid port"]
+    assert RewardTermSpec(reward_url="http://rm-node:8000", weight=0.5).check() == []
     assert RewardTermSpec(function="exact_match").columns == ("answer",)
     rewards = RewardsSpec(rewards=[RewardTermSpec(function="format"), RewardTermSpec(function="nope")])
     assert rewards.reward_problems()[0].startswith("rewards[1]: function: 'nope' is not a built-in")

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pipeline.config.paths import HUB_ID, callable_problems
 from pipeline.config.schema import suggest
+
+
+def url_problems(url: str, key: str) -> list[str]:
+    """An http(s) URL with a host, as a served model's address must be."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # raises on a port that is not a number in range
+    except ValueError:
+        return [f"{key}: '{url}' has no valid port"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [f"{key}: '{url}' is not an http:// or https:// URL with a host"]
+    return []
 
 
 # ----------------------------------------------------------------------------- data specs
@@ -254,11 +267,13 @@ RL_HEALTH_CHECKS = ("policy_not_moving", "reward_flat", "reward_hacking", "kl_pa
 
 @dataclass(kw_only=True)
 class RewardTermSpec:
-    """One weighted reward term. Give exactly one of `reward_model` or `function`."""
+    """One weighted reward term. Give exactly one of `reward_model`, `function` or `reward_url`."""
 
     reward_model: str | None = None  # a reward stage, local folder or Hub id: its scalar score
     function: str | None = None  # built-in (exact_match, format) or `package.module:function`
+    reward_url: str | None = None  # a served reward model (`pipeline serve`), e.g. http://rm-node:8000
     weight: float = 1.0
+    timeout: float = 60.0  # with reward_url: seconds to wait for a batch's scores before retrying
 
     # The built-in rule rewards (`pipeline.models.reward_functions`) and the dataset columns each reads
     BUILTIN: ClassVar[dict[str, tuple[str, ...]]] = {"exact_match": ("answer",), "format": ()}
@@ -269,8 +284,11 @@ class RewardTermSpec:
         return self.BUILTIN.get(self.function or "", ())
 
     def check(self) -> list[str]:
-        if (self.reward_model is None) == (self.function is None):
-            return ["each reward needs exactly one of `reward_model` or `function`"]
+        if sum(source is not None for source in (self.reward_model, self.function, self.reward_url)) != 1:
+            return ["each reward needs exactly one of `reward_model`, `function` or `reward_url`"]
+        if self.reward_url is not None:
+            return url_problems(self.reward_url, "reward_url") + (
+                [] if self.timeout > 0 else [f"timeout: must be > 0, got {self.timeout}"])
         if self.function is None or self.function in self.BUILTIN:
             return []
         if ":" not in self.function:

@@ -2,12 +2,14 @@
 
 - `exact_match`: 1 if the completion's answer (read as `pipeline.data.answers` says) equals the row's `answer`, else 0;
 - `format`: 1 for a short one-line answer, else 0 (penalises rambling and missing EOS);
-- a reward model: its scalar score of prompt + completion (`RewardModelScorer`);
+- a reward model: its scalar score of prompt + completion (`RewardModelScorer`); served elsewhere, the same
+  score over HTTP (`reward_url`: `pipeline.models.remote`);
 - any user function named `package.module:function`.
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any, Callable
 
 import torch
@@ -19,6 +21,7 @@ from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.prompts import as_model_prompt
 from pipeline.models.loading import NO_LIMIT, compute_dtype, load_tokenizer
+from pipeline.models.remote import RemoteRewardScorer
 
 RewardFn = Callable[..., list[float]]
 
@@ -140,6 +143,9 @@ def build_reward_terms(terms: list[RewardTermSpec], resolve: Callable[[str], str
         if term.reward_model:
             functions.append(RewardModelScorer(resolve(term.reward_model)))
             names.append(term.reward_model.rstrip("/").rsplit("/", 1)[-1])
+        elif term.reward_url:
+            functions.append(RemoteRewardScorer(term.reward_url, timeout=term.timeout))
+            names.append(urllib.parse.urlsplit(term.reward_url).netloc)
         else:
             functions.append(resolve_function(term.function, is_correct))
             names.append(term.function.rsplit(":", 1)[-1])

@@ -37,8 +37,10 @@ from pipeline.config.specs import (
     DERIVED_PROMPT_FORMATS,
     AnswerExtractorSpec,
     DatasetSpec,
+    RewardTermSpec,
     StageSpec,
     answer_extractor_problems,
+    url_problems,
 )
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.formats import as_prompts
@@ -47,6 +49,7 @@ from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
 from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.models.remote import RemoteRewardScorer
 from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
@@ -97,6 +100,7 @@ class EvalSpec(StageSpec):
     models: list[str]  # stage names, local folders or Hub ids; a LoRA adapter folder is merged into its base
     dataset: DatasetSpec  # every row is scored (no split): `prompt`, and `answer` where answers can be checked
     reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
+    reward_url: str | None = None  # instead of reward_model: a served reward model (`pipeline serve`)
     baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
     reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
     best_of_n: BestOfNSpec | None = None  # accuracy/<model>@bon<N> and reward/<model>@bon<N> (needs reward_model)
@@ -114,9 +118,12 @@ class EvalSpec(StageSpec):
     def check(self) -> list[str]:
         problems = [] if self.models else ["`models` must list at least one model"]
         problems += [f"models: '{m}' is listed twice" for m in sorted({m for m in self.models if self.models.count(m) > 1})]
+        if self.reward_model is not None and self.reward_url is not None:
+            problems.append("give one of `reward_model` or `reward_url`")
+        problems += url_problems(self.reward_url, "reward_url") if self.reward_url is not None else []
         for key in ("baseline", "best_of_n"):
-            if getattr(self, key) is not None and self.reward_model is None:
-                problems.append(f"{key}: needs `reward_model` (it judges the responses)")
+            if getattr(self, key) is not None and self.reward_model is None and self.reward_url is None:
+                problems.append(f"{key}: needs `reward_model` or `reward_url` (it judges the responses)")
         for sampled in (self.best_of_n, self.pass_at_k):
             problems += sampled.check() if sampled is not None else []
         if self.dataset.eval is not None:
@@ -127,6 +134,9 @@ class EvalSpec(StageSpec):
 
     def prompt_models(self) -> list[str]:
         return list(dict.fromkeys(self.models + ([self.baseline] if self.baseline else [])))
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        return [RewardTermSpec(reward_url=self.reward_url)] if self.reward_url else []
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         answers = ("answer",) if self.pass_at_k else ()  # pass@k counts correct samples; the rest scores without
@@ -223,7 +233,7 @@ class Judges:
     """What every model's responses are measured against, loaded once for all of them."""
 
     is_correct: AnswerCheck
-    reward: RewardModelScorer | None  # reward_model: reward, win rate, best-of-N
+    reward: RewardModelScorer | RemoteRewardScorer | None  # reward_model or reward_url: reward, win rate, best-of-N
     reference: tuple[Any, Any] | None  # reference: (model, tokenizer) for KL
 
 
@@ -247,7 +257,8 @@ def load_model(spec: EvalSpec, ctx: StageContext, ref: str) -> tuple[Any, Any]:
 
 
 def load_judges(spec: EvalSpec, ctx: StageContext) -> Judges:
-    scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model else None
+    scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model \
+        else RemoteRewardScorer(spec.reward_url, batch_size=spec.batch_size) if spec.reward_url else None
     return Judges(answer_check(spec.answer_extractor), scorer,
                   load_model(spec, ctx, spec.reference) if spec.reference else None)
 
@@ -303,7 +314,7 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
             answer_extractor=spec.answer_extractor)["exact_match"]
     if answered:
         metrics[f"accuracy/{label}"] = accuracy("response")
-    if spec.reward_model is not None:
+    if spec.reward_model is not None or spec.reward_url is not None:
         metrics[f"reward/{label}"] = mean([row["score"] for row in results])
     if spec.reference is not None:
         metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(

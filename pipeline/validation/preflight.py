@@ -26,6 +26,7 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import gguf_location
+from pipeline.models.remote import RemoteScoringError, health
 from pipeline.runtime.distributed import zero_stage
 
 MIN_FREE_BYTES = 1 << 30
@@ -187,3 +188,17 @@ def check_output_dir(run_dir: Path) -> None:
     if free < MIN_FREE_BYTES:
         raise DataError(f"output directory {run_dir}: only {free / 2**20:.0f} MiB free on its disk; "
                         f"at least {MIN_FREE_BYTES / 2**20:.0f} MiB is needed for checkpoints")
+
+
+def remote_problems(recipe: Recipe) -> list[str]:
+    """`validate --check-remote`: each served reward a stage names answers `GET /health` (asked once per URL)."""
+    problems, asked = [], set()
+    for stage in recipe.stages:
+        for term in stage.reward_terms():
+            if term.reward_url and term.reward_url not in asked:
+                asked.add(term.reward_url)
+                try:
+                    health(term.reward_url)
+                except RemoteScoringError as err:
+                    problems.append(f"{recipe.path}: stage '{stage.name}': reward_url: {err}")
+    return problems

@@ -1,0 +1,263 @@
+"""Rewards from a model served in another process: `pipeline serve` started for real on localhost, scores equal to
+the in-process scorer's, a grpo and an eval stage scoring over HTTP with the same numbers as in process, and the
+faults a served model brings (a server that is down or dies, a slow one, a malformed answer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from pipeline.models.remote import RemoteRewardScorer, RemoteScoringError
+from pipeline.models.reward_functions import RewardModelScorer
+from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
+
+PROMPTS = ["Q: What is 3 + 4?\nA:", "Q: What letter comes after c?\nA:",
+           [{"role": "user", "content": "Which is larger, 12 or 7?"}]] * 7
+COMPLETIONS = [" 7", " d", [{"role": "assistant", "content": "12"}]] * 6 + [" 8", " e", "7, I think"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grpo_stage(name: str, reward: dict) -> dict:
+    return {"name": name, "type": "grpo", "model": "sft",
+            "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64, "eval_samples": 0},
+            "rewards": [reward], "max_new_tokens_eval": 4,
+            "args": {"max_steps": 2, "learning_rate": 1e-3, "num_generations": 4, "per_device_train_batch_size": 8,
+                     "max_completion_length": 6, "beta": 0.04, "logging_steps": 1}}
+
+
+def eval_stage(name: str, **judge) -> dict:
+    return {"name": name, "type": "eval", "models": ["sft", "grpo_local"], "baseline": "sft",
+            "dataset": {"path": str(DATA / "eval.jsonl"), "max_samples": 16}, "max_new_tokens": 6, **judge}
+
+
+def pipeline_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """tokenizer -> pretrain -> sft -> reward model, and a grpo and an eval stage that score in process."""
+    folder = tmp_path_factory.mktemp("served")
+    stages = tiny_stages(pretrain_steps=10, sft_steps=10) + [
+        {"name": "rm", "type": "reward", "model": "sft",
+         "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 200},
+         "args": {"max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 64}},
+        grpo_stage("grpo_local", {"reward_model": "rm"}),
+        eval_stage("eval_local", reward_model="rm")]
+    write_recipe(folder, stages)
+    result = pipeline_cli("run", str(folder / "recipe.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """`pipeline serve RUN/rm` in its own process; its URL once `GET /health` answers."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(trained / "run" / "rm"),
+                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=1).json()["status"] == "ok":
+                break
+        except requests.RequestException:
+            pass
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "pipeline serve did not answer /health in 120 s"
+        time.sleep(0.5)
+    yield url, process
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_served_scores_equal_in_process_scores(trained, server):
+    url, _ = server
+    assert requests.get(f"{url}/health", timeout=5).json() == {
+        "status": "ok", "kind": "reward", "model": str(trained / "run" / "rm" / "output")}
+    local = RewardModelScorer(str(trained / "run" / "rm" / "output"))(PROMPTS, COMPLETIONS)
+    served = RemoteRewardScorer(url, batch_size=4)(PROMPTS, COMPLETIONS)  # 6 batches, 4 at a time
+    assert len(served) == len(PROMPTS) and max(abs(a - b) for a, b in zip(local, served)) < 1e-5
+    assert len(set(round(s, 4) for s in served)) > 3  # a trained head: the scores differ between responses
+
+
+def test_a_bad_request_is_answered_400_naming_the_field(server):
+    url, _ = server
+    answer = requests.post(f"{url}/score", json={"prompts": ["a"], "completions": [1]}, timeout=10)
+    assert answer.status_code == 400 and answer.json() == {"error": "`completions[0]` must be a string or a list "
+                                                                    "of chat messages"}
+    with pytest.raises(RemoteScoringError, match=r"refused a batch: HTTP 400: .*differ in length"):
+        RemoteRewardScorer(url).score_batch((["a", "b"], ["c"]))
+
+
+def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, server):
+    """The same recipe's stages with `reward_url` instead of `reward_model`: the rewards each step logged and the
+    eval's reward and win rate are the in-process stage's, to 1e-5."""
+    url, _ = server
+    recipe = trained / "recipe.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"] += [grpo_stage("grpo_remote", {"reward_url": url}), eval_stage("eval_remote", reward_url=url)]
+    recipe.write_text(yaml.safe_dump(data))
+    assert pipeline_cli("validate", str(recipe), "--check-remote").returncode == 0
+    result = pipeline_cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = trained / "run"
+
+    def rewards(stage: str) -> list[float]:
+        return [row["reward"] for row in json.loads((run / stage / "log_history.json").read_text()) if "reward" in row]
+    local, remote = rewards("grpo_local"), rewards("grpo_remote")
+    assert len(local) == 2 and max(abs(a - b) for a, b in zip(local, remote)) < 1e-5
+    stages = summary(run)["stages"]
+    for key, value in stages["eval_local"]["metrics"].items():
+        assert abs(stages["eval_remote"]["metrics"][key] - value) < 1e-5, key
+    assert "win_rate/grpo_local" in stages["eval_remote"]["metrics"]
+
+
+class FaultyServer:
+    """A stand-in reward server on localhost that answers `/score` as the test says (slow, failing, malformed)."""
+
+    def __init__(self, answer):
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls += 1
+                status, reply = answer(outer.calls, body)
+                data = json.dumps(reply).encode() if not isinstance(reply, bytes) else reply
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def faulty():
+    servers = []
+
+    def start(answer) -> FaultyServer:
+        servers.append(FaultyServer(answer))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_5xx_answers_are_retried_with_backoff(faulty):
+    flaky = faulty(lambda call, body: (503, {"error": "busy"}) if call <= 2 else
+                   (200, {"scores": [float(len(c)) for c in body["completions"]]}))
+    started = time.monotonic()
+    assert RemoteRewardScorer(flaky.url, backoff=0.1)(["p", "q"], ["ab", "abc"]) == [2.0, 3.0]
+    assert flaky.calls == 3 and time.monotonic() - started >= 0.3  # waited 0.1 s, then 0.2 s
+
+
+def test_a_slow_server_times_out_and_the_error_says_so(faulty):
+    def slow(call, body):
+        time.sleep(1.5)
+        return 200, {"scores": [0.0] * len(body["prompts"])}
+    server = faulty(slow)
+    with pytest.raises(RemoteScoringError) as err:
+        RemoteRewardScorer(server.url, timeout=0.3, retries=1, backoff=0.05)(["p"], ["c"])
+    assert str(err.value) == (f"reward server {server.url} failed 2 attempts to score a batch of 1; "
+                              "the last: no answer within 0.3 s")
+
+
+@pytest.mark.parametrize("reply, message", [
+    ({"score": [1.0]}, "its answer has no `scores` field (it has: score)"),
+    ({"scores": [1.0, 2.0]}, "`scores` must be a list of 1 numbers, got a list of 2"),
+    ({"scores": ["high"]}, "`scores` must be a list of 1 numbers, got a list of 1 such as ['high']"),
+    (b"<html>oops</html>", "its answer is not JSON"),
+])
+def test_a_malformed_answer_is_a_clear_error_naming_the_field(faulty, reply, message):
+    server = faulty(lambda call, body: (200, reply))
+    with pytest.raises(RemoteScoringError, match="reward server .*: " + message.replace("[", r"\[").replace(
+            "(", r"\(").replace(")", r"\)")):
+        RemoteRewardScorer(server.url)(["p"], ["c"])
+    assert server.calls == 1  # a malformed answer is not retried
+
+
+def test_a_server_that_goes_down_fails_the_stage_in_one_line_keeping_earlier_outputs(trained, tmp_path):
+    """The served reward model dies (its port closed): the stage scoring with it retries, then fails with one line
+    naming the URL, and every stage finished before keeps its output; `validate --check-remote` says it first."""
+    port = free_port()
+    data = yaml.safe_load((trained / "recipe.yaml").read_text())
+    data["stages"] = [s for s in data["stages"] if s["name"] in ("tok", "base", "sft")]
+    data["stages"].append(grpo_stage("grpo_down", {"reward_url": f"http://127.0.0.1:{port}"}))
+    data["output_dir"] = str(trained / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    checked = pipeline_cli("validate", str(recipe), "--check-remote")
+    assert checked.returncode == 2 and f"reward server http://127.0.0.1:{port} is not reachable" in checked.stderr
+    before = (trained / "run" / "sft" / "output" / "model.safetensors").read_bytes()
+    result = pipeline_cli("run", str(recipe))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"reward server http://127.0.0.1:{port} failed 5 attempts to score a batch of 8; "
+            "the last: connection refused or lost") in result.stderr
+    assert (trained / "run" / "sft" / "output" / "model.safetensors").read_bytes() == before
+    assert summary(trained / "run")["stages"]["grpo_down"]["status"] == "failed"
+
+
+def test_validate_refuses_a_malformed_url(trained, tmp_path):
+    data = yaml.safe_load((trained / "recipe.yaml").read_text())
+    data["stages"] = [s for s in data["stages"] if s["name"] in ("tok", "base", "sft")]
+    data["stages"].append(grpo_stage("grpo", {"reward_url": "rm-node:8000"}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = pipeline_cli("validate", str(recipe))
+    assert result.returncode == 2
+    assert "stage 'grpo': rewards[0]: reward_url: 'rm-node:8000' is not an http:// or https:// URL with a host" \
+        in result.stderr
+
+
+def test_serve_refuses_a_model_that_is_not_a_reward_model(trained):
+    result = pipeline_cli("serve", str(trained / "run" / "sft"), "--port", str(free_port()))
+    assert result.returncode == 1 and "is not a reward model (its architectures: LlamaForCausalLM)" in result.stderr
+
+
+def test_serve_finds_a_stage_by_its_folder_or_its_name(tmp_path, monkeypatch):
+    from pipeline.runtime.process import UserError
+    from pipeline.serving.reward_server import model_folder
+
+    for run in ("a", "b"):
+        (tmp_path / "runs" / run / "rm" / "output").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "judge" / "output").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert model_folder("runs/a/rm") == "runs/a/rm/output"
+    assert model_folder("judge") == "runs/a/judge/output"  # the one run that has it
+    assert model_folder("rm", "runs/b") == "runs/b/rm/output"
+    assert model_folder("org/reward-model") == "org/reward-model"  # a Hub id
+    with pytest.raises(UserError, match=r"stage 'rm' is in several runs \(runs/a, runs/b\); say which with --run-dir"):
+        model_folder("rm")
+    with pytest.raises(UserError, match="runs/b has no finished stage 'judge'"):
+        model_folder("judge", "runs/b")
