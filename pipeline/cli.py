@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-    p = sub.add_parser("serve", parents=[common], help="serve a reward model over HTTP (POST /score, GET /health)")
+    p = sub.add_parser("serve", parents=[common],
+                       help="serve a reward model (POST /score) or a causal LM (OpenAI chat completions) over HTTP")
     p.add_argument("model", help="a reward stage (its folder runs/NAME/STAGE, or its name), a model folder or a Hub id")
     p.add_argument("--run-dir", help="with a stage name: the run it is in (default: the one under runs/ that has it)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

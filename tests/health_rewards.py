@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.models.reward_functions import completion_text
+from pipeline.models.decoding import completion_text
 
 
 def constant(prompts: list, completions: list, **_: Any) -> list[float]:

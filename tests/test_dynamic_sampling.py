@@ -14,7 +14,7 @@ from trl import GRPOConfig, GRPOTrainer
 from pipeline.algorithms.dynamic_sampling import concatenate, select_rows, with_dynamic_sampling, zero_variance_groups
 from pipeline.cli import main
 from pipeline.models.loading import load_tokenizer
-from pipeline.models.reward_functions import completion_text
+from pipeline.models.decoding import completion_text
 from tests.conftest import DATA, write_recipe
 from tests.test_ppo_onpolicy import make_tokenizer
 from tests.test_validate import validate

@@ -103,7 +103,8 @@ def test_dpo_trains_on_the_generated_pairs(chain):
 def test_generate_with_a_judge_and_a_rule_reward(chain):
     exact_match = answer_check()
 
-    from pipeline.stages.generate import JudgeSpec, judge_scores
+    from pipeline.config.specs import JudgeSpec
+    from pipeline.models.judges import LocalJudge
 
     metrics = chain["stages"]["gen_judge"]["metrics"]
     out = Path(chain["stages"]["gen_judge"]["output"])
@@ -127,8 +128,8 @@ def test_generate_with_a_judge_and_a_rule_reward(chain):
         logits = model(ids).logits[0, -1]
     digits = [tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
     expected = float((torch.softmax(logits[digits], -1) * torch.arange(1.0, 6.0)).sum())
-    scores = judge_scores(model, tokenizer, [prompt, [{"role": "user", "content": "Which is larger, 3 or 9?"}]],
-                          [response, "9"], judge)  # batched with a longer prompt: left padding must not matter
+    scores = LocalJudge(judge, path)([prompt, [{"role": "user", "content": "Which is larger, 3 or 9?"}]],
+                                     [response, "9"])  # batched with a longer prompt: left padding must not matter
     assert scores[0] == pytest.approx(expected, abs=1e-4)
 
 

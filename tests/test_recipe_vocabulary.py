@@ -174,7 +174,7 @@ def test_reward_terms_are_checked_where_they_are_declared():
         "nor a `package.module:function` path"]
     assert "cannot import" in RewardTermSpec(function="no_such_module:f").check()[0]
     assert RewardTermSpec(function="format", reward_model="rm").check() == [
-        "each reward needs exactly one of `reward_model`, `function` or `reward_url`"]
+        "each reward needs exactly one of `reward_model`, `function`, `reward_url` or `judge`"]
     assert RewardTermSpec(reward_url="localhost:8000").check() == [
         "reward_url: 'localhost:8000' is not an http:// or https:// URL with a host"]
     assert RewardTermSpec(reward_url="http://rm:80x").check() == ["reward_url: 'http://rm:80x' has no valid port"]

@@ -5,6 +5,7 @@ faults a served model brings (a server that is down or dies, a slow one, a malfo
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -18,6 +19,10 @@ import pytest
 import requests
 import yaml
 
+from pipeline.config.specs import JudgeSpec
+from pipeline.models.decoding import generate
+from pipeline.models.judges import LocalJudge, RemoteJudge
+from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.models.remote import RemoteRewardScorer, RemoteScoringError
 from pipeline.models.reward_functions import RewardModelScorer
 from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
@@ -60,20 +65,19 @@ def trained(tmp_path_factory) -> Path:
          "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 200},
          "args": {"max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 64}},
         grpo_stage("grpo_local", {"reward_model": "rm"}),
-        eval_stage("eval_local", reward_model="rm")]
+        eval_stage("eval_local", reward_model="rm", judge={"model": "sft"})]
     write_recipe(folder, stages)
     result = pipeline_cli("run", str(folder / "recipe.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """`pipeline serve RUN/rm` in its own process; its URL once `GET /health` answers."""
+def start_server(model: Path):
+    """`pipeline serve MODEL` in its own process; (its URL, the process) once `GET /health` answers."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(trained / "run" / "rm"),
-                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(model), "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -85,6 +89,22 @@ def server(trained):
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "pipeline serve did not answer /health in 120 s"
         time.sleep(0.5)
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The reward model, served."""
+    url, process = start_server(trained / "run" / "rm")
+    yield url, process
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def judge_server(trained):
+    """The SFT model, served behind the OpenAI chat-completions API."""
+    url, process = start_server(trained / "run" / "sft")
     yield url, process
     process.terminate()
     process.wait(timeout=30)
@@ -105,17 +125,19 @@ def test_a_bad_request_is_answered_400_naming_the_field(server):
     answer = requests.post(f"{url}/score", json={"prompts": ["a"], "completions": [1]}, timeout=10)
     assert answer.status_code == 400 and answer.json() == {"error": "`completions[0]` must be a string or a list "
                                                                     "of chat messages"}
-    with pytest.raises(RemoteScoringError, match=r"refused a batch: HTTP 400: .*differ in length"):
+    with pytest.raises(RemoteScoringError, match=r"\(a batch of 2\) refused a request: HTTP 400: .*differ in length"):
         RemoteRewardScorer(url).score_batch((["a", "b"], ["c"]))
 
 
-def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, server):
-    """The same recipe's stages with `reward_url` instead of `reward_model`: the rewards each step logged and the
-    eval's reward and win rate are the in-process stage's, to 1e-5."""
+def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, server, judge_server):
+    """The same recipe's stages with `reward_url` instead of `reward_model` and a served judge: the rewards each
+    step logged and the eval's reward, win rate and judge ratings are the in-process stage's, to 1e-5."""
     url, _ = server
     recipe = trained / "recipe.yaml"
     data = yaml.safe_load(recipe.read_text())
-    data["stages"] += [grpo_stage("grpo_remote", {"reward_url": url}), eval_stage("eval_remote", reward_url=url)]
+    judge = {"model": "sft", "base_url": f"{judge_server[0]}/v1"}
+    data["stages"] += [grpo_stage("grpo_remote", {"reward_url": url}),
+                       eval_stage("eval_remote", reward_url=url, judge=judge)]
     recipe.write_text(yaml.safe_dump(data))
     assert pipeline_cli("validate", str(recipe), "--check-remote").returncode == 0
     result = pipeline_cli("run", str(recipe))
@@ -129,20 +151,21 @@ def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, se
     stages = summary(run)["stages"]
     for key, value in stages["eval_local"]["metrics"].items():
         assert abs(stages["eval_remote"]["metrics"][key] - value) < 1e-5, key
-    assert "win_rate/grpo_local" in stages["eval_remote"]["metrics"]
+    assert {"win_rate/grpo_local", "judge/sft", "judge/grpo_local"} <= set(stages["eval_remote"]["metrics"])
 
 
 class FaultyServer:
     """A stand-in reward server on localhost that answers `/score` as the test says (slow, failing, malformed)."""
 
     def __init__(self, answer):
-        self.calls = 0
+        self.calls, self.headers = 0, []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.calls += 1
+                outer.headers.append(dict(self.headers))
                 status, reply = answer(outer.calls, body)
                 data = json.dumps(reply).encode() if not isinstance(reply, bytes) else reply
                 self.send_response(status)
@@ -189,7 +212,7 @@ def test_a_slow_server_times_out_and_the_error_says_so(faulty):
     server = faulty(slow)
     with pytest.raises(RemoteScoringError) as err:
         RemoteRewardScorer(server.url, timeout=0.3, retries=1, backoff=0.05)(["p"], ["c"])
-    assert str(err.value) == (f"reward server {server.url} failed 2 attempts to score a batch of 1; "
+    assert str(err.value) == (f"reward server {server.url} (a batch of 1) failed 2 attempts; "
                               "the last: no answer within 0.3 s")
 
 
@@ -222,7 +245,7 @@ def test_a_server_that_goes_down_fails_the_stage_in_one_line_keeping_earlier_out
     before = (trained / "run" / "sft" / "output" / "model.safetensors").read_bytes()
     result = pipeline_cli("run", str(recipe))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (f"reward server http://127.0.0.1:{port} failed 5 attempts to score a batch of 8; "
+    assert (f"reward server http://127.0.0.1:{port} (a batch of 8) failed 5 attempts; "
             "the last: connection refused or lost") in result.stderr
     assert (trained / "run" / "sft" / "output" / "model.safetensors").read_bytes() == before
     assert summary(trained / "run")["stages"]["grpo_down"]["status"] == "failed"
@@ -240,9 +263,11 @@ def test_validate_refuses_a_malformed_url(trained, tmp_path):
         in result.stderr
 
 
-def test_serve_refuses_a_model_that_is_not_a_reward_model(trained):
-    result = pipeline_cli("serve", str(trained / "run" / "sft"), "--port", str(free_port()))
-    assert result.returncode == 1 and "is not a reward model (its architectures: LlamaForCausalLM)" in result.stderr
+def test_serve_refuses_a_model_it_cannot_serve(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    result = pipeline_cli("serve", str(tmp_path), "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "is neither a reward model nor a causal LM (its architectures: BertForMaskedLM)" in result.stderr
 
 
 def test_serve_finds_a_stage_by_its_folder_or_its_name(tmp_path, monkeypatch):
@@ -261,3 +286,55 @@ def test_serve_finds_a_stage_by_its_folder_or_its_name(tmp_path, monkeypatch):
         model_folder("rm")
     with pytest.raises(UserError, match="runs/b has no finished stage 'judge'"):
         model_folder("judge", "runs/b")
+
+
+def test_a_served_judge_speaks_the_openai_api_and_rates_as_in_process(trained, judge_server):
+    """`pipeline serve` of a causal LM answers chat completions as the model generates in process, with OpenAI
+    `logprobs`; a judge asked through it gives the in-process judge's expected ratings to 1e-5."""
+    url, _ = judge_server
+    sft = str(trained / "run" / "sft" / "output")
+    assert requests.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == sft
+    answer = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": sft, "messages": [{"role": "user", "content": "What is 3 + 4?"}], "max_tokens": 6, "temperature": 0,
+        "logprobs": True, "top_logprobs": 3}).json()
+    model, tokenizer = load_causal_lm(sft), load_tokenizer(sft)
+    [local] = generate(model, tokenizer, [[{"role": "user", "content": "What is 3 + 4?"}]], max_new_tokens=6)
+    choice = answer["choices"][0]
+    assert answer["object"] == "chat.completion" and choice["message"]["content"] == local
+    assert len(choice["logprobs"]["content"]) == answer["usage"]["completion_tokens"]
+    assert all(len(t["top_logprobs"]) == 3 and t["top_logprobs"][0]["logprob"] >= t["logprob"] - 1e-6
+               for t in choice["logprobs"]["content"])
+
+    judge = JudgeSpec(model=sft, scale=5)
+    served = RemoteJudge(JudgeSpec(model=sft, scale=5, base_url=f"{url}/v1"))(PROMPTS[:6], COMPLETIONS[:6])
+    in_process = LocalJudge(judge, sft)(PROMPTS[:6], COMPLETIONS[:6])
+    assert max(abs(a - b) for a, b in zip(served, in_process)) < 1e-5
+    assert all(1.0 <= s <= 5.0 for s in served) and len(set(round(s, 5) for s in served)) > 1
+
+
+def test_a_judge_answer_that_is_not_a_chat_completion_is_a_clear_error(faulty):
+    server = faulty(lambda call, body: (200, {"text": "5"}))
+    with pytest.raises(RemoteScoringError, match=r"judge server .*: its answer is not a chat completion "
+                                                 r"\(`choices\[0\].message.content`"):
+        RemoteJudge(JudgeSpec(model="j", base_url=server.url))(["p"], ["c"])
+
+
+def test_a_judge_reads_its_rating_from_top_logprobs_else_from_its_text(faulty, monkeypatch):
+    """The expected rating over the digits among the first token's top_logprobs, renormalised; a reply without
+    them is read from its text; the API key goes in the Authorization header from the environment."""
+    seen = []
+
+    def answer(call, body):
+        seen.append(body)
+        top = [{"token": "4", "logprob": math.log(0.3)}, {"token": "2", "logprob": math.log(0.1)},
+               {"token": "x", "logprob": math.log(0.5)}] if call == 1 else []
+        return 200, {"choices": [{"message": {"content": "x" if call == 1 else "I rate it 3."},
+                                  "logprobs": {"content": [{"token": "x", "top_logprobs": top}]}}]}
+    server = faulty(answer)
+    judge = RemoteJudge(JudgeSpec(model="j", base_url=server.url, scale=5, api_key_env="JUDGE_KEY"), concurrency=1)
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    assert judge(["p"], ["c"]) == [pytest.approx((4 * 0.3 + 2 * 0.1) / 0.4)]
+    monkeypatch.delenv("JUDGE_KEY")
+    assert judge(["p"], ["c"]) == [3.0]
+    assert server.headers[0]["Authorization"] == "Bearer sk-test" and "Authorization" not in server.headers[1]
+    assert seen[0]["top_logprobs"] == 20 and seen[0]["max_tokens"] == 1 and seen[0]["temperature"] == 0

@@ -124,7 +124,8 @@ class StageSpec:
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str):
                     out.append((name, item))
-        return out + [("rewards.reward_model", r.reward_model) for r in self.reward_terms() if r.reward_model]
+        out += [("rewards.reward_model", r.reward_model) for r in self.reward_terms() if r.reward_model]
+        return out + [(f"rewards.{key}", ref) for r in self.reward_terms() if r.judge for key, ref in r.judge.model_ref()]
 
     def data_specs(self) -> list[tuple[str, DatasetSpec]]:
         """(field, spec) for every dataset this stage reads."""
@@ -265,13 +266,55 @@ DERIVED_PROMPT_FORMATS = {"hh-rlhf transcripts": ("chosen",), "alpaca": ("instru
 RL_HEALTH_CHECKS = ("policy_not_moving", "reward_flat", "reward_hacking", "kl_past_bound", "kl_growing",
                     "entropy_collapse", "responses_truncated", "length_growing", "zero_variance_groups")
 
+JUDGE_TEMPLATE = ("Rate the answer to the question from 1 (wrong or unhelpful) to {scale} (correct and helpful).\n\n"
+                  "Question: {prompt}\nAnswer: {response}\n\nReply with one digit.")
+
+
+@dataclass(kw_only=True)
+class JudgeSpec:
+    """LLM-as-a-judge: a causal LM prompted (through its chat template, if it has one) to rate a response.
+
+    The score is the expected rating under the judge's next-token distribution over the digits 1..scale
+    (as in G-Eval): smoother than one sampled rating, and it never fails to parse. With `base_url` the judge
+    is served (`pipeline serve`, vLLM, TGI, llama.cpp's server) and asked through the OpenAI chat-completions
+    API for its first token's `top_logprobs`, which give the same expectation (`pipeline.models.judges`).
+    """
+
+    model: str  # a stage, local folder or Hub id; with base_url, the name the server knows the model by
+    base_url: str | None = None  # an OpenAI-compatible server's API root, e.g. http://judge-node:8000/v1
+    template: str = JUDGE_TEMPLATE  # `{prompt}`, `{response}` and `{scale}` are filled in
+    scale: int = 5  # ratings 1..scale; single digits, so at most 9
+    weight: float = 1.0  # generate's `judge:` only: its weight among the rewards (a `rewards` entry has its own)
+    timeout: float = 60.0  # with base_url: seconds to wait for one rating before asking again
+    api_key_env: str = "OPENAI_API_KEY"  # with base_url: the environment variable holding the API key (if any)
+
+    def check(self) -> list[str]:
+        problems = [] if 2 <= self.scale <= 9 else [f"judge.scale: must be 2..9 (single-digit ratings), got {self.scale}"]
+        try:
+            filled = self.template.format(prompt="\0p", response="\0r", scale=self.scale)
+            if "\0p" not in filled or "\0r" not in filled:
+                problems.append("judge.template: must contain {prompt} and {response}")
+        except (KeyError, IndexError, ValueError) as err:
+            problems.append(f"judge.template: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
+                            "write literal braces as {{ and }}")
+        if self.base_url is not None:
+            problems += [f"judge.{p}" for p in url_problems(self.base_url, "base_url")]
+            problems += [] if self.timeout > 0 else [f"judge.timeout: must be > 0, got {self.timeout}"]
+        return problems
+
+    def model_ref(self) -> list[tuple[str, str]]:
+        """The judge's model as a reference to check and resolve, when it is loaded here (not served)."""
+        return [] if self.base_url else [("judge.model", self.model)]
+
+
 @dataclass(kw_only=True)
 class RewardTermSpec:
-    """One weighted reward term. Give exactly one of `reward_model`, `function` or `reward_url`."""
+    """One weighted reward term. Give exactly one of `reward_model`, `function`, `reward_url` or `judge`."""
 
     reward_model: str | None = None  # a reward stage, local folder or Hub id: its scalar score
     function: str | None = None  # built-in (exact_match, format) or `package.module:function`
     reward_url: str | None = None  # a served reward model (`pipeline serve`), e.g. http://rm-node:8000
+    judge: JudgeSpec | None = None  # an LLM judge's expected rating 1..scale, loaded here or served (`base_url`)
     weight: float = 1.0
     timeout: float = 60.0  # with reward_url: seconds to wait for a batch's scores before retrying
 
@@ -284,8 +327,11 @@ class RewardTermSpec:
         return self.BUILTIN.get(self.function or "", ())
 
     def check(self) -> list[str]:
-        if sum(source is not None for source in (self.reward_model, self.function, self.reward_url)) != 1:
-            return ["each reward needs exactly one of `reward_model`, `function` or `reward_url`"]
+        if sum(source is not None for source in (self.reward_model, self.function, self.reward_url, self.judge)) != 1:
+            return ["each reward needs exactly one of `reward_model`, `function`, `reward_url` or `judge`"]
+        if self.judge is not None:
+            moved = [] if self.judge.weight == 1.0 else ["judge.weight: give the weight on the reward term, beside `judge`"]
+            return moved + self.judge.check()
         if self.reward_url is not None:
             return url_problems(self.reward_url, "reward_url") + (
                 [] if self.timeout > 0 else [f"timeout: must be > 0, got {self.timeout}"])

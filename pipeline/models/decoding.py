@@ -19,6 +19,13 @@ def prompt_text(prompt: Any) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion given as a string or as a list of chat messages."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion)
+    return completion
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, batch_size: int = 64,
                  do_sample: bool = False, temperature: float = 1.0,

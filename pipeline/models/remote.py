@@ -36,10 +36,7 @@ def health(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 def scores_in(answer: requests.Response, expected: int, url: str) -> list[float]:
     """The `scores` of a server's answer to a batch of `expected` pairs, checked field by field."""
-    try:
-        body = answer.json()
-    except ValueError:
-        raise RemoteScoringError(f"reward server {url}: its answer is not JSON: {answer.text[:200]!r}") from None
+    body = json_of(answer, f"reward server {url}")
     if not isinstance(body, dict) or "scores" not in body:
         fields = ", ".join(map(str, body)) if isinstance(body, dict) else type(body).__name__
         raise RemoteScoringError(f"reward server {url}: its answer has no `scores` field (it has: {fields})")
@@ -52,12 +49,47 @@ def scores_in(answer: requests.Response, expected: int, url: str) -> list[float]
     return [float(s) for s in scores]
 
 
+def post_json(url: str, payload: dict[str, Any], *, what: str, timeout: float, retries: int, backoff: float,
+              headers: dict[str, str] | None = None) -> requests.Response:
+    """POST `payload` to `url`: sent again after a backoff (`backoff`, then doubling) on a timeout, a failed
+    connection or a 5xx answer, up to `retries` times; a 4xx answer, or the last failure, is a
+    RemoteScoringError naming `what` (e.g. "reward server http://...") and what it answered.
+
+    Written here rather than taken from a client library's retries so that rewards and judges share one policy
+    whose every failure ends in one line a user can act on."""
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            answer = requests.post(url, json=payload, timeout=timeout, headers=headers)
+        except requests.Timeout:
+            last = f"no answer within {timeout:g} s"
+            continue
+        except requests.ConnectionError:
+            last = "connection refused or lost"
+            continue
+        if answer.status_code >= 500:
+            last = f"HTTP {answer.status_code}: {answer.text[:200]!r}"
+            continue
+        if answer.status_code != 200:
+            raise RemoteScoringError(f"{what} refused a request: HTTP {answer.status_code}: {answer.text[:200]!r}")
+        return answer
+    raise RemoteScoringError(f"{what} failed {retries + 1} attempts; the last: {last}")
+
+
+def json_of(answer: requests.Response, what: str) -> Any:
+    try:
+        return answer.json()
+    except ValueError:
+        raise RemoteScoringError(f"{what}: its answer is not JSON: {answer.text[:200]!r}") from None
+
+
 class RemoteRewardScorer:
     """A reward function (TRL's signature) whose scores come from a served reward model.
 
-    The pairs go out in batches of `batch_size`, `concurrency` at a time. A batch that times out, cannot connect
-    or gets a 5xx answer is sent again after a backoff (0.5 s, 1 s, 2 s, ...) up to `retries` times; then, or at
-    once on a 4xx answer or a malformed one, the stage fails with one line naming the URL and what it answered.
+    The pairs go out in batches of `batch_size`, `concurrency` at a time, each sent by `post_json` (retried
+    with backoff); a malformed answer fails at once, naming the field.
     """
 
     def __init__(self, url: str, *, batch_size: int = 64, timeout: float = 60.0, retries: int = 4,
@@ -77,25 +109,7 @@ class RemoteRewardScorer:
 
     def score_batch(self, batch: tuple[list, list]) -> list[float]:
         prompts, completions = batch
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                answer = requests.post(f"{self.url}/score", json={"prompts": prompts, "completions": completions},
-                                       timeout=self.timeout)
-            except requests.Timeout:
-                last = f"no answer within {self.timeout:g} s"
-                continue
-            except requests.ConnectionError:
-                last = "connection refused or lost"
-                continue
-            if answer.status_code >= 500:
-                last = f"HTTP {answer.status_code}: {answer.text[:200]!r}"
-                continue
-            if answer.status_code != 200:
-                raise RemoteScoringError(f"reward server {self.url} refused a batch: HTTP {answer.status_code}: "
-                                         f"{answer.text[:200]!r}")
-            return scores_in(answer, len(prompts), self.url)
-        raise RemoteScoringError(f"reward server {self.url} failed {self.retries + 1} attempts to score a batch "
-                                 f"of {len(prompts)}; the last: {last}")
+        answer = post_json(f"{self.url}/score", {"prompts": prompts, "completions": completions},
+                           what=f"reward server {self.url} (a batch of {len(prompts)})", timeout=self.timeout,
+                           retries=self.retries, backoff=self.backoff)
+        return scores_in(answer, len(prompts), self.url)

@@ -20,17 +20,12 @@ from pipeline.config.paths import import_object
 from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.prompts import as_model_prompt
+from pipeline.models.decoding import completion_text
+from pipeline.models.judges import judge_scorer
 from pipeline.models.loading import NO_LIMIT, compute_dtype, load_tokenizer
 from pipeline.models.remote import RemoteRewardScorer
 
 RewardFn = Callable[..., list[float]]
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as a list of chat messages."""
-    if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion)
-    return completion
 
 
 def exact_match_reward(is_correct: AnswerCheck = answer_check()) -> RewardFn:
@@ -146,6 +141,9 @@ def build_reward_terms(terms: list[RewardTermSpec], resolve: Callable[[str], str
         elif term.reward_url:
             functions.append(RemoteRewardScorer(term.reward_url, timeout=term.timeout))
             names.append(urllib.parse.urlsplit(term.reward_url).netloc)
+        elif term.judge:
+            functions.append(judge_scorer(term.judge, resolve))
+            names.append("judge")
         else:
             functions.append(resolve_function(term.function, is_correct))
             names.append(term.function.rsplit(":", 1)[-1])

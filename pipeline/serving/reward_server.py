@@ -1,4 +1,5 @@
-"""`pipeline serve MODEL`: a reward model behind HTTP, so that the policy's process holds no reward model.
+"""`pipeline serve MODEL`: a reward model behind HTTP, so that the policy's process holds no reward model (a causal
+LM is served behind the OpenAI chat-completions API instead: `pipeline.serving.chat_server`).
 
 Served with aiohttp's web server. The wire format is `pipeline.models.remote`'s: `POST /score` takes
 `{"prompts": [...], "completions": [...]}` and answers `{"scores": [...]}`; `GET /health` answers
@@ -13,11 +14,14 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from aiohttp import web
 from transformers import AutoConfig
 
+from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.runtime.process import UserError
+from pipeline.serving.chat_server import chat_app
 
 
 def pair_problem(body: Any) -> str | None:
@@ -79,13 +83,16 @@ def model_folder(model: str, run_dir: str | None = None) -> str:
 
 
 def serve(model: str, host: str, port: int, batch_size: int, run_dir: str | None = None) -> None:
-    """Load the reward model and answer until interrupted."""
+    """Load the model and answer until interrupted: a reward model's scores, or a causal LM's chat completions."""
     path = model_folder(model, run_dir)
     architectures = AutoConfig.from_pretrained(path).architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        # a causal LM would get a freshly initialised score head, and serve noise
-        raise UserError(f"{path} is not a reward model (its architectures: {', '.join(architectures) or 'none'}); "
-                        "`pipeline serve` serves sequence-classification models, such as a `reward` stage's output")
-    scorer = RewardModelScorer(path, batch_size=batch_size)
-    print(f"serving reward model {path} on http://{host}:{port}: POST /score, GET /health", flush=True)
-    web.run_app(reward_app(scorer, path), host=host, port=port, print=None)
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        app, routes = reward_app(RewardModelScorer(path, batch_size=batch_size), path), "POST /score"
+    elif any(a.endswith("ForCausalLM") for a in architectures):
+        model_on_device = load_causal_lm(path).to(PartialState().device).eval()
+        app, routes = chat_app(model_on_device, load_tokenizer(path), path), "POST /v1/chat/completions, GET /v1/models"
+    else:
+        raise UserError(f"{path} is neither a reward model nor a causal LM (its architectures: "
+                        f"{', '.join(architectures) or 'none'})")
+    print(f"serving {path} on http://{host}:{port}: {routes}, GET /health", flush=True)
+    web.run_app(app, host=host, port=port, print=None)

@@ -4,7 +4,8 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
 
 - `accuracy/<m>`: exact match of the answer stated in the greedy response, over the rows with a non-empty
   `answer` (none without one: open-ended prompts are scored by reward, win rate and KL);
-- `reward/<m>`: mean reward-model score of the greedy responses;
+- `reward/<m>`: mean reward-model score of the greedy responses (`reward_model`, or served: `reward_url`);
+- `judge/<m>`: mean expected rating of the greedy responses by an LLM `judge` (loaded here, or served);
 - `win_rate/<m>`: greedy responses against the baseline's on the same prompts, judged by the reward model
   (ties count half);
 - `kl/<m>`: KL(m || reference), estimated from one response per prompt sampled from m at temperature 1:
@@ -37,6 +38,7 @@ from pipeline.config.specs import (
     DERIVED_PROMPT_FORMATS,
     AnswerExtractorSpec,
     DatasetSpec,
+    JudgeSpec,
     RewardTermSpec,
     StageSpec,
     answer_extractor_problems,
@@ -49,6 +51,7 @@ from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
 from pipeline.models.loading import load_causal_lm, load_tokenizer
+from pipeline.models.judges import LocalJudge, RemoteJudge, judge_scorer
 from pipeline.models.remote import RemoteRewardScorer
 from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.runtime.distributed import map_shards
@@ -101,6 +104,7 @@ class EvalSpec(StageSpec):
     dataset: DatasetSpec  # every row is scored (no split): `prompt`, and `answer` where answers can be checked
     reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
     reward_url: str | None = None  # instead of reward_model: a served reward model (`pipeline serve`)
+    judge: JudgeSpec | None = None  # judge/<model>: an LLM judge's mean expected rating, loaded here or served
     baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
     reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
     best_of_n: BestOfNSpec | None = None  # accuracy/<model>@bon<N> and reward/<model>@bon<N> (needs reward_model)
@@ -128,6 +132,7 @@ class EvalSpec(StageSpec):
             problems += sampled.check() if sampled is not None else []
         if self.dataset.eval is not None:
             problems.append("dataset.eval: an eval stage scores every row of `dataset`; list held-out files as its sources")
+        problems += self.judge.check() if self.judge else []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
         return problems + answer_extractor_problems(self.answer_extractor)
@@ -136,7 +141,8 @@ class EvalSpec(StageSpec):
         return list(dict.fromkeys(self.models + ([self.baseline] if self.baseline else [])))
 
     def reward_terms(self) -> list[RewardTermSpec]:
-        return [RewardTermSpec(reward_url=self.reward_url)] if self.reward_url else []
+        served = [RewardTermSpec(reward_url=self.reward_url)] if self.reward_url else []
+        return served + ([RewardTermSpec(judge=self.judge)] if self.judge else [])
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         answers = ("answer",) if self.pass_at_k else ()  # pass@k counts correct samples; the rest scores without
@@ -150,7 +156,7 @@ class EvalSpec(StageSpec):
     def headline(cls, metrics: dict[str, float]) -> str:
         """`accuracy sft 0.45, grpo 0.66; pass@8 sft 0.9; reward sft 1.5; win rate grpo 0.6; KL grpo 0.2`: pass@k
         beside the greedy accuracy it bounds; win rate and KL carry open-ended evaluations, which have no accuracy."""
-        greedy: dict[str, list[str]] = {"accuracy": [], "reward": [], "win_rate": [], "kl": []}
+        greedy: dict[str, list[str]] = {"accuracy": [], "reward": [], "judge": [], "win_rate": [], "kl": []}
         passes: dict[str, list[str]] = {}
         for key, value in metrics.items():
             family, _, label = key.partition("/")
@@ -159,7 +165,7 @@ class EvalSpec(StageSpec):
                 greedy[family].append(f"{model} {value:.3g}")
             elif family == "accuracy" and variant.startswith("pass"):
                 passes.setdefault(sampled_name(variant), []).append(f"{model} {value:.3g}")
-        groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"],
+        groups = {"accuracy": greedy["accuracy"], **passes, "reward": greedy["reward"], "judge": greedy["judge"],
                   "win rate": greedy["win_rate"], "KL": greedy["kl"]}
         return "; ".join(f"{name} " + ", ".join(values) for name, values in groups.items() if values)
 
@@ -235,6 +241,7 @@ class Judges:
     is_correct: AnswerCheck
     reward: RewardModelScorer | RemoteRewardScorer | None  # reward_model or reward_url: reward, win rate, best-of-N
     reference: tuple[Any, Any] | None  # reference: (model, tokenizer) for KL
+    judge: LocalJudge | RemoteJudge | None  # judge: its expected rating
 
 
 def read_rows(spec: EvalSpec, ctx: StageContext, where: str) -> EvalRows:
@@ -260,7 +267,9 @@ def load_judges(spec: EvalSpec, ctx: StageContext) -> Judges:
     scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model \
         else RemoteRewardScorer(spec.reward_url, batch_size=spec.batch_size) if spec.reward_url else None
     return Judges(answer_check(spec.answer_extractor), scorer,
-                  load_model(spec, ctx, spec.reference) if spec.reference else None)
+                  load_model(spec, ctx, spec.reference) if spec.reference else None,
+                  judge_scorer(spec.judge, ctx.resolve, batch_size=spec.batch_size,
+                               trust_remote_code=spec.trust_remote_code) if spec.judge else None)
 
 
 def sample(spec: EvalSpec, model, tokenizer, prompts: list[Any], n: int, temperature: float) -> list[str]:
@@ -280,6 +289,9 @@ def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, model, tokenizer,
     if judges.reward is not None:
         for row, score in zip(out, judges.reward(mine, [row["response"] for row in out])):
             row["score"] = score
+    if judges.judge is not None:
+        for row, rating in zip(out, judges.judge(mine, [row["response"] for row in out])):
+            row["judge"] = rating
     if judges.reference is not None:
         sampled = generate_ids(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
                                batch_size=spec.batch_size, do_sample=True, temperature=1.0)
@@ -316,6 +328,8 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
         metrics[f"accuracy/{label}"] = accuracy("response")
     if spec.reward_model is not None or spec.reward_url is not None:
         metrics[f"reward/{label}"] = mean([row["score"] for row in results])
+    if spec.judge is not None:
+        metrics[f"judge/{label}"] = mean([row["judge"] for row in results])
     if spec.reference is not None:
         metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
             predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]

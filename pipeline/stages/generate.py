@@ -21,52 +21,25 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from accelerate import PartialState
 from datasets import Dataset
 
 from pipeline.config.specs import (
     PROMPT_FORMATS,
     DatasetSpec,
+    JudgeSpec,
     RewardsSpec,
+    RewardTermSpec,
     StageSpec,
 )
 from pipeline.data.answers import answer_check
 from pipeline.data.loading import DataError, require_columns, require_reward_columns
-from pipeline.data.prompts import encode_prompts
-from pipeline.models.decoding import generate, prompt_text
+from pipeline.models.decoding import completion_text, generate
 from pipeline.models.loading import load_causal_lm, load_tokenizer
-from pipeline.models.reward_functions import build_reward_terms, completion_text
+from pipeline.models.reward_functions import build_reward_terms
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.contract import StageType
-
-JUDGE_TEMPLATE = ("Rate the answer to the question from 1 (wrong or unhelpful) to {scale} (correct and helpful).\n\n"
-                  "Question: {prompt}\nAnswer: {response}\n\nReply with one digit.")
-
-@dataclass(kw_only=True)
-class JudgeSpec:
-    """LLM-as-a-judge: a causal LM prompted (through its chat template, if it has one) to rate a response.
-
-    The score is the expected rating under the judge's next-token distribution over the digits 1..scale
-    (as in G-Eval): smoother than one sampled rating, and it never fails to parse.
-    """
-
-    model: str  # a stage, local folder or Hub id
-    template: str = JUDGE_TEMPLATE  # `{prompt}`, `{response}` and `{scale}` are filled in
-    scale: int = 5  # ratings 1..scale; single digits, so at most 9
-    weight: float = 1.0  # added to the `rewards` terms with this weight
-
-    def check(self) -> list[str]:
-        problems = [] if 2 <= self.scale <= 9 else [f"judge.scale: must be 2..9 (single-digit ratings), got {self.scale}"]
-        try:
-            filled = self.template.format(prompt="\0p", response="\0r", scale=self.scale)
-            if "\0p" not in filled or "\0r" not in filled:
-                problems.append("judge.template: must contain {prompt} and {response}")
-        except (KeyError, IndexError, ValueError) as err:
-            problems.append(f"judge.template: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
-                            "write literal braces as {{ and }}")
-        return problems
 
 @dataclass(kw_only=True)
 class GenerateSpec(RewardsSpec, StageSpec):
@@ -94,11 +67,12 @@ class GenerateSpec(RewardsSpec, StageSpec):
     def tokenizer_ref(self) -> str | None:
         return self.model
 
-    def refs(self) -> list[tuple[str, str]]:
-        return super().refs() + ([("judge.model", self.judge.model)] if self.judge else [])
-
     def prompt_models(self) -> list[str]:
-        return super().prompt_models() + ([self.judge.model] if self.judge else [])
+        return super().prompt_models() + [ref for _, ref in (self.judge.model_ref() if self.judge else [])]
+
+    def reward_terms(self) -> list[RewardTermSpec]:
+        judged = [RewardTermSpec(judge=self.judge, weight=self.judge.weight)] if self.judge else []
+        return self.rewards + judged
 
     def check(self) -> list[str]:
         problems = [] if self.rewards or self.judge else ["give `rewards` and/or `judge` to score the responses"]
@@ -119,27 +93,6 @@ class GenerateSpec(RewardsSpec, StageSpec):
         return PROMPT_FORMATS
 
 OUTPUT_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "responses", "scores")
-
-
-@torch.no_grad()
-def judge_scores(model, tokenizer, prompts: list[Any], responses: list[str], judge: JudgeSpec,
-                 batch_size: int = 64) -> list[float]:
-    """Expected rating in 1..scale under the judge's next-token distribution over the rating digits."""
-
-    digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(1, judge.scale + 1)]
-    if any(len(ids) != 1 for ids in digit_ids):
-        raise DataError(f"judge '{judge.model}': its tokenizer splits a rating digit 1..{judge.scale} into several tokens")
-    questions = [judge.template.format(prompt=prompt_text(p), response=r, scale=judge.scale)
-                 for p, r in zip(prompts, responses)]
-    ratings = torch.arange(1, judge.scale + 1, dtype=torch.float)
-    model.eval()
-    scores: list[float] = []
-    for start in range(0, len(questions), batch_size):
-        # left-padded: the rating is predicted at the right edge of every row
-        input_ids, attention_mask = encode_prompts(tokenizer, questions[start:start + batch_size])
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-        scores += (torch.softmax(logits[:, -1, [ids[0] for ids in digit_ids]].float().cpu(), dim=-1) @ ratings).tolist()
-    return scores
 
 
 def make_pairs(responses: list[Any], scores: list[float], mode: str, min_margin: float) -> list[tuple[int, int]]:
@@ -169,17 +122,11 @@ def sample_responses(spec: GenerateSpec, ctx: StageContext, prompts: list[Any]) 
     return [text for group in map_shards(list(range(len(prompts))), sample) for text in group]
 
 
-def score_responses(spec: GenerateSpec, ctx: StageContext, rows: Dataset, texts: list[str],
-                    completions: list[Any]) -> list[float]:
+def score_responses(spec: GenerateSpec, ctx: StageContext, rows: Dataset, completions: list[Any]) -> list[float]:
     """The weighted score of every response (`rewards`, plus the judge's rating with its weight), each process
     scoring its share of the prompts."""
     k, prompts = spec.num_samples, list(rows["prompt"])
-    functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, answer_check(spec.answer_extractor))
-    judge = None
-    if spec.judge is not None:
-        judge_path = ctx.resolve(spec.judge.model)
-        judge = (load_causal_lm(judge_path, trust_remote_code=spec.trust_remote_code).to(PartialState().device),
-                 load_tokenizer(judge_path, trust_remote_code=spec.trust_remote_code))
+    functions, weights, _ = build_reward_terms(spec.reward_terms(), ctx.resolve, answer_check(spec.answer_extractor))
 
     def score(share: list[int]) -> list[list[float]]:
         if not share:
@@ -193,9 +140,6 @@ def score_responses(spec: GenerateSpec, ctx: StageContext, rows: Dataset, texts:
         for function, weight in zip(functions, weights):
             scores = function(flat_prompts, [completions[j] for j in mine], **columns)
             total = [t + weight * float(s) for t, s in zip(total, scores)]
-        if judge is not None:
-            rated = judge_scores(*judge, flat_prompts, [texts[j] for j in mine], spec.judge, spec.batch_size)
-            total = [t + spec.judge.weight * s for t, s in zip(total, rated)]
         return [total[j * k:(j + 1) * k] for j in range(len(share))]
     return [value for group in map_shards(list(range(len(prompts))), score) for value in group]
 
@@ -247,7 +191,7 @@ def run(spec: GenerateSpec, ctx: StageContext) -> dict[str, float]:
     # Responses to chat prompts are assistant messages, as the pairs' prompts are chat
     completions = [[{"role": "assistant", "content": t}] if isinstance(prompts[j // k], list) else t
                    for j, t in enumerate(texts)]
-    total = score_responses(spec, ctx, rows, texts, completions)
+    total = score_responses(spec, ctx, rows, completions)
     pairwise, listwise, paired_rows = preference_data(spec, rows, completions, total)
     if not pairwise:
         raise DataError(f"{where}: no preference pairs: for every prompt the {k} samples scored within "
