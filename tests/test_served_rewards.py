@@ -92,22 +92,23 @@ def start_server(model: Path):
     return url, process
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """The reward model, served."""
-    url, process = start_server(trained / "run" / "rm")
+def served(model: Path):
+    url, process = start_server(model)
     yield url, process
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The reward model, served."""
+    yield from served(trained / "run" / "rm")
 
 
 @pytest.fixture(scope="module")
 def judge_server(trained):
     """The SFT model, served behind the OpenAI chat-completions API."""
-    url, process = start_server(trained / "run" / "sft")
-    yield url, process
-    process.terminate()
-    process.wait(timeout=30)
+    yield from served(trained / "run" / "sft")
 
 
 def test_served_scores_equal_in_process_scores(trained, server):
