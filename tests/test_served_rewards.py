@@ -46,6 +46,13 @@ def grpo_stage(name: str, reward: dict) -> dict:
                      "max_completion_length": 6, "beta": 0.04, "logging_steps": 1}}
 
 
+def ppo_stage(name: str, reward: dict) -> dict:
+    return {"name": name, "type": "ppo", "model": "sft", "rewards": [reward], "peft": {"r": 8, "lora_alpha": 16},
+            "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64, "eval_samples": 8},
+            "args": {"max_steps": 2, "rollout_batch_size": 8, "mini_batch_size": 4, "learning_rate": 1e-3,
+                     "max_new_tokens": 6}}
+
+
 def eval_stage(name: str, **judge) -> dict:
     return {"name": name, "type": "eval", "models": ["sft", "grpo_local"], "baseline": "sft",
             "dataset": {"path": str(DATA / "eval.jsonl"), "max_samples": 16}, "max_new_tokens": 6, **judge}
@@ -65,6 +72,7 @@ def trained(tmp_path_factory) -> Path:
          "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 200},
          "args": {"max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 16, "max_length": 64}},
         grpo_stage("grpo_local", {"reward_model": "rm"}),
+        ppo_stage("ppo_local", {"reward_model": "rm"}),
         eval_stage("eval_local", reward_model="rm", judge={"model": "sft"})]
     write_recipe(folder, stages)
     result = pipeline_cli("run", str(folder / "recipe.yaml"))
@@ -130,14 +138,15 @@ def test_a_bad_request_is_answered_400_naming_the_field(server):
         RemoteRewardScorer(url).score_batch((["a", "b"], ["c"]))
 
 
-def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, server, judge_server):
+def test_grpo_ppo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, server, judge_server):
     """The same recipe's stages with `reward_url` instead of `reward_model` and a served judge: the rewards each
-    step logged and the eval's reward, win rate and judge ratings are the in-process stage's, to 1e-5."""
+    step logged (grpo, ppo), ppo's held-out scores and the eval's reward, win rate and judge ratings are the
+    in-process stages', to 1e-5."""
     url, _ = server
     recipe = trained / "recipe.yaml"
     data = yaml.safe_load(recipe.read_text())
     judge = {"model": "sft", "base_url": f"{judge_server[0]}/v1"}
-    data["stages"] += [grpo_stage("grpo_remote", {"reward_url": url}),
+    data["stages"] += [grpo_stage("grpo_remote", {"reward_url": url}), ppo_stage("ppo_remote", {"reward_url": url}),
                        eval_stage("eval_remote", reward_url=url, judge=judge)]
     recipe.write_text(yaml.safe_dump(data))
     assert pipeline_cli("validate", str(recipe), "--check-remote").returncode == 0
@@ -147,9 +156,14 @@ def test_grpo_and_eval_scoring_over_http_give_the_in_process_numbers(trained, se
 
     def rewards(stage: str) -> list[float]:
         return [row["reward"] for row in json.loads((run / stage / "log_history.json").read_text()) if "reward" in row]
-    local, remote = rewards("grpo_local"), rewards("grpo_remote")
-    assert len(local) == 2 and max(abs(a - b) for a, b in zip(local, remote)) < 1e-5
+    for stage in ("grpo", "ppo"):
+        local, remote = rewards(f"{stage}_local"), rewards(f"{stage}_remote")
+        assert len(local) == len(remote) == 2 and max(abs(a - b) for a, b in zip(local, remote)) < 1e-5, stage
     stages = summary(run)["stages"]
+    ppo_local, ppo_remote = stages["ppo_local"]["metrics"], stages["ppo_remote"]["metrics"]
+    assert {k.replace("/rm", "") for k in ppo_local} == {k.replace(f"/{url[7:]}", "") for k in ppo_remote}
+    for key, value in ppo_local.items():
+        assert abs(ppo_remote[key.replace("/rm", f"/{url[7:]}")] - value) < 1e-5, key
     for key, value in stages["eval_local"]["metrics"].items():
         assert abs(stages["eval_remote"]["metrics"][key] - value) < 1e-5, key
     assert {"win_rate/grpo_local", "judge/sft", "judge/grpo_local"} <= set(stages["eval_remote"]["metrics"])

