@@ -56,17 +56,18 @@ def child(mode: str, policy: str, reward_model: str, url: str | None) -> dict[st
 
 
 def reward_model_from_gguf(gguf: Path, folder: Path) -> tuple[str, str]:
-    """(policy, reward model) folders: SmolLM2 dequantized, as a causal LM and with a fresh score head."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # lazy: as above
+    """(policy, reward model) folders: SmolLM2 dequantized as the stages do it, and with a fresh score head."""
+    from transformers import AutoModelForSequenceClassification  # lazy: as above
 
-    policy, reward = folder / "policy", folder / "reward"
-    kwargs = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-    AutoModelForCausalLM.from_pretrained(**kwargs).save_pretrained(policy)
-    AutoModelForSequenceClassification.from_pretrained(**kwargs, num_labels=1).save_pretrained(reward)
-    for target in (policy, reward):
-        tokenizer.save_pretrained(target)
-    return str(policy), str(reward)
+    from pipeline.models.loading import load_tokenizer, stage_base  # lazy: as above
+
+    policy = stage_base(str(gguf), folder / "policy")
+    tokenizer = load_tokenizer(policy)
+    reward = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id  # marks where each sequence ends for pooling
+    reward.save_pretrained(folder / "reward")
+    tokenizer.save_pretrained(folder / "reward")
+    return policy, str(folder / "reward")
 
 
 def free_port() -> int:

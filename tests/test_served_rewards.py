@@ -80,9 +80,9 @@ def trained(tmp_path_factory) -> Path:
     return folder
 
 
-def start_server(model: Path):
+def start_server(model: Path, port: int | None = None):
     """`pipeline serve MODEL` in its own process; (its URL, the process) once `GET /health` answers."""
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(model), "--port", str(port)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -353,3 +353,50 @@ def test_a_judge_reads_its_rating_from_top_logprobs_else_from_its_text(faulty, m
     assert judge(["p"], ["c"]) == [3.0]
     assert server.headers[0]["Authorization"] == "Bearer sk-test" and "Authorization" not in server.headers[1]
     assert seen[0]["top_logprobs"] == 20 and seen[0]["max_tokens"] == 1 and seen[0]["temperature"] == 0
+
+
+def test_a_server_killed_mid_stage_fails_it_clearly_and_the_rerun_resumes_to_the_same_numbers(trained, tmp_path):
+    """The reward server dies while a grpo stage trains: the stage fails with one line once its retries are spent;
+    with the server back, the rerun resumes from the stage's last checkpoint and logs the rewards of a run that
+    was never interrupted (the same stage scoring in process)."""
+    port = free_port()
+    data = yaml.safe_load((trained / "recipe.yaml").read_text())
+    data["stages"] = [s for s in data["stages"] if s["name"] in ("tok", "base", "sft", "rm")]
+    for name, reward in (("grpo_whole", {"reward_model": "rm"}), ("grpo_cut", {"reward_url": f"http://127.0.0.1:{port}"})):
+        stage = grpo_stage(name, reward)
+        stage["args"].update(max_steps=6, save_steps=2)
+        data["stages"].append(stage)
+    data["output_dir"] = str(trained / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    checkpoints = trained / "run" / "grpo_cut" / "checkpoints"
+
+    _, server = start_server(trained / "run" / "rm", port)
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(recipe)], cwd=REPO, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("checkpoint-2")):
+        assert run.poll() is None and time.monotonic() < deadline, "the stage ended before its first checkpoint"
+        time.sleep(0.2)
+    server.kill()
+    server.wait()
+    stderr = run.communicate(timeout=600)[1]
+    assert run.returncode == 1 and "Traceback" not in stderr
+    assert f"reward server http://127.0.0.1:{port} (a batch of 8) failed 5 attempts; the last: connection refused" \
+        in stderr
+    assert summary(trained / "run")["stages"]["grpo_cut"]["status"] == "failed"
+
+    _, server = start_server(trained / "run" / "rm", port)
+    try:
+        rerun = pipeline_cli("run", str(recipe))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout + rerun.stderr
+
+    def rewards(stage: str) -> list[float]:
+        history = json.loads((trained / "run" / stage / "log_history.json").read_text())
+        return [row["reward"] for row in history if "reward" in row]
+    whole, cut = rewards("grpo_whole"), rewards("grpo_cut")
+    assert len(whole) == len(cut) == 6 and max(abs(a - b) for a, b in zip(whole, cut)) < 1e-5
