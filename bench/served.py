@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -39,20 +38,23 @@ def pairs() -> tuple[list[list[dict]], list[list[dict]]]:
 
 def child(mode: str, policy: str, reward_model: str, url: str | None) -> dict[str, float]:
     """In a fresh process: load the policy, then score every pair in process or over HTTP."""
-    from pipeline.models.loading import load_causal_lm  # lazy: the parent process stays light
+    from pipeline.models.decoding import generate  # lazy: the parent process stays light
+    from pipeline.models.loading import load_causal_lm, load_tokenizer  # lazy: as above
     from pipeline.models.remote import RemoteRewardScorer  # lazy: as above
     from pipeline.models.reward_functions import RewardModelScorer  # lazy: as above
 
-    policy_model = load_causal_lm(policy)
+    prompts, completions = pairs()
+    # The policy generates once, as a rollout does: its weights (memory-mapped from safetensors) become resident.
+    policy_model = load_causal_lm(policy)  # held to the end, as the stage holds it while it scores
+    generate(policy_model, load_tokenizer(policy), prompts[:8], max_new_tokens=8)
     scorer = RewardModelScorer(reward_model, batch_size=BATCH) if mode == "in-process" else \
         RemoteRewardScorer(url, batch_size=BATCH, concurrency=1)
-    prompts, completions = pairs()
     scorer(prompts[:BATCH], completions[:BATCH])  # warm-up: first-call costs are not throughput
     started = time.perf_counter()
     scores = scorer(prompts, completions)
     seconds = time.perf_counter() - started
-    assert len(scores) == len(prompts) and policy_model is not None
-    return {"pairs_per_s": len(prompts) / seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    assert len(scores) == len(prompts)
+    return {"pairs_per_s": len(prompts) / seconds, "peak_mb": peak_mb(os.getpid())}
 
 
 def reward_model_from_gguf(gguf: Path, folder: Path) -> tuple[str, str]:
@@ -85,8 +87,9 @@ def run_in_child(mode: str, policy: str, reward: str, url: str | None, threads: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def serve_peak_mb(pid: int) -> float:
-    """A running process's peak resident memory (VmHWM), in MiB."""
+def peak_mb(pid: int) -> float:
+    """A running process's peak resident memory (VmHWM), in MiB. Not `getrusage`'s ru_maxrss: Linux keeps that
+    across `exec`, so a child would report its parent's peak at the fork when that was higher."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -125,7 +128,7 @@ def run_served(model: str | None, threads: int, log: Callable[[str], None]) -> d
                     time.sleep(1)
             log("scoring over HTTP")
             results["served"] = run_in_child("served", policy, reward, f"http://127.0.0.1:{port}", threads)
-            results["server_peak_mb"] = serve_peak_mb(server.pid)
+            results["server_peak_mb"] = peak_mb(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=60)

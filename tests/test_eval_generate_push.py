@@ -121,7 +121,7 @@ def test_generate_with_a_judge_and_a_rule_reward(chain):
     model, tokenizer = load_causal_lm(path), load_tokenizer(path)
     judge = JudgeSpec(model="sft")
     prompt, response = [{"role": "user", "content": "What is 2 + 2?"}], "4"
-    question = judge.template.format(prompt="What is 2 + 2?", response="4", scale=5)
+    question = judge.prompt.format(prompt="What is 2 + 2?", response="4", scale=5)
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -282,7 +282,7 @@ class JudgeSpec:
 
     model: str  # a stage, local folder or Hub id; with base_url, the name the server knows the model by
     base_url: str | None = None  # an OpenAI-compatible server's API root, e.g. http://judge-node:8000/v1
-    template: str = JUDGE_TEMPLATE  # `{prompt}`, `{response}` and `{scale}` are filled in
+    prompt: str = JUDGE_TEMPLATE  # what the judge is asked: `{prompt}`, `{response}` and `{scale}` are filled in
     scale: int = 5  # ratings 1..scale; single digits, so at most 9
     weight: float = 1.0  # generate's `judge:` only: its weight among the rewards (a `rewards` entry has its own)
     timeout: float = 60.0  # with base_url: seconds to wait for one rating before asking again
@@ -291,11 +291,11 @@ class JudgeSpec:
     def check(self) -> list[str]:
         problems = [] if 2 <= self.scale <= 9 else [f"judge.scale: must be 2..9 (single-digit ratings), got {self.scale}"]
         try:
-            filled = self.template.format(prompt="\0p", response="\0r", scale=self.scale)
+            filled = self.prompt.format(prompt="\0p", response="\0r", scale=self.scale)
             if "\0p" not in filled or "\0r" not in filled:
-                problems.append("judge.template: must contain {prompt} and {response}")
+                problems.append("judge.prompt: must contain {prompt} and {response}")
         except (KeyError, IndexError, ValueError) as err:
-            problems.append(f"judge.template: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
+            problems.append(f"judge.prompt: only {{prompt}}, {{response}} and {{scale}} can be filled in ({err!r}); "
                             "write literal braces as {{ and }}")
         if self.base_url is not None:
             problems += [f"judge.{p}" for p in url_problems(self.base_url, "base_url")]

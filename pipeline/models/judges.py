@@ -29,7 +29,7 @@ from pipeline.models.remote import RemoteScoringError, json_of, post_json
 
 def questions(judge: JudgeSpec, prompts: list[Any], completions: list[Any]) -> list[str]:
     """The judge's prompt for each (prompt, completion): its template filled in."""
-    return [judge.template.format(prompt=prompt_text(p), response=completion_text(c), scale=judge.scale)
+    return [judge.prompt.format(prompt=prompt_text(p), response=completion_text(c), scale=judge.scale)
             for p, c in zip(prompts, completions)]
 
 
