@@ -104,6 +104,9 @@ def test_explain_prints_every_key_of_a_stage_type(capsys):
     assert "  args.clip_range: float = 0.2\n      policy ratio clipping epsilon" in out
     assert "args.advantage_estimator" not in out  # a stage key, not an `args` field
     assert "reach this stage only for: seed, report_to" in out
+    # the blocks keys take as values, each key with its help: a reward term, the judge inside it, a data source
+    for block, key in (("RewardTermSpec", "reward_url"), ("JudgeSpec", "base_url"), ("SourceSpec", "name")):
+        assert f"\n{block} (" in out and f"\n  {key}: str | None = None\n      " in out.split(f"\n{block} (")[1]
     assert main(["explain", "ppx"]) == 2
     assert "no stage type 'ppx'; did you mean 'ppo'" in capsys.readouterr().err
 

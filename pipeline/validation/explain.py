@@ -9,6 +9,7 @@ import inspect
 import io
 import re
 import tempfile
+import typing
 import tokenize
 from enum import Enum
 
@@ -66,10 +67,28 @@ def _default(f: dataclasses.Field) -> str:
     return "required"
 
 
-def _rows(cls: type, prefix: str = "", hide: set[str] = frozenset()) -> list[str]:
+def _rows(cls: type, prefix: str = "", hide: tuple[str, ...] | set[str] = HIDDEN) -> list[str]:
     helps = declared_help(cls)
     return [f"  {prefix}{f.name}: {f.type} = {_default(f)}" + (f"\n      {helps[f.name]}" if f.name in helps else "")
-            for f in dataclasses.fields(cls) if f.init and f.name not in HIDDEN and f.name not in hide]
+            for f in dataclasses.fields(cls) if f.init and f.name not in hide]
+
+
+def nested_specs(cls: type, seen: list[type] | None = None) -> list[type]:
+    """The dataclasses a spec's keys take as values (`dataset: DatasetSpec`, `rewards: list[RewardTermSpec]`), and
+    theirs in turn, each once, in the order the keys name them."""
+    seen = [] if seen is None else seen
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in HIDDEN:
+            continue
+        stack = [hints[f.name]]
+        while stack:
+            hint = stack.pop(0)
+            if dataclasses.is_dataclass(hint) and hint not in seen:
+                seen.append(hint)
+                nested_specs(hint, seen)
+            stack += typing.get_args(hint)
+    return seen
 
 
 def explain_stage_type(name: str) -> str:
@@ -79,11 +98,13 @@ def explain_stage_type(name: str) -> str:
                        f"stage types: {', '.join(sorted(STAGE_TYPES))}")
     spec = STAGE_TYPES[name].spec
     lines = [f"stage type '{name}': {inspect.getdoc(spec).splitlines()[0]}", "", "keys:", *_rows(spec)]
+    for block in nested_specs(spec):
+        lines += ["", f"{block.__name__} ({inspect.getdoc(block).splitlines()[0]}):", *_rows(block, hide=())]
     if getattr(spec, "args_class", None):
         config = import_object(spec.args_class)
         stage_keys = {f.name for f in dataclasses.fields(spec)}  # set beside `args`, not in it
         lines += ["", f"args ({spec.args_class}; the pipeline's own defaults are shown by "
-                      "`pipeline validate RECIPE --explain`):", *_rows(config, "args.", hide=stage_keys)]
+                      "`pipeline validate RECIPE --explain`):", *_rows(config, "args.", hide=HIDDEN + tuple(stage_keys))]
         if spec.shared_defaults is not None:
             lines += ["", f"a recipe's `defaults:` reach this stage only for: {', '.join(spec.shared_defaults)}"]
     return "\n".join(lines)
