@@ -113,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results) if args.json else alignment_table(results))
         return 0
     if args.recipes:
-        results = run_recipes(args.recipes.split(","), [int(s) for s in args.seeds.split(",")], args.threads or 2,
+        threads = args.threads or 2
+        results = run_recipes(args.recipes.split(","), [int(s) for s in args.seeds.split(",")], threads,
                               Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log)
-        return emit(results, recipes_table(results), args.json)
+        torch.set_num_threads(threads)  # the runs' thread count
+        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s), load average " \
+               f"{os.getloadavg()[0]:.2f}"
+        return emit(results, f"{peak}\n{recipes_table(results)}", args.json)
     if args.quickstart:
         threads = args.threads or torch.get_num_threads()
         result = run_quickstart(Path(__file__).resolve().parents[1], Path(args.quickstart_dir), threads, log)
