@@ -31,7 +31,7 @@ def health(url: str, timeout: float = 5.0) -> dict[str, Any]:
         raise RemoteScoringError(f"reward server {url} is not reachable: {type(err).__name__}") from None
     if answer.status_code != 200:
         raise RemoteScoringError(f"reward server {url}: GET /health answered HTTP {answer.status_code}")
-    return answer.json()
+    return json_of(answer, f"reward server {url}")
 
 
 def scores_in(answer: requests.Response, expected: int, url: str) -> list[float]:
