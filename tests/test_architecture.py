@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -108,13 +109,32 @@ def test_imports_are_at_the_top_except_optional_dependencies():
     assert not inside, "imports inside functions:\n" + "\n".join(inside)
 
 
-def test_every_stage_module_registers_one_stage_type_with_its_own_spec():
-    stage_modules = sorted(n.removeprefix("pipeline.stages.") for n in modules_cache()
-                           if n.startswith("pipeline.stages.") and n.split(".")[-1] not in ("context", "contract"))
-    assert sorted(STAGE_TYPES) == stage_modules  # the type's name is its module's: one place to look
+def test_every_stage_type_has_a_spec_module_and_a_run_module_of_its_name():
+    spec_modules = sorted(n.removeprefix("pipeline.stages.specs.") for n in modules_cache()
+                          if n.startswith("pipeline.stages.specs."))
+    run_modules = sorted(n.removeprefix("pipeline.stages.") for n in modules_cache() if n.startswith("pipeline.stages.")
+                         and n.count(".") == 2 and n.split(".")[-1] not in ("context", "contract", "specs"))
+    assert sorted(STAGE_TYPES) == spec_modules == run_modules  # the type's name is its modules': one place to look
     for name, stage in STAGE_TYPES.items():
         assert issubclass(stage.spec, StageSpec) and dataclasses.is_dataclass(stage.spec)
-        assert stage.spec.__module__ == stage.run.__module__ == f"pipeline.stages.{name}"
+        assert stage.spec.__module__ == f"pipeline.stages.specs.{name}" and stage.module == f"pipeline.stages.{name}"
+        assert callable(getattr(importlib.import_module(stage.module), "run"))
+
+
+HEAVY = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes")
+
+
+def test_the_cli_and_the_recipe_vocabulary_import_no_training_library():
+    """`pipeline --help`, `report`, `health` and a remembered `validate` answer in well under a second because
+    reading, checking and reporting on a recipe never imports torch, transformers or TRL (`python -m bench
+    --quickstart` times them): every stage type's spec, the health checks, the report and the CLI stay light."""
+    light = ["pipeline.cli", "pipeline.stages", "pipeline.outputs.report", "pipeline.outputs.health",
+             "pipeline.validation.verdicts", "pipeline.algorithms.ppo_trainer.config"]
+    code = (f"import sys\nfor m in {light!r}: __import__(m)\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported: {done.stdout.strip()}"
 
 
 @pytest.mark.parametrize("folder", ["config", "runtime", "data", "models", "training", "algorithms", "validation",

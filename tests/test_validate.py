@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +201,40 @@ def test_ppo_under_zero3_is_refused_before_anything_trains(tmp_path, capsys, mon
     from pipeline.validation.recipe_checks import load_recipe
 
     check_launch(load_recipe(recipe), ["tok", "base", "sft"])  # a launch that leaves PPO out may run
+
+
+def test_a_passing_verdict_is_replayed_until_anything_the_checks_read_changes(tmp_path):
+    """A recipe that passed is not checked again (nor torch imported) until its text, a file it names, the
+    libraries or the code change; a failing one is checked every time; no secret reaches the cache."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join((DATA / "sft.jsonl").read_text().splitlines(keepends=True)[:200]))
+    stages = tiny_stages()
+    stages[2]["dataset"]["path"] = str(data)
+    recipe = write_recipe(tmp_path, stages)
+
+    def validate(*extra: str) -> tuple[int, str, str, str]:
+        code = (f"import sys\nfrom pipeline.cli import main\nrc = main(['validate', {str(recipe)!r}, *{list(extra)!r}])\n"
+                "print('imported:', ','.join(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))\n"
+                "sys.exit(rc)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "HF_TOKEN": "hf_not_a_real_secret"})
+        out, _, imported = done.stdout.rpartition("imported:")
+        return done.returncode, out, done.stderr, imported.strip()
+
+    code, checked, _, imported = validate()
+    assert code == 0 and "valid (3 stages" in checked and imported == "torch,transformers,trl"
+    code, replayed, err, imported = validate()
+    assert code == 0 and replayed == checked and imported == ""
+    assert "nothing the checks read has changed" in err
+    assert validate("--no-cache")[3] == "torch,transformers,trl"
+
+    code, _, err, _ = validate("--set", "stages.sft.args.learning_rate=-1")  # another recipe text: checked
+    assert code == 2 and "learning_rate: must be > 0" in err
+    with data.open("a") as f:  # a file it names changed: checked, and the failure is not remembered
+        f.write("{not json\n")
+    for _ in range(2):
+        code, _, err, imported = validate()
+        assert code != 0 and "line 201" in err and imported
+    secrets = [p for p in Path(os.environ["PIPELINE_CACHE_DIR"]).rglob("*") if p.is_file()
+               and "hf_not_a_real_secret" in p.read_text()]
+    assert not secrets

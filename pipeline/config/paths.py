@@ -27,6 +27,16 @@ def resolve_local(path: str, recipe_path: Path | None) -> Path | None:
             return (base / candidate).resolve()
     return None
 
+def output_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` can never be a run directory (it, or a folder above it, is a file), or None; creates nothing."""
+    for path in [run_dir, *run_dir.parents]:
+        if path.exists():
+            if path.is_dir():
+                return None
+            what = f"{run_dir} is a file" if path == run_dir else f"{path}, above {run_dir}, is a file"
+            return f"{what}, not a folder; give a folder path (`output_dir:` or --output-dir)"
+    return None
+
 # ------------------------------------------------------------------------------ loading
 def import_object(dotted: str) -> Any:
     """Import `package.module:attr` or `package.module.attr`."""

@@ -4,28 +4,28 @@ across the eval stage's models (greedy, best-of-N, pass@k), then per-stage launc
 
 Everything is rebuilt from the run directory (summary.json, manifest.json, each stage's log_history.json,
 result.json and an eval stage's samples.json), so `pipeline report RUN_DIR` works on any run, finished or not.
-Plots are PNGs in `plots/`; the plotting functions return the data they drew, read back from the figure.
+Plots are PNGs in `plots/`; the plotting functions return the data they drew, read back from the figure, and a
+plot whose data has not changed since it was drawn is not drawn again (`drawn_once`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import matplotlib
 import yaml
-
-matplotlib.use("Agg")  # plots are written to files, never shown (the run may have no display)
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from pipeline.outputs.health import recipe_settings, stage_findings
 from pipeline.runtime.disk import disk_use, megabytes
 from pipeline.runtime.distributed import launch_label
+from pipeline.runtime.files import write_json
 from pipeline.training.health import Finding, verdict
 from pipeline.stages import STAGE_TYPES
-from pipeline.stages.eval import sampled_name
+from pipeline.stages.specs.eval import sampled_name
 
 # Logged quantities worth a curve, by their last name part (an `eval_` prefix shares the train panel):
 # losses, reward-model and DPO accuracies/margins, RL rewards, KL, and response length (reward hacking shows there).
@@ -53,6 +53,11 @@ def curve_keys(history: list[dict]) -> dict[str, list[str]]:
 
 
 def _figure(panels: int):
+    import matplotlib  # lazy: a report whose plots are up to date draws none, and matplotlib takes a second
+
+    matplotlib.use("Agg")  # plots are written to files, never shown (the run may have no display)
+    import matplotlib.pyplot as plt  # lazy: see above
+
     cols = min(panels, 4)
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows), squeeze=False)
@@ -66,6 +71,27 @@ def _save(plt, fig, out: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=DPI, metadata={"Software": None})  # no version stamp: same data, same bytes
     plt.close(fig)
+
+
+def drawn_once(plot: Callable[..., Any], out: Path, title: str, *data: Any) -> Any:
+    """`plot(*data, out, title)`, unless `out` already shows exactly that (same data, title, plotting code and
+    matplotlib): then what it drew, as recorded in `plots/.drawn.json`. Rebuilding a report redraws only what
+    changed."""
+    records_path = out.parent / ".drawn.json"
+    records = _read(records_path) or {}
+    try:
+        matplotlib_version = metadata.version("matplotlib")
+    except metadata.PackageNotFoundError:
+        matplotlib_version = None
+    key = hashlib.sha256(json.dumps([plot.__name__, data, title, matplotlib_version, Path(__file__).read_text()],
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    known = records.get(out.name)
+    if known and known.get("key") == key and out.is_file():
+        return known["drawn"]
+    drawn = plot(*data, out, title)
+    records[out.name] = {"key": key, "drawn": drawn}
+    write_json(records_path, records)
+    return drawn
 
 
 def plot_curves(history: list[dict], out: Path, title: str) -> Series:
@@ -264,13 +290,13 @@ def write_report(run_dir: Path) -> Path:
         elif stage["metrics"]:
             lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in stage["metrics"].items()]
         history = _read(run_dir / name / "log_history.json")
-        if history and plot_curves(history, plots / f"{name}.png", f"{name} ({stage['type']})"):
+        if history and drawn_once(plot_curves, plots / f"{name}.png", f"{name} ({stage['type']})", history):
             lines += ["", f"![{name} curves](plots/{name}.png)"]
         if health[name]:
             lines += ["", "Health findings (`pipeline health` prints them with what to try):", ""]
             lines += [f"- {f['finding']}: " + ", ".join(f"{k} {cell(v)}" for k, v in f.items() if k != "finding")
                       for f in health[name]]
-            if history and plot_health(history, health[name], plots / f"{name}_health.png", f"{name}: health"):
+            if history and drawn_once(plot_health, plots / f"{name}_health.png", f"{name}: health", history, health[name]):
                 lines += ["", f"![{name} health](plots/{name}_health.png)"]
 
     if manifest.get("recipe"):
@@ -337,7 +363,7 @@ def _accuracy_chart(run_dir: Path, stages: dict[str, Any], plots: Path) -> list[
             continue
         accuracy = eval_table(stage["metrics"], eval_models(run_dir, name, stage["metrics"])).get("accuracy")
         if accuracy and any("@" not in label for label in accuracy):
-            plot_accuracy(accuracy, plots / "accuracy.png", f"{name}: held-out accuracy across stages")
+            drawn_once(plot_accuracy, plots / "accuracy.png", f"{name}: held-out accuracy across stages", accuracy)
             return ["", "![held-out accuracy across stages](plots/accuracy.png)"]
     return []
 
@@ -351,7 +377,7 @@ def _eval_section(run_dir: Path, name: str, stage: dict[str, Any], plots: Path) 
     labels = list(dict.fromkeys(label for values in table.values() for label in values))
     lines = ["| model | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
     lines += [f"| {cell(label)} | " + " | ".join(cell(table[f].get(label, "")) for f in table) + " |" for label in labels]
-    plot_eval(table, plots / f"{name}.png", f"{name}: held-out evaluation")
+    drawn_once(plot_eval, plots / f"{name}.png", f"{name}: held-out evaluation", table)
     lines += ["", f"![{name} results](plots/{name}.png)"]
     if samples and samples["rows"]:
         marks = "✓ correct; " if any(row.get("answer") for row in samples["rows"]) else ""

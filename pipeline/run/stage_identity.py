@@ -84,7 +84,7 @@ def resolved_hardware() -> dict[str, Any]:
 
 def stage_identity(stage_type: str) -> dict[str, Any]:
     """Everything outside the recipe that a stage of this type's result depends on."""
-    return {"code": code_digest(STAGE_TYPES[stage_type].run.__module__), "libraries": library_versions(),
+    return {"code": code_digest(STAGE_TYPES[stage_type].module), "libraries": library_versions(),
             "hardware": resolved_hardware()}
 
 

@@ -19,10 +19,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
 from pipeline.runtime.process import UserError
 
 T = TypeVar("T")
@@ -84,6 +80,8 @@ def on_main(state, step: Callable[[], T], what: str) -> T:
         except Exception as err:  # told to the other ranks below, then raised here as it was
             failure = err
     message = f"{type(failure).__name__}: {failure}" if failure is not None else None
+    from accelerate.utils import broadcast_object_list  # lazy: this module's launch helpers are read by light commands
+
     result, message = broadcast_object_list([result, message], from_process=0)
     if failure is not None:
         raise failure
@@ -100,6 +98,8 @@ def map_shards(items: list[T], work: Callable[[list[T]], list[R]]) -> list[R]:
     size, so ranks would call them a different number of times (under ZeRO-3, generate inside
     `trl`'s `unwrap_model_for_generation`, which gathers the weights once).
     """
+    from accelerate import PartialState  # lazy: see on_main
+    from accelerate.utils import gather_object  # lazy: see on_main
 
     state = PartialState()
     if state.num_processes == 1:
@@ -122,6 +122,7 @@ def forget_zero3_init() -> None:
     generate, a held-out check before training) fails with "'weight' must be 2-D". Each stage loads its
     models as the first stage of a launch does; a training stage's own config registers ZeRO-3 again.
     """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # lazy: see on_main
 
     unset_hf_deepspeed_config()
 

@@ -1,6 +1,8 @@
-"""The stage-type registry: every module of this package that defines `STAGE` (a `StageType`) is one.
+"""The stage-type registry: every module of `pipeline.stages.specs` that defines `STAGE` (a `StageType`) is one.
 
-Adding a stage type is adding a module: its spec dataclass, its `run(spec, ctx) -> metrics`, and `STAGE`.
+Adding a stage type is adding two modules: its spec dataclass and `STAGE` in `pipeline/stages/specs/NAME.py`
+(imported to read or check a recipe: keep it free of torch and TRL), and its `run(spec, ctx) -> metrics` in
+`pipeline/stages/NAME.py` (imported when the stage runs).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from pipeline.stages import specs
 from pipeline.stages.contract import StageType
 
 __all__ = ["STAGE_TYPES", "StageType"]
@@ -15,12 +18,12 @@ __all__ = ["STAGE_TYPES", "StageType"]
 
 def _registered() -> dict[str, StageType]:
     found: dict[str, StageType] = {}
-    for module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
-        stage = getattr(importlib.import_module(f"{__name__}.{module}"), "STAGE", None)
+    for module in sorted(info.name for info in pkgutil.iter_modules(specs.__path__)):
+        stage = getattr(importlib.import_module(f"{specs.__name__}.{module}"), "STAGE", None)
         if stage is None:
             continue
         if stage.name in found:
-            raise RuntimeError(f"stage type '{stage.name}' is defined twice ({module} and {found[stage.name].run.__module__})")
+            raise RuntimeError(f"stage type '{stage.name}' is defined twice ({module} and {found[stage.name].module})")
         found[stage.name] = stage
     return found
 

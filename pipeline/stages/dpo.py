@@ -8,40 +8,17 @@ otherwise, so the replies being compared are not the part cut away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from trl import DPOTrainer
 
-from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.preferences import to_pairwise
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
-from pipeline.stages.contract import StageType
+from pipeline.stages.specs.dpo import DPOSpec
 from pipeline.training.length_checks import check_dpo_lengths, check_padding
 from pipeline.training.trainers import TrainerStage, batch_by_length, evaluated
 
-
-@dataclass(kw_only=True)
-class DPOSpec(TrainStageSpec):
-    """Direct preference optimisation with `trl.DPOTrainer` against a frozen reference.
-
-    With `peft`, the reference is the same base with the adapter disabled (one copy of the
-    weights); without it, TRL keeps a frozen copy of the starting model.
-    """
-
-    args_class = "trl.DPOConfig"
-    arg_defaults = {"truncation_mode": "keep_end"}  # an over-long pair keeps its replies, not its prompt's start
-    continues_adapter = True
-    preference_data = True
-    headline_metrics = (("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
-                        ("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins"))
-    health_checks = TrainStageSpec.health_checks + ("chosen_logp_falling", "reward_accuracy_stuck")
-    health_names = {**TrainStageSpec.health_names, "chosen_logp": "logps/chosen",
-                    "pair_accuracy": "eval_rewards/accuracies", "margin": "eval_rewards/margins"}
-
-    def formats(self) -> dict[str, tuple[str, ...]]:
-        return PREFERENCE_FORMATS
 
 
 def pair_length(row: dict) -> int:
@@ -64,6 +41,3 @@ def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     lengths = check_dpo_lengths(trainer, (len(train), len(held_out)), where)  # over-long pairs, before training
     return stage.fit(trainer, tokenizer, initial=("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"),
                      after_training=lambda metrics: metrics.update(lengths))
-
-
-STAGE = StageType("dpo", DPOSpec, run)

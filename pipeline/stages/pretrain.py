@@ -3,70 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
 from trl import pack_dataset
 
-from pipeline.config.specs import TrainStageSpec
 from pipeline.data.loading import DataError, require_columns
 from pipeline.models.loading import load_causal_lm, load_tokenizer, stage_base
 from pipeline.stages.context import StageContext
-from pipeline.stages.contract import StageType
+from pipeline.stages.specs.pretrain import PretrainSpec, fresh_config
 from pipeline.training.trainers import TrainerStage, evaluated
-
-
-@dataclass(kw_only=True)
-class PretrainSpec(TrainStageSpec):
-    """Causal-LM training on plain text packed into fixed-length blocks."""
-
-    # A mapping builds a fresh model: {architecture: llama|mixtral|<any model_type>, **config fields};
-    # a string continues pretraining of an earlier stage, local folder or Hub id.
-    model: str | dict[str, Any]
-    tokenizer: str | None = None  # a tokenizer stage, folder or Hub id; default: the model's own
-    text_column: str = "text"
-    block_size: int = 128  # tokens per training sequence; documents are joined with EOS and cut into blocks
-
-    ref_fields = ("model", "tokenizer")
-    args_class = "transformers.TrainingArguments"
-    headline_metrics = (("held-out loss", None, "eval_loss"),)
-
-    def check(self) -> list[str]:
-        problems = [] if self.block_size >= 1 else [f"block_size: must be >= 1, got {self.block_size}"]
-        if isinstance(self.model, dict):
-            problems += [] if self.tokenizer else ["a fresh `model:` config needs `tokenizer:`"]
-            if "architecture" not in self.model:
-                problems.append("model: a fresh config needs `architecture` (e.g. llama, mixtral)")
-        return problems
-
-    def formats(self) -> dict[str, tuple[str, ...]]:
-        return {"text": (self.text_column,)}
-
-    def fresh_model_config(self, tokens: dict[str, Any]) -> Any:
-        return fresh_config(self.model, self.block_size, tokens) if isinstance(self.model, dict) else None
-
-    def tokenizer_ref(self) -> str | None:
-        return self.tokenizer or (self.model if isinstance(self.model, str) else None)
-
-# Small Llama-style defaults (RMSNorm, RoPE, grouped-query attention, SwiGLU); a recipe overrides any.
-FRESH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True),
-    "mixtral": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
-}
-
-
-def fresh_config(config_spec: dict[str, Any], block_size: int, tokens: dict[str, Any]):
-    """The transformers config of a fresh model: `architecture` is any `model_type`; `tokens` gives
-    `vocab_size` and the special token ids (the tokenizer's); the recipe's keys override everything."""
-
-    options = dict(config_spec)
-    architecture = options.pop("architecture")
-    return AutoConfig.for_model(architecture, **{**FRESH_DEFAULTS.get(architecture, {}),
-                                                 "max_position_embeddings": max(block_size, 512), **tokens, **options})
 
 
 def fresh_model(config_spec: dict[str, Any], tokenizer, block_size: int):
@@ -120,6 +67,3 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, float]:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
     return stage.fit(trainer, tokenizer, after_training=after_training)
-
-
-STAGE = StageType("pretrain", PretrainSpec, run)

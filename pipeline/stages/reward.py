@@ -6,13 +6,11 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification
 from trl import RewardTrainer
 
-from pipeline.config.specs import PREFERENCE_FORMATS, TrainStageSpec
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import (
     compute_dtype,
@@ -23,25 +21,9 @@ from pipeline.models.loading import (
 )
 from pipeline.models.reward_functions import encode, max_tokens
 from pipeline.stages.context import StageContext
-from pipeline.stages.contract import StageType
+from pipeline.stages.specs.reward import RewardSpec
 from pipeline.training.length_checks import check_padding
 from pipeline.training.trainers import TrainerStage, batch_by_length, evaluated
-
-
-@dataclass(kw_only=True)
-class RewardSpec(TrainStageSpec):
-    """Sequence-classification reward model (one score) trained with `trl.RewardTrainer` (Bradley-Terry)."""
-
-    args_class = "trl.RewardConfig"
-    model_task = "seq-cls"
-    chat_needs_template = False
-    preference_data = True
-    headline_metrics = (("pair accuracy", "initial_eval_accuracy", "eval_accuracy"),)
-    health_checks = TrainStageSpec.health_checks + ("pair_accuracy_near_chance", "margin_collapse")
-    health_names = {**TrainStageSpec.health_names, "pair_accuracy": "eval_accuracy", "margin": "eval_margin"}
-
-    def formats(self) -> dict[str, tuple[str, ...]]:
-        return PREFERENCE_FORMATS
 
 
 def tokenize_pairs(dataset, tokenizer, max_length: int | None):
@@ -120,6 +102,3 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed. Downstream stages
     # (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
     return stage.fit(trainer, tokenizer, initial=("eval_accuracy",), merge_default=True, after_training=after_training)
-
-
-STAGE = StageType("reward", RewardSpec, run)

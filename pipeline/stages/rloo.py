@@ -9,25 +9,13 @@ accuracy before and after training and the training reward's trend (see `grpo.tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from trl import RLOOTrainer
 
 from pipeline.stages.context import StageContext
-from pipeline.stages.contract import StageType
-from pipeline.stages.grpo import GRPOSpec, train_with_rewards
-
-
-@dataclass(kw_only=True)
-class RLOOSpec(GRPOSpec):
-    """REINFORCE leave-one-out with `trl.RLOOTrainer` on prompts (with `answer` for rule rewards); `grpo`'s keys."""
-
-    args_class = "trl.RLOOConfig"
-    continues_adapter = False  # `peft.adapter: continue` is untested with RLOOTrainer
+from pipeline.stages.specs.rloo import RLOOSpec
+from pipeline.stages.grpo import train_with_rewards
 
 
 def run(spec: RLOOSpec, ctx: StageContext) -> dict[str, float]:
     return train_with_rewards(spec, ctx, RLOOTrainer)
-
-
-STAGE = StageType("rloo", RLOOSpec, run)

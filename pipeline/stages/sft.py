@@ -18,45 +18,18 @@ later stage renders plain-text prompts the same way (`pipeline.data.prompts.rend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from trl import SFTTrainer
 
-from pipeline.config.specs import TrainStageSpec
 from pipeline.data.formats import alpaca_request, sft_messages
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
-from pipeline.stages.contract import StageType
+from pipeline.stages.specs.sft import SFTSpec
 from pipeline.training.length_checks import check_padding, check_sft_lengths
 from pipeline.training.trainers import TrainerStage, evaluated
-
-SFT_FORMATS = {
-    "messages": ("messages",),
-    "prompt-completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "self-instruct": ("instruction", "instances"),  # one row per instance {input, output}
-    "text": ("text",),
-    "hh-rlhf transcripts": ("chosen",),  # each chosen transcript as `messages`: SFT on the chosen replies
-}
-
-@dataclass(kw_only=True)
-class SFTSpec(TrainStageSpec):
-    """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only."""
-
-    # Alpaca-style rows (instruction/input/output) are rendered with this template; `{instruction}`
-    # and `{input}` are filled in. Default: the model's chat template (one user turn), or where the
-    # tokenizer has none, the Alpaca templates (with and without input).
-    prompt_template: str | None = None
-
-    args_class = "trl.SFTConfig"
-    continues_adapter = True
-    headline_metrics = (("held-out loss", "initial_eval_loss", "eval_loss"),)
-
-    def formats(self) -> dict[str, tuple[str, ...]]:
-        return SFT_FORMATS
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -134,6 +107,3 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
             record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
     return stage.fit(trainer, tokenizer, initial=("eval_loss",), after_training=after_training)
-
-
-STAGE = StageType("sft", SFTSpec, run)

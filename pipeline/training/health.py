@@ -6,7 +6,7 @@ logged quantity it is about), `step` and the numbers behind it, or None. A quant
 (a stage type's `health_names` lack the role, or this run did not log it) makes its check not apply: absence
 is never a finding. Thresholds are `pipeline.config.health.HealthSpec`.
 
-`HealthWatch` runs the checks while the stage trains (a TrainerCallback, or a PPO step hook), prints each
+`HealthWatch` runs the checks while the stage trains (through `training.trainers.HealthCallback`, or a PPO step hook), prints each
 finding once, as soon as it shows on at least half the run, and at the end checks the whole run again.
 """
 
@@ -16,8 +16,6 @@ import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
-
-from transformers import TrainerCallback
 
 from pipeline.config.health import HealthSpec
 from pipeline.runtime.process import UserError
@@ -397,16 +395,3 @@ class HealthWatch:
             self.rows.append({**metrics, "step": step})
             self.during(self.rows, step, max_steps)
         return on_step_end
-
-    def callback(self) -> TrainerCallback:
-        return HealthCallback(self)
-
-
-class HealthCallback(TrainerCallback):
-    """Checks a Trainer's log history each time it logs (after the row is appended)."""
-
-    def __init__(self, watch: HealthWatch):
-        self.watch = watch
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.watch.during(state.log_history, state.global_step, state.max_steps)

@@ -158,7 +158,17 @@ class DivergenceGuard(TrainerCallback):
 def stage_callbacks(stage: str, health: HealthWatch) -> list[TrainerCallback]:
     """What every Trainer-based stage passes to its Trainer: NaN guard, logs that tile the run, progress lines,
     run-health findings as they show."""
-    return [DivergenceGuard(stage), LogAtCheckpoints(), StageProgress(), health.callback()]
+    return [DivergenceGuard(stage), LogAtCheckpoints(), StageProgress(), HealthCallback(health)]
+
+
+class HealthCallback(TrainerCallback):
+    """Checks a Trainer's log history each time it logs (after the row is appended)."""
+
+    def __init__(self, watch: HealthWatch):
+        self.watch = watch
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.watch.during(state.log_history, state.global_step, state.max_steps)
 
 
 class LogAtCheckpoints(TrainerCallback):

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import AutoTokenizer
 from trl.data_utils import is_conversational as trl_is_conversational
 
-from pipeline.config.paths import resolve_local
+from pipeline.config.paths import output_dir_problem, resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.schema import RecipeError
 from pipeline.config.specs import PREFERENCE_FORMATS, StageSpec
@@ -160,17 +160,6 @@ def has_chat_template(path: str, hub: bool, trust_remote_code: bool) -> bool | N
     except (OSError, ValueError):
         return None
     return tokenizer.chat_template is not None
-
-
-def output_dir_problem(run_dir: Path) -> str | None:
-    """Why `run_dir` can never be a run directory (it, or a folder above it, is a file), or None; creates nothing."""
-    for path in [run_dir, *run_dir.parents]:
-        if path.exists():
-            if path.is_dir():
-                return None
-            what = f"{run_dir} is a file" if path == run_dir else f"{path}, above {run_dir}, is a file"
-            return f"{what}, not a folder; give a folder path (`output_dir:` or --output-dir)"
-    return None
 
 
 def check_output_dir(run_dir: Path) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.trainer_utils import SchedulerType
-
-
 KL_ESTIMATORS = ("k1", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "rloo", "reinforce_plus_plus", "grpo")
 REWARD_NORMALIZATIONS = ("running", "batch", "none")
@@ -125,6 +122,8 @@ class PPOConfig:
         for name in ("max_grad_norm", "critic_max_grad_norm", "reward_clip"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0 or null: off), got {getattr(self, name)}")
+        from transformers.trainer_utils import SchedulerType  # lazy: reading a recipe's PPO spec needs no transformers
+
         valid = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in valid:
             raise ValueError(f"lr_scheduler_type must be one of {valid}, got {self.lr_scheduler_type!r}")

@@ -1,0 +1,1 @@
+"""Each stage type's recipe keys (its spec) and registration; see `pipeline.stages`."""

@@ -1,0 +1,37 @@
+"""`sft` stage type: its recipe keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.specs import TrainStageSpec
+from pipeline.stages.contract import StageType
+
+
+SFT_FORMATS = {
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "self-instruct": ("instruction", "instances"),  # one row per instance {input, output}
+    "text": ("text",),
+    "hh-rlhf transcripts": ("chosen",),  # each chosen transcript as `messages`: SFT on the chosen replies
+}
+
+@dataclass(kw_only=True)
+class SFTSpec(TrainStageSpec):
+    """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only."""
+
+    # Alpaca-style rows (instruction/input/output) are rendered with this template; `{instruction}`
+    # and `{input}` are filled in. Default: the model's chat template (one user turn), or where the
+    # tokenizer has none, the Alpaca templates (with and without input).
+    prompt_template: str | None = None
+
+    args_class = "trl.SFTConfig"
+    continues_adapter = True
+    headline_metrics = (("held-out loss", "initial_eval_loss", "eval_loss"),)
+
+    def formats(self) -> dict[str, tuple[str, ...]]:
+        return SFT_FORMATS
+
+
+STAGE = StageType("sft", SFTSpec, "pipeline.stages.sft")
