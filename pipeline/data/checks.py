@@ -52,15 +52,16 @@ def message_problem(value: Any) -> str | None:
     if not value:
         return "an empty message list"
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+        calls = isinstance(message, dict) and message.get("tool_calls")  # a tool call needs no content
+        if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             return f"message {i} is not a {{role, content}} mapping: {message!r:.60}"
         role = message["role"]
-        for key in ("role", "content"):  # a key some rows lack is null in theirs (the table has the column)
+        for key in ("role",) + (() if calls else ("content",)):  # a key some rows lack is null in theirs
             if message[key] is None:
                 return f"message {i} has no {key}"
         if role not in VALID_ROLES:
             return f"message {i} has role {role!r}; roles are {', '.join(VALID_ROLES)}{suggest(str(role), VALID_ROLES)}"
-        if not isinstance(message["content"], str):
+        if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
             return f"message {i} has content of type {type(message['content']).__name__}; content is a string"
     return None
 

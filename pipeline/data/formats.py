@@ -12,6 +12,7 @@ GSM8K needs nothing here: `columns: {question: prompt}` renames its question, an
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from datasets import Dataset
@@ -66,3 +67,26 @@ def as_prompts(dataset: Dataset, where: str) -> Dataset:
     inputs = dataset["input"] if "input" in dataset.column_names else [None] * len(dataset)
     return Dataset.from_dict({"prompt": [alpaca_request(i, x) for i, x in zip(dataset["instruction"], inputs)],
                               "completion": list(dataset["output"])})
+
+
+def tool_conversations(dataset: Dataset, tools: list[dict[str, Any]]) -> Dataset:
+    """`messages` rows that call tools, kept whole (every assistant turn is trained on; the rest is masked by TRL's
+    `assistant_only_loss`). Each call's `arguments` become a JSON string without null keys: Arrow stores the rows'
+    arguments as one struct, so a row calling `add(a, b)` beside one calling `lookup(word)` would otherwise render
+    `{"a": 1, "b": 2, "word": null}`. `tools` (JSON schemas) fill a `tools` column, as JSON, where a row has none."""
+    def tidy(row: dict[str, Any]) -> dict[str, Any]:
+        messages = []
+        for message in row["messages"]:
+            calls = []
+            for call in message.get("tool_calls") or []:
+                function = dict(call.get("function") or call)
+                arguments = function.get("arguments")
+                if isinstance(arguments, dict):
+                    function["arguments"] = json.dumps({k: v for k, v in arguments.items() if v is not None})
+                calls.append({"type": "function", "function": {"name": function["name"], "arguments": function["arguments"]}})
+            messages.append({k: v for k, v in message.items() if v is not None and k != "tool_calls"}
+                            | ({"tool_calls": calls} if calls else {}))
+        given = row.get("tools")
+        return {"messages": messages,
+                "tools": given if isinstance(given, str) else json.dumps(given if given is not None else tools)}
+    return dataset.map(tidy, remove_columns=dataset.column_names)

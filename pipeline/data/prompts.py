@@ -83,11 +83,13 @@ def user_turns(dataset: Dataset) -> Dataset:
     return dataset.map(render)
 
 
-def prompt_token_ids(tokenizer, prompt: Any) -> list[int]:
-    """The ids a model trained by TRL saw before its completion, for a string or a chat-message prompt."""
+def prompt_token_ids(tokenizer, prompt: Any, tools: list | None = None) -> list[int]:
+    """The ids a model trained by TRL saw before its completion, for a string or a chat-message prompt (chat
+    prompts with the `tools` it may call shown, as TRL shows them)."""
     prompt = as_model_prompt(tokenizer, prompt)
     if isinstance(prompt, list):
-        encoded = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+        encoded = tokenizer.apply_chat_template(prompt, tools=tools or None, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)
         return list(encoded["input_ids"])
     ids = tokenizer(prompt)["input_ids"]
     # A tokenizer that appends EOS to every text (add_eos_token) would end the prompt; TRL's SFT starts the

@@ -20,26 +20,27 @@ def prompt_text(prompt: Any) -> str:
 
 
 def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as a list of chat messages."""
+    """The text the model wrote, from a completion given as a string or as chat messages: with tools, its
+    assistant turns only (a tool's answer is not the model's, so an answer copied from it must be written out)."""
     if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion)
+        return "".join(m.get("content") or "" for m in completion if m.get("role", "assistant") == "assistant")
     return completion
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, batch_size: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0,
-                 num_return_sequences: int = 1) -> list[tuple[list[int], list[int]]]:
+                 do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
+                 tools: list | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per completion, `num_return_sequences` per prompt, in prompt order.
 
-    Prompts are tokenized as training saw them (`pipeline.data.prompts`). Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
+    Prompts are tokenized as training saw them (`pipeline.data.prompts`), with the `tools` the model may call. Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
     or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
     """
     model.eval()
     out: list[tuple[list[int], list[int]]] = []
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
     for start in range(0, len(prompts), batch_size):
-        prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        prompt_ids = [prompt_token_ids(tokenizer, p, tools) for p in prompts[start:start + batch_size]]
         input_ids, attention_mask = left_padded(prompt_ids, tokenizer.pad_token_id)
         generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                    max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,

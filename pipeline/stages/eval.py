@@ -14,6 +14,9 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
 - `accuracy/<m>@bon<N>`, `reward/<m>@bon<N>`: best-of-N, the reward model's pick among N samples.
 - `accuracy/<m>@pass<k>`: pass@k, the chance that k samples hold at least one correct answer (what RL can
   collect beyond greedy), estimated without bias from n >= k samples per prompt (Chen et al. 2021).
+- with `tools`, every greedy response is a conversation with them (`pipeline.models.tool_use`), answers read from
+  the model's own turns, and `tool_calls/<m>`, `tool_malformed/<m>`, `tool_errors/<m>` are per-answer means of the
+  calls made, of the replies whose call could not be read (or named no tool), and of the calls that answered an error.
 
 Under `accelerate launch` each process scores its share of the prompts and the results are gathered:
 the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N, pass@k) draw from each process's
@@ -43,6 +46,8 @@ from pipeline.models.decoding import generate, generate_ids, prompt_text, respon
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.models.judges import LocalJudge, RemoteJudge, judge_scorer
 from pipeline.models.remote import RemoteRewardScorer
+from pipeline.models.tool_use import generate_with_tools
+from pipeline.models.tools import load_tools
 from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
@@ -158,13 +163,24 @@ def sample(spec: EvalSpec, model, tokenizer, prompts: list[Any], n: int, tempera
                     num_return_sequences=n)
 
 
-def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, model, tokenizer, share: list[int]) -> list[dict]:
+def respond(spec: EvalSpec, tools: list, model, tokenizer, prompts: list[Any]) -> list[dict]:
+    """Each prompt's greedy response ({"response"}); with `tools`, a conversation with them, and its tool counts."""
+    if not tools:
+        return [{"response": r} for r in generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
+                                                  batch_size=spec.batch_size)]
+    runs = generate_with_tools(model, tokenizer, prompts, tools, max_new_tokens=spec.max_new_tokens,
+                               max_calls=spec.max_tool_calls, batch_size=spec.batch_size)
+    return [{"response": run.response, "tool_calls": run.calls, "tool_malformed": run.malformed,
+             "tool_errors": run.errors} for run in runs]
+
+
+def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, tools: list, model, tokenizer,
+               share: list[int]) -> list[dict]:
     """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
     if not share:
         return []
     mine = [rows.prompts[i] for i in share]
-    out = [{"response": r} for r in generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
-                                             batch_size=spec.batch_size)]
+    out = respond(spec, tools, model, tokenizer, mine)
     if judges.reward is not None:
         for row, score in zip(out, judges.reward(mine, [row["response"] for row in out])):
             row["score"] = score
@@ -209,6 +225,9 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
         metrics[f"reward/{label}"] = mean([row["score"] for row in results])
     if spec.judge is not None:
         metrics[f"judge/{label}"] = mean([row["judge"] for row in results])
+    if spec.tools:  # per answer
+        for key in ("tool_calls", "tool_malformed", "tool_errors"):
+            metrics[f"{key}/{label}"] = mean([row[key] for row in results])
     if spec.reference is not None:
         metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
             predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
@@ -228,16 +247,16 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
     return metrics
 
 
-def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, scores: dict[str, list[float]],
-              named: dict[str, str]) -> dict[str, float]:
+def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, tools: list,
+              scores: dict[str, list[float]], named: dict[str, str]) -> dict[str, float]:
     """`win_rate/<model>`: each model's greedy responses against the baseline's, judged by the reward model."""
     if spec.baseline not in scores:  # the baseline is not among the models: its greedy responses scored here
         model, tokenizer = load_model(spec, ctx, spec.baseline)
 
         def baseline_scores(share: list[int]) -> list[float]:
             mine = [rows.prompts[i] for i in share]
-            return judges.reward(mine, generate(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
-                                                batch_size=spec.batch_size)) if share else []
+            return judges.reward(mine, [row["response"] for row in respond(spec, tools, model, tokenizer, mine)]) \
+                if share else []
         scores[spec.baseline] = map_shards(list(range(len(rows.prompts))), baseline_scores)
     win_rate = load_metric("win_rate")
     return {f"win_rate/{named[ref]}": win_rate.compute(predictions=scores[ref], references=scores[spec.baseline])[
@@ -248,6 +267,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     rows = read_rows(spec, ctx, where)
     judges = load_judges(spec, ctx)
+    tools, _ = load_tools(spec.tools, spec.tool_timeout)
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     metrics: dict[str, float] = {}
     scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
@@ -259,7 +279,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         if judges.reference is not None and judges.reference[1].get_vocab() != tokenizer.get_vocab():
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
-        results = map_shards(list(range(len(rows.prompts))), partial(per_prompt, spec, rows, judges, model, tokenizer))
+        results = map_shards(list(range(len(rows.prompts))),
+                             partial(per_prompt, spec, rows, judges, tools, model, tokenizer))
         metrics |= model_metrics(spec, named[ref], rows, results)
         if judges.reward is not None:
             scores[ref] = [row["score"] for row in results]
@@ -270,7 +291,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         del model
 
     if spec.baseline is not None:
-        metrics |= win_rates(spec, ctx, rows, judges, scores, named)
+        metrics |= win_rates(spec, ctx, rows, judges, tools, scores, named)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "samples.json").write_text(json.dumps(

@@ -5,7 +5,8 @@ Rewards are a weighted list of reward-model stages, built-in rule rewards and us
 (`epsilon`) come through `args`. The stage reports held-out greedy accuracy before and after
 training, since a rising sampled reward alone can hide a worse policy. `train_with_rewards` also
 runs the `rloo` stage: TRL's RLOOTrainer takes the same model, rewards and prompts. `dynamic_sampling:` adds
-DAPO's dynamic sampling to either trainer (`pipeline.algorithms.dynamic_sampling`).
+DAPO's dynamic sampling to either trainer (`pipeline.algorithms.dynamic_sampling`). `tools:` lets the policy call
+functions while it generates (TRL's tool loop, GRPOTrainer only), each guarded by `pipeline.models.tools`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
+from pipeline.models.tools import load_tools
 from pipeline.runtime.distributed import map_shards
 from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
@@ -67,14 +69,17 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     if spec.dynamic_sampling:
         trainer_class = with_dynamic_sampling(trainer_class, spec.dynamic_sampling.max_draws)
     stage = TrainerStage(spec, ctx, model, extra_args={"reward_weights": weights})
+    tools, tool_stats = load_tools(spec.tools, spec.tool_timeout)
     trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
-                          processing_class=tokenizer, peft_config=peft_config)
+                          processing_class=tokenizer, peft_config=peft_config, **({"tools": tools} if tools else {}))
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names and len(held_out) > 0
     initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
 
     def after_training(metrics: dict[str, float]) -> None:
         metrics.update(first_and_last_quarter(trainer.state.log_history, ("reward",)))
+        if tools:
+            metrics.update(tool_stats.metrics())
         if measure:
             final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct)
             metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)

@@ -1,7 +1,9 @@
 """`sft` stage: supervised fine-tuning with `trl.SFTTrainer`, loss on completions only.
 
 Every input format becomes prompt/completion, which TRL trains with completion-only loss:
-- `messages`: the last (assistant) message is the completion, the turns before it the prompt;
+- `messages`: the last (assistant) message is the completion, the turns before it the prompt; a conversation that
+  calls tools is trained whole, on every assistant turn, with the tools' answers masked (TRL's
+  `assistant_only_loss`), and `tools` are shown to the model in rows without their own `tools` column;
 - `instruction`/`input`/`output` (Alpaca): a user turn (instruction, then input) and the assistant's reply,
   through the chat template, when the model's tokenizer has one and no `prompt_template` is given (the model
   is then trained in the format it is served with); otherwise the prompt is rendered through `prompt_template`
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers.utils import get_json_schema
 from trl import SFTTrainer
 
-from pipeline.data.formats import alpaca_request, sft_messages
+from pipeline.config.paths import import_object
+from pipeline.data.formats import alpaca_request, sft_messages, tool_conversations
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
+from pipeline.models.tools import has_tool_turns
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.sft import SFTSpec
 from pipeline.training.length_checks import check_padding, check_sft_lengths
@@ -89,13 +94,21 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     model_path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     chat = renders_chat(tokenizer)
-    train = to_prompt_completion(train, data_format, spec.prompt_template, where, chat)
-    held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where, chat)
+    # Conversations that call tools are trained whole, on every assistant turn (the call and the answer after the
+    # tool's), the tools' answers masked; any other conversation, on its last assistant turn
+    with_tools = data_format == "messages" and has_tool_turns(train)
+    if with_tools:
+        schemas = [get_json_schema(import_object(reference)) for reference in spec.tools]
+        train, held_out = (tool_conversations(rows, schemas) for rows in (train, held_out))
+    else:
+        train = to_prompt_completion(train, data_format, spec.prompt_template, where, chat)
+        held_out = to_prompt_completion(held_out, data_format, spec.prompt_template, where, chat)
     if data_format in ("messages", "hh-rlhf transcripts") and tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a chat template, and the tokenizer of "
                         f"'{spec.model}' has none; add a `tokenizer` stage with `load:` to give it one")
     model, peft_config = load_policy(model_path, spec)
-    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
+    stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0,
+                         extra_args={"assistant_only_loss": True} if with_tools else None)
     trainer = stage.build(SFTTrainer, model=model, train_dataset=train, eval_dataset=evaluated(held_out),
                           processing_class=tokenizer, peft_config=peft_config)
     lengths = check_sft_lengths(trainer, (len(train), len(held_out)), where)  # over-long rows, before training
@@ -104,6 +117,6 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     def after_training(metrics: dict[str, float]) -> None:
         metrics.update(lengths)
         if data_format != "text":
-            record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
+            record_prompt_format(tokenizer, with_tools or isinstance(train[0]["prompt"], list))
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
     return stage.fit(trainer, tokenizer, initial=("eval_loss",), after_training=after_training)

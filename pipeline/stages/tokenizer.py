@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from trl.chat_template_utils import qwen3_template
 
 from pipeline.data.loading import require_columns
 from pipeline.models.loading import load_tokenizer
@@ -41,6 +42,10 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> dict[str, float]:
             bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=spec.model_max_length,
         )
         tokenizer.chat_template = spec.chat_template or CHATML_TEMPLATE
+    if tokenizer.chat_template == CHATML_TEMPLATE:
+        # How a reply's tool calls are read back (`tokenizer.parse_response`, which TRL's tool loop calls): the
+        # default template writes them as Qwen's <tool_call>{json}</tool_call>, which this parser reads
+        tokenizer.response_template = qwen3_template
     if ctx.is_main_process:
         tokenizer.save_pretrained(ctx.output_dir)
     metrics = {"vocab_size": float(len(tokenizer))}

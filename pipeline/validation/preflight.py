@@ -26,8 +26,10 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import gguf_location
+from pipeline.models.tools import has_tool_turns, renders_tools
 from pipeline.models.remote import RemoteScoringError, health
 from pipeline.runtime.distributed import zero_stage
+from pipeline.stages.specs.tokenizer import CHATML_TEMPLATE
 
 MIN_FREE_BYTES = 1 << 30
 
@@ -102,6 +104,10 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
         raise DataError("\n".join(problems))
     if is_conversational(dataset[0]) and stage.chat_needs_template:
         require_chat_template(recipe, stage, where)
+        problem = tool_template_problem(recipe, stage.tokenizer_ref(), stage.trust_remote_code) \
+            if has_tool_turns(dataset) else None
+        if problem:
+            raise DataError(f"{where}: the rows call tools, but {problem}")
     return warnings
 
 
@@ -138,6 +144,45 @@ def tokenizer_origin(recipe: Recipe, stage: StageSpec) -> str | None:
     return ref
 
 
+def template_source(recipe: Recipe, ref: str | None) -> tuple[StageSpec | None, str | None]:
+    """(the tokenizer stage that makes a model reference's tokenizer, or None; the folder or Hub id it comes from)."""
+    stages = {s.name: s for s in recipe.stages}
+    made_by = None
+    while ref in stages:
+        made_by, ref = stages[ref], stages[ref].tokenizer_ref()
+    return (made_by if made_by is not None and made_by.tokenizer_ref() is None else None), ref
+
+
+def tool_template_problem(recipe: Recipe, ref: str | None, trust_remote_code: bool = False) -> str | None:
+    """Why the model `ref` cannot be shown tools, or None: its chat template, found through earlier stages to a
+    tokenizer stage (its `chat_template`, else the template of what it loads, else its default), a local folder or
+    a cached Hub tokenizer, must render them (`renders_tools`); one not cached yet is left to the stage."""
+    made_by, origin = template_source(recipe, ref)
+    if made_by is not None and made_by.chat_template:
+        template, named = made_by.chat_template, f"stage '{made_by.name}''s chat_template"
+    else:
+        source = made_by.load if made_by is not None else origin
+        template, named = None, f"the chat template of '{source}'"
+        if source is not None:
+            local = resolve_local(source, recipe.path)
+            try:
+                template = chat_template_of(str(local or source), local is None, trust_remote_code)
+            except LookupError:
+                return None
+        if template is None and made_by is not None:  # the tokenizer stage writes its default where there is none
+            template = CHATML_TEMPLATE
+        if template is None:
+            return f"'{source}' has no chat template, so the model would never see its tools; {TOOL_TEMPLATE_FIX}"
+    if renders_tools(template):
+        return None
+    return (f"{named} does not render tools (a probe conversation's tool list, tool call or tool answer is missing "
+            f"from it), so the model would never see its tools; {TOOL_TEMPLATE_FIX}")
+
+
+TOOL_TEMPLATE_FIX = ("give it a chat template that renders them, e.g. `CHATML_TEMPLATE` of "
+                     "pipeline/stages/specs/tokenizer.py through a tokenizer stage's `chat_template`")
+
+
 def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:
     """Conversational rows are rendered with the tokenizer's chat template: fail now, not when the stage starts."""
     origin = tokenizer_origin(recipe, stage)
@@ -150,16 +195,24 @@ def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def has_chat_template(path: str, hub: bool, trust_remote_code: bool) -> bool | None:
-    """Whether a tokenizer has a chat template; None if it cannot be loaded yet (a Hub tokenizer is read only
-    from the local cache: preflight never downloads; the stage checks when it loads it)."""
+def chat_template_of(path: str, hub: bool, trust_remote_code: bool) -> str | None:
+    """A tokenizer's chat template (None: it has none); LookupError if it cannot be loaded yet (a Hub tokenizer is
+    read only from the local cache: preflight never downloads; the stage checks when it loads it)."""
 
     where = gguf_location(path) if path.endswith(".gguf") else {"pretrained_model_name_or_path": path}
     try:
         tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=hub, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        raise LookupError(path) from err
+    return tokenizer.chat_template
+
+
+def has_chat_template(path: str, hub: bool, trust_remote_code: bool) -> bool | None:
+    """Whether a tokenizer has a chat template; None if it cannot be loaded yet (see `chat_template_of`)."""
+    try:
+        return chat_template_of(path, hub, trust_remote_code) is not None
+    except LookupError:
         return None
-    return tokenizer.chat_template is not None
 
 
 def check_output_dir(run_dir: Path) -> None:

@@ -11,7 +11,7 @@ from pipeline.config.paths import resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import StageSpec
 from pipeline.data.loading import DataError, load_source
-from pipeline.validation.preflight import has_chat_template, is_conversational
+from pipeline.validation.preflight import has_chat_template, is_conversational, tool_template_problem
 
 
 def lineage(recipe: Recipe, ref: str) -> tuple[list[StageSpec], str | None]:
@@ -65,3 +65,14 @@ def prompt_renderings(recipe: Recipe) -> tuple[list[str], list[str]]:
                 how = "a user turn through its chat template" + ("" if template else ", if it has one")
             lines.append(f"stage '{stage.name}': plain-text prompts to '{ref}': {how}")
     return lines, warnings
+
+
+def tool_template_problems(recipe: Recipe, stage: StageSpec) -> list[str]:
+    """A stage with `tools` needs models whose chat templates render them (`preflight.tool_template_problem`): the
+    model it trains, or each one it generates from."""
+    if not getattr(stage, "tools", None):
+        return []
+    refs = stage.prompt_models() or [stage.tokenizer_ref()]
+    problems = [(ref, tool_template_problem(recipe, ref, stage.trust_remote_code)) for ref in refs]
+    return [f"tools: {problem}" if len(refs) == 1 else f"tools: model '{ref}': {problem}"
+            for ref, problem in problems if problem]

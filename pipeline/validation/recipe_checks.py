@@ -26,6 +26,7 @@ from pipeline.training.health import CHECKS
 from pipeline.training.trainers import make_config
 from pipeline.validation.arg_checks import value_problems
 from pipeline.validation.model_checks import model_problems
+from pipeline.validation.prompt_checks import tool_template_problems
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -73,7 +74,7 @@ def check_recipe(recipe: Recipe, skip: set[str] = frozenset()) -> list[str]:
             errors += [f"{at}: {e}" for e in health_problems(stage.health, stage.health_checks, stage.type)]
         errors += [f"{at}: {e}" for e in stage.check()]
         if not any(e.startswith(at) for e in errors):  # the model checks build configs: only from sound keys
-            errors += [f"{at}: {e}" for e in model_problems(recipe, stage)]
+            errors += [f"{at}: {e}" for e in model_problems(recipe, stage) + tool_template_problems(recipe, stage)]
         seen.append(stage.name)
 
     if "" in skip:

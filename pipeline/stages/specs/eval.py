@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config.specs import AnswerExtractorSpec, DERIVED_PROMPT_FORMATS, DatasetSpec, JudgeSpec, RewardTermSpec, StageSpec, answer_extractor_problems, url_problems
+from pipeline.models.tools import tool_problems
 from pipeline.stages.contract import StageType
 
 
@@ -63,6 +64,11 @@ class EvalSpec(StageSpec):
     batch_size: int = 64  # prompts per generation/scoring batch
     num_samples_table: int = 8  # prompts whose responses are saved to samples.json and shown in the report
     answer_extractor: AnswerExtractorSpec | None = None  # how accuracy/<model> reads the answer in a response
+    # Functions `package.module:function` every model may call while it answers (greedy, multi-turn: its calls run,
+    # their answers are appended, and it goes on); adds tool_calls/, tool_malformed/ and tool_errors/<model>
+    tools: list[str] = field(default_factory=list)
+    tool_timeout: float = 10.0  # seconds a tool call may take; a slower one answers the model with an error
+    max_tool_calls: int = 4  # rounds of calls per answer; then the model's last reply is its answer
 
     ref_fields = ("models", "reward_model", "baseline", "reference")
     holds_out = False
@@ -84,7 +90,19 @@ class EvalSpec(StageSpec):
         problems += self.judge.check() if self.judge else []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
-        return problems + answer_extractor_problems(self.answer_extractor)
+        return problems + answer_extractor_problems(self.answer_extractor) + self.tool_use_problems()
+
+    def tool_use_problems(self) -> list[str]:
+        if not self.tools:
+            return []
+        problems = tool_problems(self.tools)
+        problems += [f"tools: {key} samples without tools; not with `tools` yet" for key in
+                     ("best_of_n", "pass_at_k", "reference") if getattr(self, key) is not None]
+        if self.tool_timeout <= 0:
+            problems.append(f"tool_timeout: must be > 0 seconds, got {self.tool_timeout}")
+        if self.max_tool_calls < 1:
+            problems.append(f"max_tool_calls: must be >= 1, got {self.max_tool_calls}")
+        return problems
 
     def prompt_models(self) -> list[str]:
         return list(dict.fromkeys(self.models + ([self.baseline] if self.baseline else [])))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config.specs import DERIVED_PROMPT_FORMATS, PROMPT_FORMATS, RL_HEALTH_CHECKS, RewardsSpec, TrainStageSpec
+from pipeline.models.tools import tool_problems
 from pipeline.stages.contract import StageType
 
 
@@ -28,6 +29,11 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
 
     max_new_tokens_eval: int = 16  # greedy held-out accuracy before/after training, where rows have `answer`
     dynamic_sampling: DynamicSamplingSpec | None = None
+    # Functions `package.module:function` the policy may call while it generates (TRL's tool loop: a reply's tool
+    # call is run and its answer appended, up to args.max_tool_calling_iterations); each function's signature and
+    # docstring (`Args:` lines) describe it to the model. Tool answers are masked out of the loss.
+    tools: list[str] = field(default_factory=list)
+    tool_timeout: float = 10.0  # seconds a tool call may take; a slower one answers the model with an error
 
     args_class = "trl.GRPOConfig"
     continues_adapter = True
@@ -45,7 +51,9 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
         problems += self.reward_problems()
         if self.dynamic_sampling is not None:
             problems += self.dynamic_sampling.check(self.args.get("num_generations"))
-        return problems
+        if self.tool_timeout <= 0:
+            problems.append(f"tool_timeout: must be > 0 seconds, got {self.tool_timeout}")
+        return problems + tool_problems(self.tools)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS

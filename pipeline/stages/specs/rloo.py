@@ -15,5 +15,12 @@ class RLOOSpec(GRPOSpec):
     args_class = "trl.RLOOConfig"
     continues_adapter = False  # `peft.adapter: continue` is untested with RLOOTrainer
 
+    def check(self) -> list[str]:
+        problems = super().check()
+        if self.tools:  # TRL's RLOOTrainer has no tool loop (GRPOTrainer's `tools`)
+            problems.append("tools: TRL's RLOOTrainer cannot run tools; train with tools in a grpo stage "
+                            "(its `tools` key), or drop them here")
+        return problems
+
 
 STAGE = StageType("rloo", RLOOSpec, "pipeline.stages.rloo")

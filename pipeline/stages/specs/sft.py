@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.config.specs import TrainStageSpec
+from pipeline.models.tools import tool_problems
 from pipeline.stages.contract import StageType
-
 
 SFT_FORMATS = {
     "messages": ("messages",),
@@ -17,18 +17,26 @@ SFT_FORMATS = {
     "hh-rlhf transcripts": ("chosen",),  # each chosen transcript as `messages`: SFT on the chosen replies
 }
 
+
 @dataclass(kw_only=True)
 class SFTSpec(TrainStageSpec):
-    """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only."""
+    """Supervised fine-tuning with `trl.SFTTrainer`; loss on completions only (with tool calls: on every assistant
+    turn, the tools' answers masked)."""
 
     # Alpaca-style rows (instruction/input/output) are rendered with this template; `{instruction}`
     # and `{input}` are filled in. Default: the model's chat template (one user turn), or where the
     # tokenizer has none, the Alpaca templates (with and without input).
     prompt_template: str | None = None
+    # Functions `package.module:function` the conversations call: shown to the model in every row without a `tools`
+    # column of its own (JSON schemas), as a grpo stage with the same `tools` shows them
+    tools: list[str] = field(default_factory=list)
 
     args_class = "trl.SFTConfig"
     continues_adapter = True
     headline_metrics = (("held-out loss", "initial_eval_loss", "eval_loss"),)
+
+    def check(self) -> list[str]:
+        return tool_problems(self.tools)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return SFT_FORMATS

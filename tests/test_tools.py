@@ -1,0 +1,271 @@
+"""Tool-using RL: the tokenizer stage's template renders tool calls (and plain chats exactly as before), tools are
+guarded against user code that fails, `validate` refuses tools it cannot use without running any, and a grpo
+stage with a live calculator tool runs the tool, with the tool's answers masked out of the loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import GRPOTrainer, SFTTrainer
+from trl.chat_template_utils import qwen3_template
+
+from pipeline.cli import main
+from pipeline.models.decoding import completion_text
+from pipeline.models.tools import ToolStats, guarded
+from pipeline.stages.specs.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD
+from pipeline.stages.tokenizer import train_bpe
+from tests import tool_functions
+from tests.conftest import DATA, summary, tiny_stages, write_recipe
+
+# The tokenizer stage's template before it rendered tools: plain conversations must still render exactly so
+PLAIN_CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1234, "b": 5678}}}
+TOOL_CHAT = [{"role": "user", "content": "What is 1234 + 5678?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "name": "add", "content": "6912"},
+             {"role": "assistant", "content": "6912"}]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    texts = [json.loads(line)["text"] for line in (DATA / "pretrain.jsonl").read_text().splitlines()[:300]]
+    made = PreTrainedTokenizerFast(tokenizer_object=train_bpe(texts, 400, 2), bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD)
+    made.chat_template, made.response_template = CHATML_TEMPLATE, qwen3_template
+    return made
+
+
+def test_the_default_template_renders_plain_chats_as_before_and_tool_calls_that_parse_back():
+    tok = tokenizer()
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    for messages in (plain, plain[1:], plain[1:3]):
+        for generation_prompt in (True, False):
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt) == \
+                tok.apply_chat_template(messages, chat_template=PLAIN_CHATML, tokenize=False,
+                                        add_generation_prompt=generation_prompt)
+    rendered = tok.apply_chat_template(TOOL_CHAT, tools=[tool_functions.add], tokenize=True, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    text = tok.decode(ids)
+    assert "Add two whole numbers." in text and '"a": {"type": "integer"' in text  # the tool, described
+    # only the assistant's own tokens are trained on: its call and its answer, not the tool's answer
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == \
+        '<tool_call>{"name": "add", "arguments": {"a": 1234, "b": 5678}}</tool_call><|im_end|>6912<|im_end|>'
+    prompt = tok.apply_chat_template(TOOL_CHAT[:1], tokenize=False, add_generation_prompt=True)
+    reply = '<tool_call>{"name": "add", "arguments": {"a": 1234, "b": 5678}}</tool_call><|im_end|>'
+    assert tok.parse_response(reply, prefix=prompt)["tool_calls"] == [CALL]
+    assert completion_text([{"role": "assistant", "content": "", "tool_calls": [CALL]},
+                            {"role": "tool", "content": "6912"}, {"role": "assistant", "content": "6912"}]) == "6912"
+
+
+def test_a_tool_that_fails_hangs_or_answers_no_text_gives_the_model_an_error_and_is_counted():
+    stats = ToolStats()
+    add, broken, slow, opaque = (guarded(f, 0.5, stats) for f in (tool_functions.add, tool_functions.broken,
+                                                                   tool_functions.slow, tool_functions.opaque))
+    assert add(a=2, b=3) == "5" and add.__name__ == "add" and add.__doc__ == tool_functions.add.__doc__
+    assert broken(a=7) == "error: RuntimeError: cannot handle 7"
+    assert slow(a=1) == "error: slow did not answer within 0.5 s"
+    assert opaque(a=1) == "error: opaque returned a object, not text"
+    assert stats.metrics() == {"tool_calls": 4.0, "tool_errors": 1.0, "tool_timeouts": 1.0, "tool_results_not_text": 1.0}
+
+
+def grpo_stage(tools: list[str], **extra) -> dict:
+    return {"name": "grpo", "type": "grpo", "model": "sft", "tools": tools, "rewards": [{"function": "exact_match"}],
+            "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 16},
+            "args": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2,
+                     "max_completion_length": 8}, **extra}
+
+
+def test_validate_refuses_tools_it_cannot_use_and_runs_none(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "called"
+    monkeypatch.setenv("TOOL_MARKER", str(marker))
+    stages = tiny_stages() + [
+        grpo_stage(["tests.tool_functions:marker", "tests.tool_functions:undocumented", "tests.tool_functions:nope"],
+                   tool_timeout=0),
+        {**grpo_stage(["tests.tool_functions:add"]), "name": "rloo", "type": "rloo"}]
+    assert main(["validate", str(write_recipe(tmp_path, stages))]) == 2
+    err = capsys.readouterr().err
+    assert "tool_timeout: must be > 0 seconds" in err
+    assert "tools[1]: 'tests.tool_functions:undocumented' cannot be described to the model" in err
+    assert "tools[2]: cannot import 'tests.tool_functions:nope'" in err
+    assert "stage 'rloo': tools: TRL's RLOOTrainer cannot run tools" in err
+    assert not marker.exists()  # imported and described, never called
+
+    stages = tiny_stages() + [grpo_stage(["tests.tool_functions:add"])]
+    stages[0]["chat_template"] = PLAIN_CHATML  # a template that shows no tools
+    assert main(["validate", str(write_recipe(tmp_path, stages))]) == 2
+    assert "stage 'tok''s chat_template does not render tools" in capsys.readouterr().err
+
+
+def scripted_generate(tokenizer_dir: Path, reply_for: Callable[[str, int], str]):
+    """A `generate` whose reply to row i of a batch is `reply_for(the row's text so far, i)`: what a policy that
+    learnt to use the tool does, so that what follows (parsing the call, running the tool, appending its answer,
+    masking it, scoring) is checked on every row rather than on the few a tiny model would get right."""
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        from transformers import AutoTokenizer  # lazy: the tokenizer stage has written it by the time this runs
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        replies = [tok(reply_for(tok.decode(row, skip_special_tokens=False).replace(tok.pad_token, ""), i) +
+                       "<|im_end|>", add_special_tokens=False)["input_ids"] for i, row in enumerate(input_ids.tolist())]
+        width = max(map(len, replies))
+        padded = [r + [tok.pad_token_id] * (width - len(r)) for r in replies]
+        return torch.cat([input_ids, torch.tensor(padded, device=input_ids.device)], dim=1)
+
+    return generate
+
+
+def add_then_answer(seen: str, i: int) -> str:
+    """Call `add` on the question; after its answer, answer right in even rows and one less in odd ones (rewards
+    to compare within a group)."""
+    if "<|im_start|>tool" in seen:
+        return ("46", "45")[i % 2]
+    return '<tool_call>{"name": "add", "arguments": {"a": 12, "b": 34}}</tool_call>'
+
+
+def test_grpo_runs_a_live_tool_and_its_answers_receive_no_gradient(tmp_path, monkeypatch):
+    """GRPO with the live `add` tool on this pipeline's template and tokenizer: TRL parses each call, the tool runs
+    (counted), its answer is appended, the exact-match reward reads the model's own final answer, and the loss's
+    gradient with respect to the log-probability of every token of the tool's turn is exactly zero while the
+    model's own tokens get gradient (TRL's `tool_mask`)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((json.dumps({"prompt": "12+34", "answer": "46"}) + "\n") * 16)
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024  # the tool list in the prompt is ~420 tokens
+    stages += [
+        {"name": "grpo", "type": "grpo", "model": "base", "tools": ["tests.tool_functions:add"],
+         "rewards": [{"function": "exact_match"}], "dataset": {"path": str(prompts), "eval_samples": 0},
+         "args": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
+                  "max_completion_length": 160, "save_steps": 1000}}]
+    checked: list[dict] = []
+    compute_loss = GRPOTrainer._compute_loss
+
+    def watched(self, model, inputs):
+        captured = {}
+        per_token = self._get_per_token_logps_and_entropies
+
+        def keep(*args, **kwargs):
+            logps, *rest = per_token(*args, **kwargs)
+            captured["logps"] = logps
+            return (logps, *rest)
+
+        self._get_per_token_logps_and_entropies = keep
+        try:
+            loss = compute_loss(self, model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies
+        (grad,) = torch.autograd.grad(loss, captured["logps"], retain_graph=True)
+        completion = inputs["completion_mask"] == 1
+        tool_tokens = (inputs["tool_mask"] == 0) & completion
+        checked.append({"tool_grad": grad[tool_tokens].abs().max().item(),
+                        "own_grad": grad[~tool_tokens & completion].abs().max().item(),
+                        "tool_text": self.processing_class.decode(inputs["completion_ids"][0][tool_tokens[0]])})
+        return loss
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", watched)
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(tmp_path / "run" / "tok" / "output",
+                                                                        add_then_answer))
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["grpo"]["metrics"]
+    assert metrics["tool_calls"] == 2 * 4 and metrics["tool_errors"] == 0  # one call per completion
+    assert metrics["train_reward_last"] == 0.5  # "46" (right) or "45", written by the model after the tool's "46"
+    assert len(checked) == 2
+    for batch in checked:
+        assert batch["tool_grad"] == 0.0 and batch["own_grad"] > 0
+        # the masked tokens: the tool's turn and the next assistant header, which the template wrote, not the model
+        assert batch["tool_text"] == "\n<|im_start|>tool\n46<|im_end|>\n<|im_start|>assistant\n"
+
+
+def tool_chats(path: Path, rows: int, seed: int = 0) -> None:
+    """Conversations where the assistant adds two numbers with `add` and then states the sum."""
+    rng = __import__("random").Random(seed)
+    with path.open("w") as f:
+        for _ in range(rows):
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            call = {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "tool_calls": [call]},  # a call needs no content
+                {"role": "tool", "name": "add", "content": str(a + b)},
+                {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+
+
+def test_sft_on_tool_conversations_trains_every_assistant_turn_and_masks_the_tools_answers(tmp_path, monkeypatch):
+    """Conversations with tool calls are trained whole: the loss covers the assistant's call and its final answer
+    and never the tool's answer (TRL's assistant masks, from this template's generation markers); the tools named in
+    the stage are shown in every row; the held-out loss falls."""
+    chats = tmp_path / "chats.jsonl"
+    tool_chats(chats, 240)
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024  # the tool list in the prompt is ~420 tokens
+    stages.append({"name": "sft", "type": "sft", "model": "base", "tools": ["tests.tool_functions:add"],
+                   "dataset": {"path": str(chats), "test_size": 16},
+                   "args": {"max_steps": 30, "learning_rate": 3e-3, "per_device_train_batch_size": 8,
+                            "max_length": 640, "save_steps": 1000}})
+    seen: list[dict] = []
+    train = SFTTrainer.train
+
+    def keep_first_row(self, *args, **kwargs):
+        row = self.train_dataset[0]  # TRL's labels: the input ids, -100 where no loss is taken
+        seen.append({"ids": row["input_ids"], "mask": [label != -100 for label in row["labels"]],
+                     "decode": self.processing_class.decode})
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", keep_first_row)
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["sft"]["metrics"]
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"]
+    row = seen[0]
+    text, trained = row["decode"](row["ids"]), row["decode"]([i for i, m in zip(row["ids"], row["mask"]) if m])
+    assert "Add two whole numbers." in text  # the stage's tools, shown in the row
+    question = text.split("What is ")[1].split("?")[0]
+    a, b = (int(x) for x in question.split(" + "))
+    assert trained == (f'<tool_call>{{"name": "add", "arguments": {{"a": {a}, "b": {b}}}}}</tool_call><|im_end|>'
+                       f"{a + b}<|im_end|>")  # the call and the answer; the tool's turn is not trained on
+
+
+def test_validate_refuses_tool_conversations_for_a_template_that_cannot_show_them(tmp_path, capsys):
+    chats = tmp_path / "chats.jsonl"
+    tool_chats(chats, 40)
+    stages = tiny_stages()[:2] + [{"name": "sft", "type": "sft", "model": "base", "dataset": str(chats)}]
+    stages[0]["chat_template"] = PLAIN_CHATML
+    assert main(["validate", str(write_recipe(tmp_path, stages))]) != 0
+    assert "the rows call tools, but stage 'tok''s chat_template does not render tools" in capsys.readouterr().err
+
+
+def test_eval_answers_with_tools_over_several_turns_and_counts_what_went_wrong(tmp_path, monkeypatch):
+    """An eval stage with tools: each model reply that calls a tool gets the tool's answer and goes on; accuracy
+    reads the model's own final answer; calls, unreadable calls and tool errors are counted per answer."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "12+34", "answer": "46"},  # add, then the right sum
+        {"prompt": "fail", "answer": "7"},  # a tool that raises: the model gets the error and answers anyway
+        {"prompt": "garble", "answer": "1"},  # a call that cannot be read: taken as the answer, counted
+        {"prompt": "loop", "answer": "0"}]))  # calls every turn: stopped after max_tool_calls rounds
+
+    def reply_for(seen: str, i: int) -> str:
+        question = seen.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        answered = seen.count("<|im_start|>tool")
+        if question == "12+34":
+            return "46" if answered else '<tool_call>{"name": "add", "arguments": {"a": 12, "b": 34}}</tool_call>'
+        if question == "fail":
+            return "I could not" if answered else '<tool_call>{"name": "broken", "arguments": {"a": 7}}</tool_call>'
+        if question == "garble":
+            return '<tool_call>{"name": "add", "arguments": {"a": 1</tool_call>'
+        return '<tool_call>{"name": "add", "arguments": {"a": 0, "b": 0}}</tool_call>'
+
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024
+    stages.append({"name": "eval", "type": "eval", "models": ["base"], "dataset": str(rows), "max_new_tokens": 64,
+                   "tools": ["tests.tool_functions:add", "tests.tool_functions:broken"], "max_tool_calls": 2})
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(tmp_path / "run" / "tok" / "output", reply_for))
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["eval"]["metrics"]
+    assert metrics["accuracy/base"] == 0.25  # only "12+34" -> "46"
+    assert metrics["tool_calls/base"] == (1 + 1 + 0 + 2) / 4  # the loop stops after 2 rounds
+    assert metrics["tool_malformed/base"] == 1 / 4 and metrics["tool_errors/base"] == 1 / 4
