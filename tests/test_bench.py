@@ -183,7 +183,8 @@ def test_bench_served_scores_in_process_and_over_http(tmp_path, capsys):
     """`--served` on a tiny reward model: both ways score every pair, and each reports its process's peak memory."""
     from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-    from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
+    from pipeline.models.chat_templates import CHATML_TEMPLATE
+    from pipeline.stages.tokenizer import BOS, EOS, PAD, train_bpe
 
     texts = [json.loads(line)["text"] for line in (REPO / "data" / "quickstart" / "pretrain.jsonl").read_text()
              .splitlines()[:500]]

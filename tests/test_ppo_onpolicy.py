@@ -24,7 +24,8 @@ from pipeline.config.specs import PeftSpec
 from pipeline.data.prompts import record_prompt_format
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.ppo import PPOSpec, build_models
-from pipeline.stages.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, train_bpe
+from pipeline.models.chat_templates import CHATML_TEMPLATE
+from pipeline.stages.tokenizer import BOS, EOS, PAD, train_bpe
 from tests.conftest import DATA
 
 FAMILIES = ("quickstart", "llama", "chatml")

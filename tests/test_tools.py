@@ -15,11 +15,13 @@ from trl.chat_template_utils import qwen3_template
 
 from pipeline.cli import main
 from pipeline.models.decoding import completion_text
+from pipeline.models.loading import load_tokenizer
 from pipeline.models.tools import ToolStats, guarded
-from pipeline.stages.specs.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD
+from pipeline.models.chat_templates import CHATML_TEMPLATE
+from pipeline.stages.specs.tokenizer import BOS, EOS, PAD
 from pipeline.stages.tokenizer import train_bpe
 from tests import tool_functions
-from tests.conftest import DATA, summary, tiny_stages, write_recipe
+from tests.conftest import DATA, SMOLLM2_GGUF, needs_smollm2, summary, tiny_stages, write_recipe
 
 # The tokenizer stage's template before it rendered tools: plain conversations must still render exactly so
 PLAIN_CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -108,9 +110,7 @@ def scripted_generate(tokenizer_dir: Path, reply_for: Callable[[str, int], str])
     masking it, scoring) is checked on every row rather than on the few a tiny model would get right."""
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        from transformers import AutoTokenizer  # lazy: the tokenizer stage has written it by the time this runs
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok = load_tokenizer(str(tokenizer_dir))  # the tokenizer stage has written it by the time this runs
         replies = [tok(reply_for(tok.decode(row, skip_special_tokens=False).replace(tok.pad_token, ""), i) +
                        "<|im_end|>", add_special_tokens=False)["input_ids"] for i, row in enumerate(input_ids.tolist())]
         width = max(map(len, replies))
@@ -269,3 +269,38 @@ def test_eval_answers_with_tools_over_several_turns_and_counts_what_went_wrong(t
     assert metrics["accuracy/base"] == 0.25  # only "12+34" -> "46"
     assert metrics["tool_calls/base"] == (1 + 1 + 0 + 2) / 4  # the loop stops after 2 rounds
     assert metrics["tool_malformed/base"] == 1 / 4 and metrics["tool_errors/base"] == 1 / 4
+
+
+@needs_smollm2
+def test_smollm2_is_refused_tools_until_given_a_template_that_shows_them_then_trains_with_one(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """SmolLM2-135M-Instruct's own template ignores `tools=`: `validate` refuses tools on it, naming the fix;
+    `chat_template: chatml` gives it this pipeline's ChatML, and a GRPO step with the live tool then runs on the
+    real model and tokenizer (ChatML, pad == EOS), the tool's answer masked."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((json.dumps({"prompt": "12+34", "answer": "46"}) + "\n") * 8)
+    stage = {"name": "grpo", "type": "grpo", "model": str(SMOLLM2_GGUF), "tools": ["tests.tool_functions:add"],
+             "rewards": [{"function": "exact_match"}], "dataset": {"path": str(prompts), "eval_samples": 0},
+             "peft": {"r": 4, "lora_alpha": 8},
+             "args": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2,
+                      "max_completion_length": 48, "save_steps": 1000}}
+    assert main(["validate", str(write_recipe(tmp_path, [stage]))]) == 2
+    err = capsys.readouterr().err
+    assert f"the chat template of '{SMOLLM2_GGUF}' does not render tools" in err and "chat_template: chatml" in err
+
+    stage["chat_template"] = "chatml"
+    recipe = write_recipe(tmp_path, [stage])
+    assert main(["validate", str(recipe)]) == 0
+    losses: list[dict] = []
+    compute_loss = GRPOTrainer._compute_loss
+
+    def watched(self, model, inputs):
+        losses.append({"tool_tokens": int(((inputs["tool_mask"] == 0) & (inputs["completion_mask"] == 1)).sum())})
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", watched)
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(SMOLLM2_GGUF, add_then_answer))
+    assert main(["run", str(recipe)]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["grpo"]["metrics"]
+    assert metrics["tool_calls"] == 2 and metrics["tool_errors"] == 0
+    assert losses and all(batch["tool_tokens"] > 0 for batch in losses)

@@ -29,6 +29,7 @@ from pipeline.config.paths import import_object
 from pipeline.data.formats import alpaca_request, sft_messages, tool_conversations
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
+from pipeline.models.chat_templates import use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.tools import has_tool_turns
 from pipeline.stages.context import StageContext
@@ -93,6 +94,8 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
     data_format = require_columns(train, spec.formats(), where)
     model_path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(model_path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    if spec.chat_template:
+        use_chat_template(tokenizer, spec.chat_template)
     chat = renders_chat(tokenizer)
     # Conversations that call tools are trained whole, on every assistant turn (the call and the answer after the
     # tool's), the tools' answers masked; any other conversation, on its last assistant turn

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-from trl.chat_template_utils import qwen3_template
 
 from pipeline.data.loading import require_columns
 from pipeline.models.loading import load_tokenizer
 from pipeline.stages.context import StageContext
-from pipeline.stages.specs.tokenizer import BOS, CHATML_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, TokenizerSpec
+from pipeline.models.chat_templates import use_chat_template
+from pipeline.stages.specs.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, TokenizerSpec
 
 
 def train_bpe(texts, vocab_size: int, min_frequency: int):
@@ -31,7 +31,7 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> dict[str, float]:
     if spec.load is not None:
         tokenizer = load_tokenizer(ctx.resolve(spec.load), trust_remote_code=spec.trust_remote_code)
         if spec.chat_template or tokenizer.chat_template is None:
-            tokenizer.chat_template = spec.chat_template or CHATML_TEMPLATE
+            use_chat_template(tokenizer, spec.chat_template or "chatml")
         held_out = None
     else:
         train, held_out = ctx.splits(spec.dataset)
@@ -41,11 +41,7 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> dict[str, float]:
             tokenizer_object=train_bpe(texts, spec.vocab_size, spec.min_frequency),
             bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=spec.model_max_length,
         )
-        tokenizer.chat_template = spec.chat_template or CHATML_TEMPLATE
-    if tokenizer.chat_template == CHATML_TEMPLATE:
-        # How a reply's tool calls are read back (`tokenizer.parse_response`, which TRL's tool loop calls): the
-        # default template writes them as Qwen's <tool_call>{json}</tool_call>, which this parser reads
-        tokenizer.response_template = qwen3_template
+        use_chat_template(tokenizer, spec.chat_template or "chatml")
     if ctx.is_main_process:
         tokenizer.save_pretrained(ctx.output_dir)
     metrics = {"vocab_size": float(len(tokenizer))}

@@ -25,11 +25,11 @@ from pipeline.data.checks import Rows, identical_pairs, row_problems, split_prob
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
+from pipeline.models.chat_templates import CHATML_TEMPLATE, template_text
 from pipeline.models.loading import gguf_location
 from pipeline.models.tools import has_tool_turns, renders_tools
 from pipeline.models.remote import RemoteScoringError, health
 from pipeline.runtime.distributed import zero_stage
-from pipeline.stages.specs.tokenizer import CHATML_TEMPLATE
 
 MIN_FREE_BYTES = 1 << 30
 
@@ -104,8 +104,8 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
         raise DataError("\n".join(problems))
     if is_conversational(dataset[0]) and stage.chat_needs_template:
         require_chat_template(recipe, stage, where)
-        problem = tool_template_problem(recipe, stage.tokenizer_ref(), stage.trust_remote_code) \
-            if has_tool_turns(dataset) else None
+        problem = tool_template_problem(recipe, stage.tokenizer_ref(), stage.trust_remote_code,
+                                        getattr(stage, "chat_template", None)) if has_tool_turns(dataset) else None
         if problem:
             raise DataError(f"{where}: the rows call tools, but {problem}")
     return warnings
@@ -145,23 +145,31 @@ def tokenizer_origin(recipe: Recipe, stage: StageSpec) -> str | None:
 
 
 def template_source(recipe: Recipe, ref: str | None) -> tuple[StageSpec | None, str | None]:
-    """(the tokenizer stage that makes a model reference's tokenizer, or None; the folder or Hub id it comes from)."""
+    """(the nearest stage on the way to a model reference's tokenizer that sets its chat template: one with
+    `chat_template`, or a tokenizer stage; the folder or Hub id the tokenizer comes from, if any)."""
     stages = {s.name: s for s in recipe.stages}
-    made_by = None
+    setter = None
     while ref in stages:
-        made_by, ref = stages[ref], stages[ref].tokenizer_ref()
-    return (made_by if made_by is not None and made_by.tokenizer_ref() is None else None), ref
+        stage = stages[ref]
+        if setter is None and (getattr(stage, "chat_template", None) or stage.tokenizer_ref() is None):
+            setter = stage
+        ref = stage.tokenizer_ref()
+    return setter, ref
 
 
-def tool_template_problem(recipe: Recipe, ref: str | None, trust_remote_code: bool = False) -> str | None:
-    """Why the model `ref` cannot be shown tools, or None: its chat template, found through earlier stages to a
-    tokenizer stage (its `chat_template`, else the template of what it loads, else its default), a local folder or
-    a cached Hub tokenizer, must render them (`renders_tools`); one not cached yet is left to the stage."""
-    made_by, origin = template_source(recipe, ref)
-    if made_by is not None and made_by.chat_template:
-        template, named = made_by.chat_template, f"stage '{made_by.name}''s chat_template"
+def tool_template_problem(recipe: Recipe, ref: str | None, trust_remote_code: bool = False,
+                          own_template: str | None = None) -> str | None:
+    """Why the model `ref` cannot be shown tools, or None. Its chat template is `own_template` (a stage's own
+    `chat_template`), else the nearest earlier stage's `chat_template`, else a tokenizer stage's (the template of
+    what it loads, or its default), else that of the local folder or cached Hub tokenizer it comes from; it must
+    render tools (`renders_tools`). A Hub tokenizer not cached yet is left to the stage."""
+    setter, origin = template_source(recipe, ref)
+    given = own_template or getattr(setter, "chat_template", None)
+    if given:
+        template = template_text(given)
+        named = "the stage's chat_template" if own_template else f"stage '{setter.name}''s chat_template"
     else:
-        source = made_by.load if made_by is not None else origin
+        source = getattr(setter, "load", None) if setter is not None else origin
         template, named = None, f"the chat template of '{source}'"
         if source is not None:
             local = resolve_local(source, recipe.path)
@@ -169,7 +177,7 @@ def tool_template_problem(recipe: Recipe, ref: str | None, trust_remote_code: bo
                 template = chat_template_of(str(local or source), local is None, trust_remote_code)
             except LookupError:
                 return None
-        if template is None and made_by is not None:  # the tokenizer stage writes its default where there is none
+        if template is None and setter is not None:  # the tokenizer stage writes its default where there is none
             template = CHATML_TEMPLATE
         if template is None:
             return f"'{source}' has no chat template, so the model would never see its tools; {TOOL_TEMPLATE_FIX}"
@@ -179,8 +187,8 @@ def tool_template_problem(recipe: Recipe, ref: str | None, trust_remote_code: bo
             f"from it), so the model would never see its tools; {TOOL_TEMPLATE_FIX}")
 
 
-TOOL_TEMPLATE_FIX = ("give it a chat template that renders them, e.g. `CHATML_TEMPLATE` of "
-                     "pipeline/stages/specs/tokenizer.py through a tokenizer stage's `chat_template`")
+TOOL_TEMPLATE_FIX = ("give it a chat template that renders them: `chat_template: chatml` (this pipeline's ChatML "
+                     "with tool calls) on the sft or grpo stage that first trains it, or on a tokenizer stage")
 
 
 def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:

@@ -73,6 +73,7 @@ def tool_template_problems(recipe: Recipe, stage: StageSpec) -> list[str]:
     if not getattr(stage, "tools", None):
         return []
     refs = stage.prompt_models() or [stage.tokenizer_ref()]
-    problems = [(ref, tool_template_problem(recipe, ref, stage.trust_remote_code)) for ref in refs]
+    own = getattr(stage, "chat_template", None)
+    problems = [(ref, tool_template_problem(recipe, ref, stage.trust_remote_code, own)) for ref in refs]
     return [f"tools: {problem}" if len(refs) == 1 else f"tools: model '{ref}': {problem}"
             for ref, problem in problems if problem]

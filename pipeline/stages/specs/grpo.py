@@ -34,6 +34,9 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
     # docstring (`Args:` lines) describe it to the model. Tool answers are masked out of the loss.
     tools: list[str] = field(default_factory=list)
     tool_timeout: float = 10.0  # seconds a tool call may take; a slower one answers the model with an error
+    # Replaces the chat template of the model's tokenizer (saved with this stage's output, so later stages use it):
+    # Jinja, or `chatml`, this pipeline's ChatML with tool calls (for a model whose own template shows no tools)
+    chat_template: str | None = None
 
     args_class = "trl.GRPOConfig"
     continues_adapter = True

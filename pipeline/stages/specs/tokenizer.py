@@ -17,7 +17,7 @@ class TokenizerSpec(StageSpec):
     text_column: str = "text"
     vocab_size: int = 1024
     min_frequency: int = 2
-    chat_template: str | None = None  # Jinja template; default ChatML with tool calls (CHATML_TEMPLATE)
+    chat_template: str | None = None  # Jinja template, or "chatml"; default ChatML with tool calls (`chatml`)
     model_max_length: int = 2048
 
     ref_fields = ("load",)
@@ -47,29 +47,7 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]
 # Byte-level BPE starts from all 256 bytes plus the special tokens: a smaller `vocab_size` cannot be met
 # (the trainer silently returns this many tokens and no merges).
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
-# ChatML, with the tool-calling conventions of transformers' chat templating: `tools=` lists the functions in a
-# system turn, an assistant message's `tool_calls` render as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
-# (the format TRL's Qwen3 response parser reads back; `arguments` may be a JSON string), and a `tool` message
-# is a turn of its own. A conversation without tools renders exactly as plain ChatML. {% generation %} marks what the assistant wrote, so SFT can train on
-# the assistant's turns alone (TRL's `assistant_only_loss`). Newlines after a tag are written as {{ '\n' }}:
-# transformers renders with trim_blocks, which would drop a literal one.
-CHATML_TEMPLATE = (
-    "{% if tools %}<|im_start|>system{{ '\n' }}"
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
-    "{{ 'To call a function, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. Functions:' }}"
-    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}<|im_end|>{{ '\n' }}{% endif %}"
-    "{% for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
-    "<|im_start|>{{ message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] or not message['tool_calls'] %}{{ message['content'] }}{% endif %}"
-    "{% for call in message['tool_calls'] or [] %}"
-    "{% set function = call['function'] if call['function'] is defined else call %}"
-    "<tool_call>{\"name\": {{ function['name'] | tojson }}, \"arguments\": "
-    "{{ function['arguments'] if function['arguments'] is string else function['arguments'] | tojson }}}</tool_call>"
-    "{% endfor %}<|im_end|>{% endgeneration %}{{ '\n' }}"
-    "{% else %}{{ message['content'] }}<|im_end|>{{ '\n' }}{% endif %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
-)
+
 
 
 STAGE = StageType("tokenizer", TokenizerSpec, "pipeline.stages.tokenizer")

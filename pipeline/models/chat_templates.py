@@ -1,0 +1,44 @@
+"""The chat template this pipeline writes, and giving a tokenizer a template by name or as Jinja."""
+
+from __future__ import annotations
+
+# ChatML, with the tool-calling conventions of transformers' chat templating: `tools=` lists the functions in a
+# system turn, an assistant message's `tool_calls` render as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+# (the format TRL's Qwen3 response parser reads back; `arguments` may be a JSON string), and a `tool` message
+# is a turn of its own. A conversation without tools renders exactly as plain ChatML. {% generation %} marks what the assistant wrote, so SFT can train on
+# the assistant's turns alone (TRL's `assistant_only_loss`). Newlines after a tag are written as {{ '\n' }}:
+# transformers renders with trim_blocks, which would drop a literal one.
+CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system{{ '\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ 'To call a function, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. Functions:' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}<|im_end|>{{ '\n' }}{% endif %}"
+    "{% for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|im_start|>{{ message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if message['content'] or not message['tool_calls'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "<tool_call>{\"name\": {{ function['name'] | tojson }}, \"arguments\": "
+    "{{ function['arguments'] if function['arguments'] is string else function['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}<|im_end|>{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] }}<|im_end|>{{ '\n' }}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+)
+
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def template_text(template: str) -> str:
+    """A template given by name (`chatml`) or as Jinja, as Jinja."""
+    return NAMED_TEMPLATES.get(template, template)
+
+
+def use_chat_template(tokenizer, template: str) -> None:
+    """Give `tokenizer` the chat template `template` (a name or Jinja); the pipeline's own ChatML also gets the
+    response template that reads its tool calls back (`tokenizer.parse_response`, which TRL's tool loop calls): it
+    writes them as Qwen's <tool_call>{json}</tool_call>, which TRL's Qwen3 parser reads."""
+    from trl.chat_template_utils import qwen3_template  # lazy: the template text above is read without TRL
+
+    tokenizer.chat_template = template_text(template)
+    tokenizer.response_template = qwen3_template if tokenizer.chat_template == CHATML_TEMPLATE else None
