@@ -5,6 +5,9 @@ stage with a live calculator tool runs the tool, with the tool's answers masked 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +24,7 @@ from pipeline.models.chat_templates import CHATML_TEMPLATE
 from pipeline.stages.specs.tokenizer import BOS, EOS, PAD
 from pipeline.stages.tokenizer import train_bpe
 from tests import tool_functions
-from tests.conftest import DATA, SMOLLM2_GGUF, needs_smollm2, summary, tiny_stages, write_recipe
+from tests.conftest import DATA, REPO, SMOLLM2_GGUF, needs_smollm2, summary, tiny_stages, write_recipe
 
 # The tokenizer stage's template before it rendered tools: plain conversations must still render exactly so
 PLAIN_CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -304,3 +307,16 @@ def test_smollm2_is_refused_tools_until_given_a_template_that_shows_them_then_tr
     metrics = summary(tmp_path / "run")["stages"]["grpo"]["metrics"]
     assert metrics["tool_calls"] == 2 and metrics["tool_errors"] == 0
     assert losses and all(batch["tool_tokens"] > 0 for batch in losses)
+
+
+def test_a_tool_beside_the_recipe_is_found_by_the_pipeline_command(tmp_path):
+    """The `pipeline` command does not put the working directory on the Python path (`python -m` does); a tool
+    or reward function module in it is still found."""
+    (tmp_path / "my_tools.py").write_text(Path(tool_functions.__file__).read_text())
+    stages = tiny_stages()[:3] + [grpo_stage(["my_tools:add"])]
+    recipe = write_recipe(tmp_path, stages)
+    code = ("import sys\nsys.path = [p for p in sys.path if p not in ('', '.')]\n"  # as the console script runs
+            f"from pipeline.cli import main\nsys.exit(main(['validate', {str(recipe)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr

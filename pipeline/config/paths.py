@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,19 @@ def output_dir_problem(run_dir: Path) -> str | None:
 
 # ------------------------------------------------------------------------------ loading
 def import_object(dotted: str) -> Any:
-    """Import `package.module:attr` or `package.module.attr`."""
+    """Import `package.module:attr` or `package.module.attr`, from the Python path or the working directory (the
+    `pipeline` command, unlike `python -m`, does not put the working directory on the path, and a recipe's reward
+    functions and tools usually live beside it)."""
     module, _, attr = dotted.replace(":", ".").rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        here = str(Path.cwd())
+        if err.name != module.split(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)
+        found = importlib.import_module(module)
+    return getattr(found, attr)
 
 def callable_problems(dotted: str) -> list[str]:
     """Problems with a user function named `package.module:function`, for `pipeline validate`."""
