@@ -136,13 +136,14 @@ def test_grpo_runs_a_live_tool_and_its_answers_receive_no_gradient(tmp_path, mon
     (counted), its answer is appended, the exact-match reward reads the model's own final answer, and the loss's
     gradient with respect to the log-probability of every token of the tool's turn is exactly zero while the
     model's own tokens get gradient (TRL's `tool_mask`)."""
-    prompts = tmp_path / "prompts.jsonl"
+    prompts, held_out = tmp_path / "prompts.jsonl", tmp_path / "held_out.jsonl"
     prompts.write_text((json.dumps({"prompt": "12+34", "answer": "46"}) + "\n") * 16)
+    held_out.write_text((json.dumps({"prompt": "12+34", "answer": "46"}) + "\n") * 2)
     stages = tiny_stages(pretrain_steps=3)[:2]
     stages[1]["model"]["max_position_embeddings"] = 1024  # the tool list in the prompt is ~420 tokens
     stages += [
         {"name": "grpo", "type": "grpo", "model": "base", "tools": ["tests.tool_functions:add"],
-         "rewards": [{"function": "exact_match"}], "dataset": {"path": str(prompts), "eval_samples": 0},
+         "rewards": [{"function": "exact_match"}], "dataset": {"path": str(prompts), "eval": str(held_out)},
          "args": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
                   "max_completion_length": 160, "save_steps": 1000}}]
     checked: list[dict] = []
@@ -177,6 +178,8 @@ def test_grpo_runs_a_live_tool_and_its_answers_receive_no_gradient(tmp_path, mon
     metrics = summary(tmp_path / "run")["stages"]["grpo"]["metrics"]
     assert metrics["tool_calls"] == 2 * 4 and metrics["tool_errors"] == 0  # one call per completion
     assert metrics["train_reward_last"] == 0.5  # "46" (right) or "45", written by the model after the tool's "46"
+    # held-out greedy accuracy answers with the tool too (the first held-out row right, the second one off)
+    assert metrics["initial_eval_accuracy"] == metrics["eval_accuracy"] == 0.5
     assert len(checked) == 2
     for batch in checked:
         assert batch["tool_grad"] == 0.0 and batch["own_grad"] > 0

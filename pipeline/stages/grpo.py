@@ -24,6 +24,7 @@ from pipeline.models.decoding import accuracy, generate
 from pipeline.models.chat_templates import use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
+from pipeline.models.tool_use import generate_with_tools
 from pipeline.models.tools import load_tools
 from pipeline.runtime.distributed import map_shards
 from pipeline.runtime.progress import held_out_evaluation
@@ -34,8 +35,10 @@ from pipeline.training.length_checks import check_prompt_lengths
 from pipeline.training.trainers import TrainerStage
 
 
-def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck) -> float:
-    """Greedy exact match of the trainer's policy on the held-out rows, each process answering its share.
+def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck,
+                      tools: list | None = None) -> float:
+    """Greedy exact match of the trainer's policy on the held-out rows, each process answering its share; with
+    `tools`, each answer a conversation with them (as many rounds of calls as training allows).
 
     `unwrap_model_for_generation` hands generation the plain model, with its full weights gathered once
     under ZeRO-3: called layer by layer through DeepSpeed's hooks instead, processes generating different
@@ -44,8 +47,15 @@ def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_corr
 
     with held_out_evaluation("held-out greedy accuracy", len(held_out), trainer.is_world_process_zero()), \
             unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-        responses = map_shards(list(held_out["prompt"]), lambda share: generate(
-            model, tokenizer, share, max_new_tokens=max_new_tokens) if share else [])
+        def answer(share: list) -> list[str]:
+            if not share:
+                return []
+            if not tools:
+                return generate(model, tokenizer, share, max_new_tokens=max_new_tokens)
+            rounds = trainer.args.max_tool_calling_iterations or 1
+            return [run.response for run in generate_with_tools(model, tokenizer, share, tools,
+                                                               max_new_tokens=max_new_tokens, max_calls=rounds)]
+        responses = map_shards(list(held_out["prompt"]), answer)
     return accuracy(responses, list(held_out["answer"]), is_correct)
 
 
@@ -77,13 +87,16 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
                           processing_class=tokenizer, peft_config=peft_config, **({"tools": tools} if tools else {}))
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
     measure = "answer" in held_out.column_names and len(held_out) > 0
-    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct) if measure else None
+    held_out_tools, _ = load_tools(spec.tools, spec.tool_timeout)  # apart: the stage's tool counts are training's
+    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct,
+                                held_out_tools) if measure else None
 
     def after_training(metrics: dict[str, float]) -> None:
         metrics.update(first_and_last_quarter(trainer.state.log_history, ("reward",)))
         if tools:
             metrics.update(tool_stats.metrics())
         if measure:
-            final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct)
+            final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct,
+                                      held_out_tools)
             metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
     return stage.fit(trainer, tokenizer, after_training=after_training)
