@@ -1,4 +1,5 @@
-"""The chat template this pipeline writes, and giving a tokenizer a template by name or as Jinja."""
+"""The chat template this pipeline writes, giving a tokenizer a template by name or as Jinja, and reading tool
+calls back (TRL is imported only for that: the template text is read by light commands)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,23 @@ def template_text(template: str) -> str:
 
 
 def use_chat_template(tokenizer, template: str) -> None:
-    """Give `tokenizer` the chat template `template` (a name or Jinja); the pipeline's own ChatML also gets the
-    response template that reads its tool calls back (`tokenizer.parse_response`, which TRL's tool loop calls): it
-    writes them as Qwen's <tool_call>{json}</tool_call>, which TRL's Qwen3 parser reads."""
-    from trl.chat_template_utils import qwen3_template  # lazy: the template text above is read without TRL
-
+    """Give `tokenizer` the chat template `template` (a name or Jinja); a response template read for another one
+    no longer applies."""
     tokenizer.chat_template = template_text(template)
-    tokenizer.response_template = qwen3_template if tokenizer.chat_template == CHATML_TEMPLATE else None
+    tokenizer.response_template = None
+
+
+def read_tool_calls(tokenizer) -> None:
+    """Make `tokenizer.parse_response` read the tokenizer's tool calls: this pipeline's ChatML writes them as Qwen's
+    <tool_call>{json}</tool_call>, which TRL's Qwen3 response template reads; a template TRL knows gets TRL's own
+    (`add_response_schema`, which refuses one it does not know). Called only where tools are used: TRL parses every
+    completion of a tokenizer that has a response template (and decodes it as text otherwise), which would change
+    what rewards read in every other stage."""
+    from trl.chat_template_utils import add_response_schema, qwen3_template  # lazy: see the module docstring
+
+    if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+        return
+    if tokenizer.chat_template == CHATML_TEMPLATE:
+        tokenizer.response_template = qwen3_template
+    else:
+        add_response_schema(tokenizer)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from trl.chat_template_utils import parse_response
 
+from pipeline.models.chat_templates import read_tool_calls
 from pipeline.models.decoding import completion_text, generate_ids
 
 
@@ -60,6 +61,7 @@ def call_tools(run: ToolRun, calls: list[dict[str, Any]], tools: dict[str, Calla
 def generate_with_tools(model, tokenizer, prompts: list[Any], tools: list[Callable[..., str]], *, max_new_tokens: int,
                         max_calls: int, batch_size: int = 64) -> list[ToolRun]:
     """Greedy conversations with `tools` (guarded functions), one per prompt: see the module docstring."""
+    read_tool_calls(tokenizer)
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     by_name = {tool.__name__: tool for tool in tools}
     runs = [ToolRun() for _ in prompts]

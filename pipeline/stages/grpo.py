@@ -21,7 +21,7 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
-from pipeline.models.chat_templates import use_chat_template
+from pipeline.models.chat_templates import read_tool_calls, use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
 from pipeline.models.tool_use import generate_with_tools
@@ -74,6 +74,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.chat_template:
         use_chat_template(tokenizer, spec.chat_template)
+    if spec.tools:
+        read_tool_calls(tokenizer)
     # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained
     train = as_model_rows(train, tokenizer)
     model, peft_config = load_policy(path, spec)
