@@ -6,9 +6,9 @@ from __future__ import annotations
 # ChatML, with the tool-calling conventions of transformers' chat templating: `tools=` lists the functions in a
 # system turn, an assistant message's `tool_calls` render as <tool_call>{"name": ..., "arguments": {...}}</tool_call>
 # (the format TRL's Qwen3 response parser reads back; `arguments` may be a JSON string), and a `tool` message
-# is a turn of its own. A conversation without tools renders exactly as plain ChatML. {% generation %} marks what the assistant wrote, so SFT can train on
-# the assistant's turns alone (TRL's `assistant_only_loss`). Newlines after a tag are written as {{ '\n' }}:
-# transformers renders with trim_blocks, which would drop a literal one.
+# is a turn of its own. A conversation without tools renders exactly as plain ChatML. {% generation %} marks what the
+# assistant wrote, so SFT can train on the assistant's turns alone (TRL's `assistant_only_loss`). Newlines after a tag
+# are written as {{ '\n' }}: transformers renders with trim_blocks, which would drop a literal one.
 CHATML_TEMPLATE = (
     "{% if tools %}<|im_start|>system{{ '\n' }}"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"

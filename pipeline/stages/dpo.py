@@ -8,7 +8,6 @@ otherwise, so the replies being compared are not the part cut away.
 
 from __future__ import annotations
 
-
 from trl import DPOTrainer
 
 from pipeline.data.preferences import to_pairwise

@@ -11,7 +11,6 @@ functions while it generates (TRL's tool loop, GRPOTrainer only), each guarded b
 
 from __future__ import annotations
 
-
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 

@@ -10,7 +10,6 @@ reference is frozen as in `dpo`: with `peft` it is the base with the adapter dis
 
 from __future__ import annotations
 
-
 from datasets import Dataset
 from trl import KTOTrainer, unpair_preference_dataset
 

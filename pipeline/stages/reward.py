@@ -6,7 +6,6 @@ Loss is Bradley-Terry, -log sigmoid(r_chosen - r_rejected). Pairs are tokenized 
 
 from __future__ import annotations
 
-
 from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification
 from trl import RewardTrainer

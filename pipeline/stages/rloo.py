@@ -9,7 +9,6 @@ accuracy before and after training and the training reward's trend (see `grpo.tr
 
 from __future__ import annotations
 
-
 from trl import RLOOTrainer
 
 from pipeline.stages.context import StageContext

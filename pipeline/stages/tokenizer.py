@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

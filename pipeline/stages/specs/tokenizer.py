@@ -42,12 +42,12 @@ class TokenizerSpec(StageSpec):
     def tokenizer_ref(self) -> str | None:
         return None  # the tokenizer is this stage's own output, which always has a chat template
 
+
 BOS, EOS, PAD, IM_START = "<|endoftext|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]
 # Byte-level BPE starts from all 256 bytes plus the special tokens: a smaller `vocab_size` cannot be met
 # (the trainer silently returns this many tokens and no merges).
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
-
 
 
 STAGE = StageType("tokenizer", TokenizerSpec, "pipeline.stages.tokenizer")
