@@ -24,23 +24,22 @@ from pipeline.config.paths import callable_problems, import_object
 
 @dataclass
 class ToolStats:
-    """What the tools did during a stage: calls by name, and the calls that gave the model an error instead."""
+    """What the tools did during a stage: calls, and the calls that gave the model an error instead."""
 
-    calls: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
     errors: int = 0  # the tool raised
     timeouts: int = 0  # no answer within the time limit
     not_text: int = 0  # an answer that is not text
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # calls may come from several threads
 
-    def count(self, name: str, outcome: str | None = None) -> None:
+    def count(self, outcome: str | None = None) -> None:
         with self.lock:
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.calls += 1
             if outcome is not None:
                 setattr(self, outcome, getattr(self, outcome) + 1)
 
     def metrics(self) -> dict[str, float]:
-        total = sum(self.calls.values())
-        return {"tool_calls": float(total), "tool_errors": float(self.errors), "tool_timeouts": float(self.timeouts),
+        return {"tool_calls": float(self.calls), "tool_errors": float(self.errors), "tool_timeouts": float(self.timeouts),
                 "tool_results_not_text": float(self.not_text)}
 
 
@@ -76,16 +75,16 @@ def guarded(function: Callable[..., Any], timeout: float, stats: ToolStats) -> C
         worker.start()
         worker.join(timeout)
         if worker.is_alive():
-            stats.count(name, "timeouts")
+            stats.count("timeouts")
             return f"error: {name} did not answer within {timeout:g} s"
         if "error" in outcome:
-            stats.count(name, "errors")
+            stats.count("errors")
             return f"error: {outcome['error']}"
         text = as_text(outcome.get("result"))
         if text is None:
-            stats.count(name, "not_text")
+            stats.count("not_text")
             return f"error: {name} returned a {type(outcome['result']).__name__}, not text"
-        stats.count(name)
+        stats.count()
         return text
 
     return call
