@@ -54,7 +54,7 @@ def call_tools(run: ToolRun, calls: list[dict[str, Any]], tools: dict[str, Calla
             answer = f"error: no tool named {name!r}" if tool is None else "error: the arguments are not a mapping"
         else:
             answer = tool(**arguments)
-        run.errors += answer.startswith("error: ")
+            run.errors += answer.startswith("error: ")  # raised, hung or answered no text (see `guarded`)
         run.messages.append({"role": "tool", "name": name, "content": answer})
 
 
