@@ -323,3 +323,28 @@ def test_a_tool_beside_the_recipe_is_found_by_the_pipeline_command(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
+
+
+def test_a_stage_chat_template_counts_wherever_validate_looks_for_one(tmp_path, capsys):
+    """Chat rows on a model whose tokenizer has no template are refused, unless the stage gives one
+    (`chat_template`); `validate` then renders prompts to it as chat turns, and tool rows through that template."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "bare"
+    bare = tokenizer()
+    bare.chat_template = None
+    bare.save_pretrained(folder)
+    LlamaConfig(vocab_size=len(bare), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    chats = tmp_path / "chats.jsonl"
+    tool_chats(chats, 40)
+    sft = {"name": "sft", "type": "sft", "model": str(folder), "dataset": str(chats)}
+    assert main(["validate", str(write_recipe(tmp_path, [sft]))]) != 0
+    assert "need a chat template, and the tokenizer of" in capsys.readouterr().err
+    sft["tools"] = ["tests.tool_functions:add"]
+    assert main(["validate", str(write_recipe(tmp_path, [sft]))]) != 0
+    assert f"tools: '{folder}' has no chat template" in capsys.readouterr().err
+    assert main(["validate", str(write_recipe(tmp_path, [{**sft, "chat_template": "chatml"}]))]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(write_recipe(tmp_path, [{**sft, "tools": [], "chat_template": PLAIN_CHATML}]))]) != 0
+    assert "the rows call tools, but the stage's chat_template does not render tools" in capsys.readouterr().err

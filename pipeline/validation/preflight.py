@@ -134,16 +134,6 @@ def is_conversational(row: dict[str, Any]) -> bool:
                                              for k in ("chosen", "rejected"))
 
 
-def tokenizer_origin(recipe: Recipe, stage: StageSpec) -> str | None:
-    """The folder or Hub id a stage's tokenizer first comes from, following `tokenizer:`/`model:` through
-    earlier stages; None when it comes from a `tokenizer` stage, which always sets a chat template."""
-    stages = {s.name: s for s in recipe.stages}
-    ref = stage.tokenizer_ref()
-    while ref in stages:
-        ref = stages[ref].tokenizer_ref()
-    return ref
-
-
 def template_source(recipe: Recipe, ref: str | None) -> tuple[StageSpec | None, str | None]:
     """(the nearest stage on the way to a model reference's tokenizer that sets its chat template: one with
     `chat_template`, or a tokenizer stage; the folder or Hub id the tokenizer comes from, if any)."""
@@ -192,9 +182,10 @@ TOOL_TEMPLATE_FIX = ("give it a chat template that renders them: `chat_template:
 
 
 def require_chat_template(recipe: Recipe, stage: StageSpec, where: str) -> None:
-    """Conversational rows are rendered with the tokenizer's chat template: fail now, not when the stage starts."""
-    origin = tokenizer_origin(recipe, stage)
-    if origin is None:
+    """Conversational rows are rendered with the tokenizer's chat template: fail now, not when the stage starts. A
+    template set on the way (a tokenizer stage, a stage's `chat_template`) is always there."""
+    setter, origin = template_source(recipe, stage.tokenizer_ref())
+    if getattr(stage, "chat_template", None) or setter is not None or origin is None:
         return
     local = resolve_local(origin, recipe.path)
     if has_chat_template(str(local or origin), local is None, stage.trust_remote_code) is False:

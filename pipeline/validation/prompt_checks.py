@@ -11,7 +11,7 @@ from pipeline.config.paths import resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.specs import StageSpec
 from pipeline.data.loading import DataError, load_source
-from pipeline.validation.preflight import has_chat_template, is_conversational, tool_template_problem
+from pipeline.validation.preflight import has_chat_template, is_conversational, template_source, tool_template_problem
 
 
 def lineage(recipe: Recipe, ref: str) -> tuple[list[StageSpec], str | None]:
@@ -50,8 +50,9 @@ def prompt_renderings(recipe: Recipe) -> tuple[list[str], list[str]]:
         for ref in stage.prompt_models():
             chain, origin = lineage(recipe, ref)
             local = resolve_local(origin, recipe.path) if origin else None
-            template = True if origin is None else has_chat_template(str(local or origin), local is None,
-                                                                      stage.trust_remote_code)
+            setter, _ = template_source(recipe, ref)  # a template set on the way: a tokenizer stage, `chat_template`
+            template = True if origin is None or setter is not None else has_chat_template(
+                str(local or origin), local is None, stage.trust_remote_code)
             taught = chat_trained(recipe, chain)
             if template is False:
                 how = "plain text (its tokenizer has no chat template)"
