@@ -21,7 +21,7 @@ from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
 from bench.probe import peak_flops
 from bench.quickstart import quickstart_table, run_quickstart
-from bench.recipes import REAL_RECIPES, recipes_table, run_recipes
+from bench.recipes import REAL_RECIPES, recipes_table, run_recipes, seeds_table
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.scaling import memory_table, run_memory, run_scaling
 from bench.served import run_served, served_table
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)  # the runs' thread count
         peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s), load average " \
                f"{os.getloadavg()[0]:.2f}"
-        return emit(results, f"{peak}\n{recipes_table(results)}", args.json)
+        over_seeds = f"\n\nover seeds {args.seeds}:\n{seeds_table(results)}" if "," in args.seeds else ""
+        return emit(results, f"{peak}\n{recipes_table(results)}{over_seeds}", args.json)
     if args.quickstart:
         threads = args.threads or torch.get_num_threads()
         result = run_quickstart(Path(__file__).resolve().parents[1], Path(args.quickstart_dir), threads, log)

@@ -108,3 +108,35 @@ def recipes_table(results: dict[str, dict[str, Any]]) -> str:
                 lines.append(f"| {recipe} | {seed} | {stage} | {metric} | {change} | {seconds} |")
                 seconds = ""  # once per stage
     return "\n".join(lines)
+
+
+def seeds_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per recipe, stage and headline metric: its mean over the seeds before -> after, each seed's after
+    value (so a reader sees the spread, not only the mean) and the stage's mean seconds."""
+    rows: dict[tuple[str, str, str], dict[str, list]] = {}
+    for key, summary in results.items():
+        recipe = key.rpartition("-seed")[0]
+        for stage, record in summary["stages"].items():
+            if record["status"] != "completed":
+                continue
+            for metric, before, after in headline_rows(record["type"], record.get("metrics", {})):
+                row = rows.setdefault((recipe, stage, metric), {"before": [], "after": [], "seconds": []})
+                row["after"].append(after)
+                if before is not None:
+                    row["before"].append(before)
+                if record.get("seconds") is not None:
+                    row["seconds"].append(record["seconds"])
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    lines = ["| recipe | stage | metric | mean before -> after | each seed after | seconds (mean) |",
+             "|---|---|---|---|---|---|"]
+    shown: set[tuple[str, str]] = set()
+    for (recipe, stage, metric), row in rows.items():
+        change = f"{mean(row['before']):.3f} -> " if row["before"] else ""
+        seconds = f"{mean(row['seconds']):.0f}" if row["seconds"] and (recipe, stage) not in shown else ""
+        shown.add((recipe, stage))
+        each = ", ".join(f"{value:.3f}" for value in row["after"])
+        lines.append(f"| {recipe} | {stage} | {metric} | {change}{mean(row['after']):.3f} | {each} | {seconds} |")
+    return "\n".join(lines)

@@ -160,6 +160,19 @@ def test_bench_recipes_table_has_each_stage_headline_before_and_after():
     assert offline_overrides(recipe, "/m.gguf") == ["stages.sft.model=/m.gguf", 'stages.eval.models=["sft", "/m.gguf"]']
 
 
+def test_bench_recipes_over_seeds_shows_the_mean_and_each_seed():
+    from bench.recipes import seeds_table
+
+    def run(before: float, after: float, seconds: float, status: str = "completed") -> dict:
+        return {"recipe": "hh", "stages": {"rm": {"type": "reward", "status": status, "seconds": seconds, "metrics": {
+            "initial_eval_accuracy": before, "eval_accuracy": after}}}}
+
+    lines = seeds_table({"hh-seed1": run(0.5, 0.7, 100.0), "hh-seed2": run(0.4, 0.8, 200.0),
+                         "hh-seed3": run(0.0, 0.0, 50.0, status="failed")}).splitlines()
+    row = next(line for line in lines if "| hh | rm |" in line)
+    assert "| 0.450 -> 0.750 | 0.700, 0.800 | 150 |" in row  # the failed seed is left out, not averaged in as 0
+
+
 def test_bench_quickstart_times_the_cli_and_tabulates_the_run(tmp_path):
     """The CLI timing runs the real commands; the table shows each stage's share of the wall clock and the
     efficacy rows `--alignment` reads, from a run's metrics."""
