@@ -348,3 +348,90 @@ def test_a_stage_chat_template_counts_wherever_validate_looks_for_one(tmp_path, 
     capsys.readouterr()
     assert main(["validate", str(write_recipe(tmp_path, [{**sft, "tools": [], "chat_template": PLAIN_CHATML}]))]) != 0
     assert "the rows call tools, but the stage's chat_template does not render tools" in capsys.readouterr().err
+
+
+def vault_stage(**extra) -> dict:
+    return {"name": "grpo", "type": "grpo", "model": "sft", "environment": "tests.tool_functions:Vault",
+            "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 16},
+            "args": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2,
+                     "max_completion_length": 8}, **extra}
+
+
+def test_validate_refuses_environments_it_cannot_use_and_makes_none(tmp_path, capsys, monkeypatch):
+    """An environment is a class with `reset` and described tool methods, made with its `args`; validate reads
+    the class and never constructs one. One that scores (`get_reward`) needs no other reward; rloo refuses one."""
+    marker = tmp_path / "made"
+    monkeypatch.setenv("TOOL_MARKER", str(marker))
+    stages = tiny_stages()
+    assert main(["validate", str(write_recipe(tmp_path, stages + [vault_stage()]))]) == 0
+    capsys.readouterr()
+    bad = [vault_stage(name="a", environment="tests.tool_functions:add"),
+           vault_stage(name="b", environment="tests.tool_functions:NoReset"),
+           vault_stage(name="c", environment="tests.tool_functions:Undescribed"),
+           vault_stage(name="d", environment={"factory": "tests.tool_functions:Vault", "args": {"tries": 3}}),
+           vault_stage(name="e", environment="tests.tool_functions:Nope"),
+           {**vault_stage(), "name": "f", "type": "rloo", "rewards": [{"function": "exact_match"}]}]
+    assert main(["validate", str(write_recipe(tmp_path, stages + bad))]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'a': environment: 'tests.tool_functions:add' must be a class" in err
+    assert "stage 'b': environment: 'tests.tool_functions:NoReset' has no `reset` method" in err
+    assert "stage 'b': `rewards` must list at least one reward" in err  # it does not score, nothing else does
+    assert "stage 'c': environment: 'tests.tool_functions:Undescribed.poke' cannot be described to the model" in err
+    assert "stage 'd': environment.args: got an unexpected keyword argument 'tries'" in err
+    assert "stage 'e': environment: cannot import 'tests.tool_functions:Nope'" in err
+    assert "stage 'f': environment: TRL's RLOOTrainer cannot run environments" in err
+    assert not marker.exists()  # read, never made
+
+
+def try_codes(seen: str, i: int) -> str:
+    """Try the row's code (even rows) or one less (odd rows), once; then say so."""
+    if "<|im_start|>tool" in seen:
+        return "done"
+    assert "Open the vault. The vault allows" in seen  # reset's text, appended to the user's turn
+    return f'<tool_call>{{"name": "try_code", "arguments": {{"code": {(46, 45)[i % 2]}}}}}</tool_call>'
+
+
+def test_grpo_in_an_environment_scores_each_rollout_by_its_own_instance(tmp_path, monkeypatch):
+    """GRPO in the `Vault` environment: each rollout gets its own instance, reset with its row (its text joins the
+    prompt), its method is the model's tool (guarded, counted, its answers masked out of the loss), and the
+    environment's `get_reward` is the stage's only reward; held-out rollouts run in environments too."""
+    prompts, held_out = tmp_path / "prompts.jsonl", tmp_path / "held_out.jsonl"
+    prompts.write_text((json.dumps({"prompt": "Open the vault.", "answer": "46"}) + "\n") * 16)
+    held_out.write_text((json.dumps({"prompt": "Open the vault.", "answer": "46"}) + "\n") * 2)
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024
+    stages.append({**vault_stage(model="base"), "dataset": {"path": str(prompts), "eval": str(held_out)},
+                   "args": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
+                            "max_completion_length": 96, "save_steps": 1000}})
+    masked: list[int] = []
+    compute_loss = GRPOTrainer._compute_loss
+
+    def watched(self, model, inputs):
+        masked.append(int(((inputs["tool_mask"] == 0) & (inputs["completion_mask"] == 1)).sum()))
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", watched)
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(tmp_path / "run" / "tok" / "output", try_codes))
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["grpo"]["metrics"]
+    assert metrics["tool_calls"] == 2 * 4 and metrics["tool_errors"] == 0
+    assert metrics["train_reward_last"] == 0.5  # half the rollouts opened their own vault
+    assert metrics["initial_eval_env_reward"] == metrics["eval_env_reward"] == 0.5
+    assert masked and all(count > 0 for count in masked)
+
+
+def test_eval_answers_in_an_environment_and_reports_its_reward(tmp_path, monkeypatch):
+    """An eval stage with an environment (and its `args`): each prompt in its own instance, reset with its row;
+    `env_reward/<model>` is the mean of `get_reward()` after each answer."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "Open the vault.", "answer": a}) + "\n" for a in ("46", "46", "7")))
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024
+    stages.append({"name": "eval", "type": "eval", "models": ["base"], "dataset": str(rows), "max_new_tokens": 64,
+                   "environment": {"factory": "tests.tool_functions:Vault", "args": {"attempts": 1}}})
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(
+        tmp_path / "run" / "tok" / "output", lambda seen, i: try_codes(seen, 0)))  # always code 46
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["eval"]["metrics"]
+    assert metrics["env_reward/base"] == 2 / 3  # code 46 opens the first two rows' vaults, not the third's
+    assert metrics["tool_calls/base"] == 1 and metrics["tool_errors/base"] == 0

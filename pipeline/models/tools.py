@@ -59,35 +59,52 @@ def as_text(result: Any) -> str | None:
 
 def guarded(function: Callable[..., Any], timeout: float, stats: ToolStats) -> Callable[..., str]:
     """`function` made safe to call: see the module docstring. Always returns text."""
-    name = function.__name__
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> str:
-        outcome: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                outcome["result"] = function(*args, **kwargs)
-            except Exception as err:  # the model is told what went wrong, as the tool's answer
-                outcome["error"] = f"{type(err).__name__}: {err}"
-
-        worker = threading.Thread(target=target, name=f"tool-{name}", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            stats.count("timeouts")
-            return f"error: {name} did not answer within {timeout:g} s"
-        if "error" in outcome:
-            stats.count("errors")
-            return f"error: {outcome['error']}"
-        text = as_text(outcome.get("result"))
-        if text is None:
-            stats.count("not_text")
-            return f"error: {name} returned a {type(outcome['result']).__name__}, not text"
-        stats.count()
-        return text
+        return call_guarded(function.__name__, functools.partial(function, *args, **kwargs), timeout, stats)
 
     return call
+
+
+def call_guarded(name: str, call: Callable[[], Any], timeout: float, stats: ToolStats) -> str:
+    """The answer of tool `name` to one `call`, as text: its error, a time-out or a non-text answer becomes an
+    `error: ...` message (see the module docstring)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except Exception as err:  # the model is told what went wrong, as the tool's answer
+            outcome["error"] = f"{type(err).__name__}: {err}"
+
+    worker = threading.Thread(target=target, name=f"tool-{name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        stats.count("timeouts")
+        return f"error: {name} did not answer within {timeout:g} s"
+    if "error" in outcome:
+        stats.count("errors")
+        return f"error: {outcome['error']}"
+    text = as_text(outcome.get("result"))
+    if text is None:
+        stats.count("not_text")
+        return f"error: {name} returned a {type(outcome['result']).__name__}, not text"
+    stats.count()
+    return text
+
+
+def schema_problem(function: Callable[..., Any], reference: str) -> str | None:
+    """Why `function` cannot be described to the model (transformers builds its JSON schema from the signature
+    and docstring), or None."""
+    from transformers.utils import get_json_schema  # lazy: only where a recipe names tools
+
+    try:
+        get_json_schema(function)
+    except Exception as err:  # its message names the missing type hint or docstring line
+        return f"'{reference}' cannot be described to the model: {err}"
+    return None
 
 
 def tool_problems(tools: list[str]) -> list[str]:
@@ -97,12 +114,7 @@ def tool_problems(tools: list[str]) -> list[str]:
     for i, reference in enumerate(tools):
         found = callable_problems(reference)
         if not found:
-            from transformers.utils import get_json_schema  # lazy: only where a recipe names tools
-
-            try:
-                get_json_schema(import_object(reference))
-            except Exception as err:  # its message names the missing type hint or docstring line
-                found = [f"'{reference}' cannot be described to the model: {err}"]
+            found = [p for p in [schema_problem(import_object(reference), reference)] if p]
         problems += [f"tools[{i}]: {p}" for p in found]
     return problems
 

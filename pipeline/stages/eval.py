@@ -17,6 +17,8 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
 - with `tools`, every greedy response is a conversation with them (`pipeline.models.tool_use`), answers read from
   the model's own turns, and `tool_calls/<m>`, `tool_malformed/<m>`, `tool_errors/<m>` are per-answer means of the
   calls made, of the replies whose call could not be read (or named no tool), and of the calls that answered an error.
+- with an `environment`, each prompt is answered in an environment of its own, reset with its row, whose methods
+  are tools as above; `env_reward/<m>` is the mean of its `get_reward()` after each answer, where it has one.
 
 Under `accelerate launch` each process scores its share of the prompts and the results are gathered:
 the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N, pass@k) draw from each process's
@@ -32,7 +34,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import PartialState
 
@@ -43,6 +45,7 @@ from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
+from pipeline.models.environments import bound_tools, environment_factory, start_episode
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.models.judges import LocalJudge, RemoteJudge, judge_scorer
 from pipeline.models.remote import RemoteRewardScorer
@@ -112,6 +115,7 @@ class EvalRows:
     prompts: list[Any]
     answers: list[str]  # "" where a row has no answer to check
     completions: list[Any] | None  # reference completions (perplexity), where the rows have them
+    records: list[dict[str, Any]]  # the whole rows: what an environment is reset with
 
     @property
     def answered(self) -> list[int]:
@@ -137,7 +141,7 @@ def read_rows(spec: EvalSpec, ctx: StageContext, where: str) -> EvalRows:
     answers = [str(a) if a is not None else "" for a in rows["answer"]] if "answer" in rows.column_names \
         else [""] * len(prompts)
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
-    return EvalRows(prompts, answers, list(rows[column]) if column else None)
+    return EvalRows(prompts, answers, list(rows[column]) if column else None, rows.to_list())
 
 
 def load_model(spec: EvalSpec, ctx: StageContext, ref: str) -> tuple[Any, Any]:
@@ -163,24 +167,45 @@ def sample(spec: EvalSpec, model, tokenizer, prompts: list[Any], n: int, tempera
                     num_return_sequences=n)
 
 
-def respond(spec: EvalSpec, tools: list, model, tokenizer, prompts: list[Any]) -> list[dict]:
-    """Each prompt's greedy response ({"response"}); with `tools`, a conversation with them, and its tool counts."""
-    if not tools:
+@dataclass
+class Acting:
+    """What a model may act with while it answers: the stage's tools, and an environment per prompt."""
+
+    tools: list[Callable[..., str]]
+    make_environment: Callable[[], Any] | None
+
+
+def load_acting(spec: EvalSpec) -> Acting:
+    tools, stats = load_tools(spec.tools, spec.tool_timeout)
+    return Acting(tools, environment_factory(spec.environment, spec.tool_timeout, stats) if spec.environment else None)
+
+
+def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, share: list[int]) -> list[dict]:
+    """Each prompt's greedy response ({"response"}); with tools or an environment, a conversation with them, its
+    tool counts and the environment's reward."""
+    prompts = [rows.prompts[i] for i in share]
+    if not acting.tools and acting.make_environment is None:
         return [{"response": r} for r in generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                                   batch_size=spec.batch_size)]
-    runs = generate_with_tools(model, tokenizer, prompts, tools, max_new_tokens=spec.max_new_tokens,
-                               max_calls=spec.max_tool_calls, batch_size=spec.batch_size)
+    environments = [acting.make_environment() if acting.make_environment else None for _ in share]
+    conversations = [start_episode(env, prompt, rows.records[i]) if env else prompt
+                     for env, prompt, i in zip(environments, prompts, share)]
+    runs = generate_with_tools(model, tokenizer, conversations,
+                               [acting.tools + (bound_tools(env) if env else []) for env in environments],
+                               max_new_tokens=spec.max_new_tokens, max_calls=spec.max_tool_calls,
+                               batch_size=spec.batch_size)
     return [{"response": run.response, "tool_calls": run.calls, "tool_malformed": run.malformed,
-             "tool_errors": run.errors} for run in runs]
+             "tool_errors": run.errors} | ({"env_reward": env.get_reward()} if hasattr(env, "get_reward") else {})
+            for run, env in zip(runs, environments)]
 
 
-def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, tools: list, model, tokenizer,
+def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, model, tokenizer,
                share: list[int]) -> list[dict]:
     """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
     if not share:
         return []
     mine = [rows.prompts[i] for i in share]
-    out = respond(spec, tools, model, tokenizer, mine)
+    out = respond(spec, acting, model, tokenizer, rows, share)
     if judges.reward is not None:
         for row, score in zip(out, judges.reward(mine, [row["response"] for row in out])):
             row["score"] = score
@@ -225,9 +250,11 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
         metrics[f"reward/{label}"] = mean([row["score"] for row in results])
     if spec.judge is not None:
         metrics[f"judge/{label}"] = mean([row["judge"] for row in results])
-    if spec.tools:  # per answer
+    if spec.tools or spec.environment:  # per answer
         for key in ("tool_calls", "tool_malformed", "tool_errors"):
             metrics[f"{key}/{label}"] = mean([row[key] for row in results])
+    if results and "env_reward" in results[0]:
+        metrics[f"env_reward/{label}"] = mean([row["env_reward"] for row in results])
     if spec.reference is not None:
         metrics[f"kl/{label}"] = load_metric("sequence_kl").compute(
             predictions=[row["logp"] for row in results], references=[row["ref_logp"] for row in results])["kl"]
@@ -247,7 +274,7 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
     return metrics
 
 
-def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, tools: list,
+def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, acting: Acting,
               scores: dict[str, list[float]], named: dict[str, str]) -> dict[str, float]:
     """`win_rate/<model>`: each model's greedy responses against the baseline's, judged by the reward model."""
     if spec.baseline not in scores:  # the baseline is not among the models: its greedy responses scored here
@@ -255,8 +282,8 @@ def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges,
 
         def baseline_scores(share: list[int]) -> list[float]:
             mine = [rows.prompts[i] for i in share]
-            return judges.reward(mine, [row["response"] for row in respond(spec, tools, model, tokenizer, mine)]) \
-                if share else []
+            responses = [row["response"] for row in respond(spec, acting, model, tokenizer, rows, share)]
+            return judges.reward(mine, responses) if share else []
         scores[spec.baseline] = map_shards(list(range(len(rows.prompts))), baseline_scores)
     win_rate = load_metric("win_rate")
     return {f"win_rate/{named[ref]}": win_rate.compute(predictions=scores[ref], references=scores[spec.baseline])[
@@ -267,7 +294,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
     rows = read_rows(spec, ctx, where)
     judges = load_judges(spec, ctx)
-    tools, _ = load_tools(spec.tools, spec.tool_timeout)
+    acting = load_acting(spec)
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     metrics: dict[str, float] = {}
     scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
@@ -280,7 +307,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
         results = map_shards(list(range(len(rows.prompts))),
-                             partial(per_prompt, spec, rows, judges, tools, model, tokenizer))
+                             partial(per_prompt, spec, rows, judges, acting, model, tokenizer))
         metrics |= model_metrics(spec, named[ref], rows, results)
         if judges.reward is not None:
             scores[ref] = [row["score"] for row in results]
@@ -291,7 +318,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         del model
 
     if spec.baseline is not None:
-        metrics |= win_rates(spec, ctx, rows, judges, tools, scores, named)
+        metrics |= win_rates(spec, ctx, rows, judges, acting, scores, named)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "samples.json").write_text(json.dumps(

@@ -6,7 +6,9 @@ Rewards are a weighted list of reward-model stages, built-in rule rewards and us
 training, since a rising sampled reward alone can hide a worse policy. `train_with_rewards` also
 runs the `rloo` stage: TRL's RLOOTrainer takes the same model, rewards and prompts. `dynamic_sampling:` adds
 DAPO's dynamic sampling to either trainer (`pipeline.algorithms.dynamic_sampling`). `tools:` lets the policy call
-functions while it generates (TRL's tool loop, GRPOTrainer only), each guarded by `pipeline.models.tools`.
+functions while it generates (TRL's tool loop, GRPOTrainer only), each guarded by `pipeline.models.tools`;
+`environment:` gives each rollout an environment whose methods are its tools and which may score it
+(`pipeline.models.environments`, TRL's `environment_factory`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
+from pipeline.models.environments import bound_tools, environment_factory, owns_reward, start_episode
 from pipeline.models.chat_templates import read_tool_calls, use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
@@ -34,28 +37,41 @@ from pipeline.training.length_checks import check_prompt_lengths
 from pipeline.training.trainers import TrainerStage
 
 
-def held_out_accuracy(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck,
-                      tools: list | None = None) -> float:
-    """Greedy exact match of the trainer's policy on the held-out rows, each process answering its share; with
-    `tools`, each answer a conversation with them (as many rounds of calls as training allows).
+def held_out_scores(trainer, tokenizer, held_out, max_new_tokens: int, is_correct: AnswerCheck | None,
+                    tools: list | None = None, make_environment=None) -> dict[str, float]:
+    """The trainer's policy on the held-out rows, greedily, each process answering its share: exact match
+    (`accuracy`, where rows have `answer`) and, with an environment that scores, its mean reward (`env_reward`).
+    With `tools` or an environment, each answer is a conversation with them (as many rounds of calls as training
+    allows), each row in an environment of its own, reset with the row as in training.
 
     `unwrap_model_for_generation` hands generation the plain model, with its full weights gathered once
     under ZeRO-3: called layer by layer through DeepSpeed's hooks instead, processes generating different
     numbers of tokens would wait on each other's gathers forever.
     """
-
+    rows = held_out.to_list()
     with held_out_evaluation("held-out greedy accuracy", len(held_out), trainer.is_world_process_zero()), \
             unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-        def answer(share: list) -> list[str]:
+        def answer(share: list[dict]) -> list[tuple[str, float | None]]:
             if not share:
                 return []
-            if not tools:
-                return generate(model, tokenizer, share, max_new_tokens=max_new_tokens)
-            rounds = trainer.args.max_tool_calling_iterations or 1
-            return [run.response for run in generate_with_tools(model, tokenizer, share, tools,
-                                                               max_new_tokens=max_new_tokens, max_calls=rounds)]
-        responses = map_shards(list(held_out["prompt"]), answer)
-    return accuracy(responses, list(held_out["answer"]), is_correct)
+            if not tools and make_environment is None:
+                return [(text, None) for text in generate(model, tokenizer, [r["prompt"] for r in share],
+                                                          max_new_tokens=max_new_tokens)]
+            environments = [make_environment() for _ in share] if make_environment else [None] * len(share)
+            prompts = [start_episode(env, r["prompt"], r) if env else r["prompt"] for env, r in zip(environments, share)]
+            per_prompt = [(tools or []) + (bound_tools(env) if env else []) for env in environments]
+            runs = generate_with_tools(model, tokenizer, prompts, per_prompt, max_new_tokens=max_new_tokens,
+                                       max_calls=trainer.args.max_tool_calling_iterations or 1)
+            return [(run.response, env.get_reward() if env is not None and hasattr(env, "get_reward") else None)
+                    for run, env in zip(runs, environments)]
+        answers = map_shards(rows, answer)
+    scores = {}
+    if is_correct is not None:
+        scores["accuracy"] = accuracy([text for text, _ in answers], [r["answer"] for r in rows], is_correct)
+    rewards = [reward for _, reward in answers if reward is not None]
+    if rewards:
+        scores["env_reward"] = sum(rewards) / len(rewards)
+    return scores
 
 
 def run(spec: GRPOSpec, ctx: StageContext) -> dict[str, float]:
@@ -73,7 +89,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.chat_template:
         use_chat_template(tokenizer, spec.chat_template)
-    if spec.tools:
+    if spec.tools or spec.environment:
         read_tool_calls(tokenizer)
     # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained
     train = as_model_rows(train, tokenizer)
@@ -84,20 +100,30 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
         trainer_class = with_dynamic_sampling(trainer_class, spec.dynamic_sampling.max_draws)
     stage = TrainerStage(spec, ctx, model, extra_args={"reward_weights": weights})
     tools, tool_stats = load_tools(spec.tools, spec.tool_timeout)
+    acting = {"tools": tools} if tools else {}
+    if spec.environment:
+        acting["environment_factory"] = environment_factory(spec.environment, spec.tool_timeout, tool_stats)
     trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
-                          processing_class=tokenizer, peft_config=peft_config, **({"tools": tools} if tools else {}))
+                          processing_class=tokenizer, peft_config=peft_config, **acting)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
-    measure = "answer" in held_out.column_names and len(held_out) > 0
-    held_out_tools, _ = load_tools(spec.tools, spec.tool_timeout)  # apart: the stage's tool counts are training's
-    initial = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct,
-                                held_out_tools) if measure else None
+    # apart from training's: the stage's tool counts are training's
+    held_out_tools, held_out_stats = load_tools(spec.tools, spec.tool_timeout)
+    make_environment = environment_factory(spec.environment, spec.tool_timeout, held_out_stats) \
+        if spec.environment else None
+    answers = "answer" in held_out.column_names
+    measure = len(held_out) > 0 and (answers or owns_reward(spec.environment))
+
+    def score_held_out() -> dict[str, float]:
+        return held_out_scores(trainer, tokenizer, held_out, spec.max_new_tokens_eval,
+                               is_correct if answers else None, held_out_tools, make_environment)
+
+    initial = score_held_out() if measure else {}
 
     def after_training(metrics: dict[str, float]) -> None:
         metrics.update(first_and_last_quarter(trainer.state.log_history, ("reward",)))
-        if tools:
+        if tools or spec.environment:
             metrics.update(tool_stats.metrics())
         if measure:
-            final = held_out_accuracy(trainer, tokenizer, held_out, spec.max_new_tokens_eval, is_correct,
-                                      held_out_tools)
-            metrics.update(initial_eval_accuracy=initial, eval_accuracy=final)
+            for name, value in score_held_out().items():
+                metrics.update({f"initial_eval_{name}": initial[name], f"eval_{name}": value})
     return stage.fit(trainer, tokenizer, after_training=after_training)

@@ -69,9 +69,9 @@ def prompt_renderings(recipe: Recipe) -> tuple[list[str], list[str]]:
 
 
 def tool_template_problems(recipe: Recipe, stage: StageSpec) -> list[str]:
-    """A stage with `tools` needs models whose chat templates render them (`preflight.tool_template_problem`): the
-    model it trains, or each one it generates from."""
-    if not getattr(stage, "tools", None):
+    """A stage with `tools` (or an `environment`, whose methods are tools) needs models whose chat templates render
+    them (`preflight.tool_template_problem`): the model it trains, or each one it generates from."""
+    if not getattr(stage, "tools", None) and not getattr(stage, "environment", None):
         return []
     refs = stage.prompt_models() or [stage.tokenizer_ref()]
     own = getattr(stage, "chat_template", None)

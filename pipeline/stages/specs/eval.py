@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config.specs import AnswerExtractorSpec, DERIVED_PROMPT_FORMATS, DatasetSpec, JudgeSpec, RewardTermSpec, StageSpec, answer_extractor_problems, url_problems
+from pipeline.models.environments import EnvironmentSpec, environment_problems
 from pipeline.models.tools import tool_problems
 from pipeline.stages.contract import StageType
 
@@ -69,6 +70,9 @@ class EvalSpec(StageSpec):
     tools: list[str] = field(default_factory=list)
     tool_timeout: float = 10.0  # seconds a tool call may take; a slower one answers the model with an error
     max_tool_calls: int = 4  # rounds of calls per answer; then the model's last reply is its answer
+    # `package.module:Class` or {factory: ..., args: {...}}: each prompt answered in an instance of its own, reset
+    # with its row, its methods as tools; adds env_reward/<model> where it has `get_reward()`
+    environment: str | EnvironmentSpec | None = None
 
     ref_fields = ("models", "reward_model", "baseline", "reference")
     holds_out = False
@@ -93,10 +97,11 @@ class EvalSpec(StageSpec):
         return problems + answer_extractor_problems(self.answer_extractor) + self.tool_use_problems()
 
     def tool_use_problems(self) -> list[str]:
-        if not self.tools:
+        if not self.tools and not self.environment:
             return []
-        problems = tool_problems(self.tools)
-        problems += [f"tools: {key} samples without tools; not with `tools` yet" for key in
+        problems = tool_problems(self.tools) + environment_problems(self.environment)
+        acting = "tools" if self.tools else "environment"
+        problems += [f"{acting}: {key} samples without tools; not with `{acting}` yet" for key in
                      ("best_of_n", "pass_at_k", "reference") if getattr(self, key) is not None]
         if self.tool_timeout <= 0:
             problems.append(f"tool_timeout: must be > 0 seconds, got {self.tool_timeout}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config.specs import DERIVED_PROMPT_FORMATS, PROMPT_FORMATS, RL_HEALTH_CHECKS, RewardsSpec, TrainStageSpec
+from pipeline.models.environments import EnvironmentSpec, environment_problems, owns_reward
 from pipeline.models.tools import tool_problems
 from pipeline.stages.contract import StageType
 
@@ -34,6 +35,9 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
     # docstring (`Args:` lines) describe it to the model. Tool answers are masked out of the loss.
     tools: list[str] = field(default_factory=list)
     tool_timeout: float = 10.0  # seconds a tool call may take; a slower one answers the model with an error
+    # `package.module:Class` or {factory: ..., args: {...}}: one instance per rollout, reset with its row; its public
+    # methods are tools; a `get_reward()` scores each rollout (`pipeline.models.environments`, TRL's environment_factory)
+    environment: str | EnvironmentSpec | None = None
     # Replaces the chat template of the model's tokenizer (saved with this stage's output, so later stages use it):
     # Jinja, or `chatml`, this pipeline's ChatML with tool calls (for a model whose own template shows no tools)
     chat_template: str | None = None
@@ -50,13 +54,14 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
                     "zero_variance": "frac_reward_zero_std"}
 
     def check(self) -> list[str]:
-        problems = [] if self.rewards else ["`rewards` must list at least one reward"]
+        problems = [] if self.rewards or owns_reward(self.environment) else [
+            "`rewards` must list at least one reward (or an `environment` with `get_reward`)"]
         problems += self.reward_problems()
         if self.dynamic_sampling is not None:
             problems += self.dynamic_sampling.check(self.args.get("num_generations"))
         if self.tool_timeout <= 0:
             problems.append(f"tool_timeout: must be > 0 seconds, got {self.tool_timeout}")
-        return problems + tool_problems(self.tools)
+        return problems + tool_problems(self.tools) + environment_problems(self.environment)
 
     def formats(self) -> dict[str, tuple[str, ...]]:
         return PROMPT_FORMATS | DERIVED_PROMPT_FORMATS

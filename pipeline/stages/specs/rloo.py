@@ -20,6 +20,9 @@ class RLOOSpec(GRPOSpec):
         if self.tools:  # TRL's RLOOTrainer has no tool loop (GRPOTrainer's `tools`)
             problems.append("tools: TRL's RLOOTrainer cannot run tools; train with tools in a grpo stage "
                             "(its `tools` key), or drop them here")
+        if self.environment:
+            problems.append("environment: TRL's RLOOTrainer cannot run environments (their methods are tools); "
+                            "train in one in a grpo stage, or drop it here")
         return problems
 
 
