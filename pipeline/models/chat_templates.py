@@ -27,7 +27,16 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
 )
 
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+# The same ChatML, each tool listed in one line, `add(a, b): Add two whole numbers.`, instead of its JSON schema (~420
+# tokens for one two-argument tool with a small byte-level vocabulary): for small models and short contexts, where
+# the question would otherwise sit hundreds of positions from the start.
+CHATML_COMPACT_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}",
+    "{% for tool in tools %}{% set function = tool['function'] if tool['function'] is defined else tool %}"
+    "{{ '\n' + function['name'] + '(' + (function['parameters']['properties'] | join(', ')) + '): ' }}"
+    "{{ function['description'] }}{% endfor %}")
+
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "chatml_compact": CHATML_COMPACT_TEMPLATE}
 
 
 def template_text(template: str) -> str:
@@ -44,7 +53,7 @@ def use_chat_template(tokenizer, template: str) -> None:
 
 def read_tool_calls(tokenizer) -> None:
     """Make `tokenizer.parse_response` read the tokenizer's tool calls: this pipeline's ChatML writes them as Qwen's
-    <tool_call>{json}</tool_call>, which TRL's Qwen3 response template reads; a template TRL knows gets TRL's own
+    <tool_call>{json}</tool_call> (both its templates), which TRL's Qwen3 response template reads; a template TRL knows gets TRL's own
     (`add_response_schema`, which refuses one it does not know). Called only where tools are used: TRL parses every
     completion of a tokenizer that has a response template (and decodes it as text otherwise), which would change
     what rewards read in every other stage."""
@@ -52,7 +61,7 @@ def read_tool_calls(tokenizer) -> None:
 
     if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
         return
-    if tokenizer.chat_template == CHATML_TEMPLATE:
+    if tokenizer.chat_template in NAMED_TEMPLATES.values():
         tokenizer.response_template = qwen3_template
     else:
         add_response_schema(tokenizer)
