@@ -27,10 +27,13 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
 )
 
-# The same ChatML, each tool listed in one line, `add(a, b): Add two whole numbers.`, instead of its JSON schema (~420
-# tokens for one two-argument tool with a small byte-level vocabulary): for small models and short contexts, where
-# the question would otherwise sit hundreds of positions from the start.
+# The same ChatML with a short tool list: `Functions:` and one line per tool, `add(a, b): Add two whole numbers.`,
+# instead of the call format and each tool's JSON schema (~420 tokens for one two-argument tool with a small
+# byte-level vocabulary). For small models trained on demonstrations of the calls, whose questions would otherwise
+# sit hundreds of positions from the start.
 CHATML_COMPACT_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{{ 'To call a function, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. Functions:' }}",
+    "{{ 'Functions:' }}").replace(
     "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}",
     "{% for tool in tools %}{% set function = tool['function'] if tool['function'] is defined else tool %}"
     "{{ '\n' + function['name'] + '(' + (function['parameters']['properties'] | join(', ')) + '): ' }}"
