@@ -68,6 +68,25 @@ def test_the_default_template_renders_plain_chats_as_before_and_tool_calls_that_
                             {"role": "tool", "content": "6912"}, {"role": "assistant", "content": "6912"}]) == "6912"
 
 
+def test_the_compact_template_lists_each_tool_in_a_line_and_reads_calls_the_same_way():
+    from pipeline.models.chat_templates import CHATML_COMPACT_TEMPLATE, read_tool_calls
+    from pipeline.models.tools import renders_tools
+
+    tok = tokenizer()
+    full = tok.apply_chat_template(TOOL_CHAT, tools=[tool_functions.add], tokenize=False)
+    tok.chat_template, tok.response_template = CHATML_COMPACT_TEMPLATE, None
+    compact = tok.apply_chat_template(TOOL_CHAT, tools=[tool_functions.add], tokenize=False)
+    assert renders_tools(CHATML_COMPACT_TEMPLATE)
+    assert compact.startswith("<|im_start|>system\nFunctions:\nadd(a, b): Add two whole numbers.<|im_end|>\n")
+    assert compact.split("<|im_start|>user")[1] == full.split("<|im_start|>user")[1]  # the turns render alike
+    assert len(tok(compact)["input_ids"]) < len(tok(full)["input_ids"]) / 2
+    read_tool_calls(tok)
+    prompt = tok.apply_chat_template(TOOL_CHAT[:1], tools=[tool_functions.add], tokenize=False,
+                                     add_generation_prompt=True)
+    reply = '<tool_call>{"name": "add", "arguments": {"a": 1234, "b": 5678}}</tool_call><|im_end|>'
+    assert tok.parse_response(reply, prefix=prompt)["tool_calls"] == [CALL]
+
+
 def test_a_tool_that_fails_hangs_or_answers_no_text_gives_the_model_an_error_and_is_counted():
     stats = ToolStats()
     add, broken, slow, opaque = (guarded(f, 0.5, stats) for f in (tool_functions.add, tool_functions.broken,

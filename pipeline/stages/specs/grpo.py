@@ -39,7 +39,8 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
     # methods are tools; a `get_reward()` scores each rollout (`pipeline.models.environments`, TRL's environment_factory)
     environment: str | EnvironmentSpec | None = None
     # Replaces the chat template of the model's tokenizer (saved with this stage's output, so later stages use it):
-    # Jinja, or `chatml`, this pipeline's ChatML with tool calls (for a model whose own template shows no tools)
+    # Jinja, or `chatml` (`chatml_compact`: a short tool list), this pipeline's ChatML with tool calls (for a model
+    # whose own template shows no tools)
     chat_template: str | None = None
 
     args_class = "trl.GRPOConfig"

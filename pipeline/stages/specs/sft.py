@@ -31,7 +31,8 @@ class SFTSpec(TrainStageSpec):
     # column of its own (JSON schemas), as a grpo stage with the same `tools` shows them
     tools: list[str] = field(default_factory=list)
     # Replaces the chat template of the model's tokenizer (saved with this stage's output, so later stages use it):
-    # Jinja, or `chatml`, this pipeline's ChatML with tool calls (for a model whose own template shows no tools)
+    # Jinja, or `chatml` (`chatml_compact`: a short tool list), this pipeline's ChatML with tool calls (for a model
+    # whose own template shows no tools)
     chat_template: str | None = None
 
     args_class = "trl.SFTConfig"

@@ -17,7 +17,8 @@ class TokenizerSpec(StageSpec):
     text_column: str = "text"
     vocab_size: int = 1024
     min_frequency: int = 2
-    chat_template: str | None = None  # Jinja template, or "chatml"; default ChatML with tool calls (`chatml`)
+    # Jinja, or a name: "chatml" (the default: ChatML with tool calls) or "chatml_compact" (the same, a short tool list)
+    chat_template: str | None = None
     model_max_length: int = 2048
 
     ref_fields = ("load",)
