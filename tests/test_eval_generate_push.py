@@ -267,3 +267,27 @@ def test_push_hook_is_idempotent_and_cli_push_merges(chain, monkeypatch, capfd):
         merged = load_causal_lm(str(folder))(ids).logits
         direct = load_causal_lm(chain["stages"]["dpo"]["output"])(ids).logits
     assert torch.allclose(merged, direct, atol=1e-5)
+
+
+def test_response_logprobs_of_a_padded_batch_equal_each_pair_scored_alone():
+    """KL and perplexity read these: prompts and responses of different lengths share a batch (prompts padded on
+    the left, only the response positions' logits computed), and every token's log-prob is what the pair alone,
+    unpadded, gives it."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models.decoding import response_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rng = random.Random(0)
+    pairs = [([rng.randrange(1, 300) for _ in range(rng.randint(1, 20))],
+              [rng.randrange(1, 300) for _ in range(rng.randint(1, 9))]) for _ in range(7)]
+    for (prompt, response), got in zip(pairs, response_logprobs(model, pairs, batch_size=4)):
+        with torch.no_grad():
+            alone = torch.log_softmax(model(torch.tensor([prompt + response])).logits[0, :-1], -1)
+        want = [alone[len(prompt) - 1 + j, token].item() for j, token in enumerate(response)]
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4

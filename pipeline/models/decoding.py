@@ -66,22 +66,29 @@ def generate(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, 
 
 @torch.no_grad()
 def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 64) -> list[list[float]]:
-    """Log-prob of each response token given the prompt and the tokens before it, per (prompt, response) pair."""
+    """Log-prob of each response token given the prompt and the tokens before it, per (prompt, response) pair.
+
+    Each row is laid out so that every prompt ends at the same position (padded on the left, responses on the
+    right, positions counted from each row's first token), so the logits of the response positions alone are
+    computed (`logits_to_keep`): with long prompts and a large vocabulary the rest would be most of the memory."""
     model.eval()
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        width = max(len(p) + len(r) for p, r in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, (prompt, response) in enumerate(chunk):  # right padding: positions stay 0..n-1
-            ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-            mask[i, :len(prompt) + len(response)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
-        for i, (prompt, response) in enumerate(chunk):  # token t is predicted at position t - 1
-            out.append(logps[i, len(prompt) - 1:len(prompt) - 1 + len(response)].tolist())
+        prompt_width, response_width = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
+        ids = torch.zeros(len(chunk), prompt_width + response_width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (prompt, response) in enumerate(chunk):
+            first = prompt_width - len(prompt)
+            ids[i, first:prompt_width + len(response)] = torch.tensor(prompt + response)
+            mask[i, first:prompt_width + len(response)] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # the logits at positions prompt_width - 1 ... predict the response tokens
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=response_width + 1).logits[:, :-1].float()
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, prompt_width:, None].to(device))[..., 0].cpu()
+        out += [logps[i, :len(response)].tolist() for i, (_, response) in enumerate(chunk)]
     return out
 
 
