@@ -23,6 +23,7 @@ import yaml
 from pipeline.stages import STAGE_TYPES
 
 REAL_RECIPES = ("gsm8k", "hh-rlhf", "alpaca")
+DONE = ("completed", "skipped")  # skipped: completed by an earlier run with the same inputs, its metrics kept
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_KEYS = ("model", "baseline", "reference", "reward_model", "value_model")
 
@@ -101,7 +102,7 @@ def recipes_table(results: dict[str, dict[str, Any]]) -> str:
         for stage, record in summary["stages"].items():
             seconds = f"{record['seconds']:.0f}" if record.get("seconds") is not None else "-"
             rows = headline_rows(record["type"], record.get("metrics", {}))
-            if record["status"] != "completed" or not rows:
+            if record["status"] not in DONE or not rows:
                 lines.append(f"| {recipe} | {seed} | {stage} | ({record['status']}) | - | {seconds} |")
             for metric, before, after in rows:
                 change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
@@ -117,7 +118,7 @@ def seeds_table(results: dict[str, dict[str, Any]]) -> str:
     for key, summary in results.items():
         recipe = key.rpartition("-seed")[0]
         for stage, record in summary["stages"].items():
-            if record["status"] != "completed":
+            if record["status"] not in DONE:
                 continue
             for metric, before, after in headline_rows(record["type"], record.get("metrics", {})):
                 row = rows.setdefault((recipe, stage, metric), {"before": [], "after": [], "seconds": []})

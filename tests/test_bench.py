@@ -167,10 +167,11 @@ def test_bench_recipes_over_seeds_shows_the_mean_and_each_seed():
         return {"recipe": "hh", "stages": {"rm": {"type": "reward", "status": status, "seconds": seconds, "metrics": {
             "initial_eval_accuracy": before, "eval_accuracy": after}}}}
 
-    lines = seeds_table({"hh-seed1": run(0.5, 0.7, 100.0), "hh-seed2": run(0.4, 0.8, 200.0),
+    lines = seeds_table({"hh-seed1": run(0.5, 0.7, 100.0), "hh-seed2": run(0.4, 0.8, 200.0, status="skipped"),
                          "hh-seed3": run(0.0, 0.0, 50.0, status="failed")}).splitlines()
     row = next(line for line in lines if "| hh | rm |" in line)
-    assert "| 0.450 -> 0.750 | 0.700, 0.800 | 150 |" in row  # the failed seed is left out, not averaged in as 0
+    # a stage a resumed run skipped (done before with the same inputs) counts; a failed one is left out, not a 0
+    assert "| 0.450 -> 0.750 | 0.700, 0.800 | 150 |" in row
 
 
 def test_bench_quickstart_times_the_cli_and_tabulates_the_run(tmp_path):
