@@ -56,10 +56,10 @@ def use_chat_template(tokenizer, template: str) -> None:
 
 def read_tool_calls(tokenizer) -> None:
     """Make `tokenizer.parse_response` read the tokenizer's tool calls: this pipeline's ChatML writes them as Qwen's
-    <tool_call>{json}</tool_call> (both its templates), which TRL's Qwen3 response template reads; a template TRL knows gets TRL's own
-    (`add_response_schema`, which refuses one it does not know). Called only where tools are used: TRL parses every
-    completion of a tokenizer that has a response template (and decodes it as text otherwise), which would change
-    what rewards read in every other stage."""
+    <tool_call>{json}</tool_call> (both its templates), which TRL's Qwen3 response template reads; a template TRL
+    knows gets TRL's own (`add_response_schema`, which refuses one it does not know). Called only where tools are
+    used: TRL parses every completion of a tokenizer that has a response template (and decodes it as text
+    otherwise), which would change what rewards read in every other stage."""
     from trl.chat_template_utils import add_response_schema, qwen3_template  # lazy: see the module docstring
 
     if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):

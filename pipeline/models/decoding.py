@@ -30,18 +30,19 @@ def completion_text(completion: Any) -> str:
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, batch_size: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1,
-                 tools: list | None = None, tools_each: list[list] | None = None) -> list[tuple[list[int], list[int]]]:
+                 tools: list[list] | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per completion, `num_return_sequences` per prompt, in prompt order.
 
-    Prompts are tokenized as training saw them (`pipeline.data.prompts`), with the `tools` the model may call (or
-    `tools_each`: each prompt's own, as in environments). Padding is removed; a response ends with its first EOS (kept: ending is part of what the model chose)
-    or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
+    Prompts are tokenized as training saw them (`pipeline.data.prompts`), each with the tools it may call (`tools`,
+    one list per prompt). Padding is removed; a response ends with its first EOS (kept: ending is part of what the
+    model chose) or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's
+    distribution.
     """
     model.eval()
     out: list[tuple[list[int], list[int]]] = []
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
     for start in range(0, len(prompts), batch_size):
-        prompt_ids = [prompt_token_ids(tokenizer, p, tools_each[start + i] if tools_each is not None else tools)
+        prompt_ids = [prompt_token_ids(tokenizer, p, tools[start + i] if tools is not None else None)
                       for i, p in enumerate(prompts[start:start + batch_size])]
         input_ids, attention_mask = left_padded(prompt_ids, tokenizer.pad_token_id)
         generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),

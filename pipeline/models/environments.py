@@ -105,9 +105,24 @@ def environment_factory(value: str | EnvironmentSpec, timeout: float, stats: Too
     return functools.partial(guarded_cls, **spec.args)
 
 
+def episodes(prompts: list[Any], rows: list[dict[str, Any]], tools: list[Callable[..., str]],
+             make_environment: Callable[[], Any] | None) -> tuple[list[Any], list[Any], list[list[Callable[..., str]]]]:
+    """Where the pipeline generates with tools itself (held-out accuracy, eval): per prompt, its environment (or
+    None), the conversation it starts from and the tools it may call (the stage's, and its environment's)."""
+    environments = [make_environment() if make_environment else None for _ in prompts]
+    conversations = [start_episode(env, prompt, row) if env else prompt
+                     for env, prompt, row in zip(environments, prompts, rows)]
+    return environments, conversations, [tools + (bound_tools(env) if env else []) for env in environments]
+
+
+def episode_reward(environment: Any) -> float | None:
+    """An environment's score of its finished rollout, where it keeps one (`get_reward`)."""
+    return environment.get_reward() if hasattr(environment, "get_reward") else None
+
+
 def start_episode(environment: Any, prompt: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation a rollout starts from, as TRL builds it: `reset(**row)`'s text appended to the last user
-    turn. Used where the pipeline generates with an environment itself (held-out accuracy, eval)."""
+    turn."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     observation = environment.reset(**row)
     if isinstance(observation, str):

@@ -58,24 +58,23 @@ def call_tools(run: ToolRun, calls: list[dict[str, Any]], tools: dict[str, Calla
         run.messages.append({"role": "tool", "name": name, "content": answer})
 
 
-def generate_with_tools(model, tokenizer, prompts: list[Any], tools: list[Callable[..., str]] | list[list[Callable[..., str]]],
-                        *, max_new_tokens: int, max_calls: int, batch_size: int = 64) -> list[ToolRun]:
-    """Greedy conversations with `tools` (guarded functions; or one list per prompt, as an environment's methods
-    are), one per prompt: see the module docstring."""
+def generate_with_tools(model, tokenizer, prompts: list[Any], tools: list[list[Callable[..., str]]], *,
+                        max_new_tokens: int, max_calls: int, batch_size: int = 64) -> list[ToolRun]:
+    """Greedy conversations, one per prompt, each with its own `tools` (guarded functions; an environment's methods
+    differ per prompt): see the module docstring."""
     read_tool_calls(tokenizer)
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-    each = tools if tools and isinstance(tools[0], list) else [tools] * len(prompts)
-    by_name = [{tool.__name__: tool for tool in own} for own in each]
+    by_name = [{tool.__name__: tool for tool in own} for own in tools]
     runs = [ToolRun() for _ in prompts]
     active = list(range(len(prompts)))
     for round_ in range(max_calls + 1):
         if not active:
             break
         pairs = generate_ids(model, tokenizer, [conversations[i] + runs[i].messages for i in active],
-                             tools_each=[each[i] for i in active], max_new_tokens=max_new_tokens, batch_size=batch_size)
+                             tools=[tools[i] for i in active], max_new_tokens=max_new_tokens, batch_size=batch_size)
         calling = []
         for i, (prompt_ids, reply_ids) in zip(active, pairs):
-            reply = parse_response(tokenizer, reply_ids, prefix=prompt_ids, tools=each[i])
+            reply = parse_response(tokenizer, reply_ids, prefix=prompt_ids, tools=tools[i])
             calls = reply.get("tool_calls") or []
             runs[i].malformed += not calls and unreadable(tokenizer, prompt_ids, reply_ids)
             runs[i].messages.append({"role": "assistant", "content": reply.get("content") or ""}

@@ -45,7 +45,7 @@ from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
-from pipeline.models.environments import bound_tools, environment_factory, start_episode
+from pipeline.models.environments import environment_factory, episode_reward, episodes
 from pipeline.models.loading import load_causal_lm, load_tokenizer
 from pipeline.models.judges import LocalJudge, RemoteJudge, judge_scorer
 from pipeline.models.remote import RemoteRewardScorer
@@ -187,16 +187,16 @@ def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, sh
     if not acting.tools and acting.make_environment is None:
         return [{"response": r} for r in generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                                   batch_size=spec.batch_size)]
-    environments = [acting.make_environment() if acting.make_environment else None for _ in share]
-    conversations = [start_episode(env, prompt, rows.records[i]) if env else prompt
-                     for env, prompt, i in zip(environments, prompts, share)]
-    runs = generate_with_tools(model, tokenizer, conversations,
-                               [acting.tools + (bound_tools(env) if env else []) for env in environments],
-                               max_new_tokens=spec.max_new_tokens, max_calls=spec.max_tool_calls,
-                               batch_size=spec.batch_size)
-    return [{"response": run.response, "tool_calls": run.calls, "tool_malformed": run.malformed,
-             "tool_errors": run.errors} | ({"env_reward": env.get_reward()} if hasattr(env, "get_reward") else {})
-            for run, env in zip(runs, environments)]
+    environments, conversations, own_tools = episodes(prompts, [rows.records[i] for i in share], acting.tools,
+                                                      acting.make_environment)
+    runs = generate_with_tools(model, tokenizer, conversations, own_tools, max_new_tokens=spec.max_new_tokens,
+                               max_calls=spec.max_tool_calls, batch_size=spec.batch_size)
+    out = [{"response": run.response, "tool_calls": run.calls, "tool_malformed": run.malformed,
+            "tool_errors": run.errors} for run in runs]
+    for row, reward in zip(out, map(episode_reward, environments)):
+        if reward is not None:
+            row["env_reward"] = reward
+    return out
 
 
 def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, model, tokenizer,

@@ -22,7 +22,7 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import require_reward_columns
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
-from pipeline.models.environments import bound_tools, environment_factory, owns_reward, start_episode
+from pipeline.models.environments import environment_factory, episode_reward, episodes, owns_reward
 from pipeline.models.chat_templates import read_tool_calls, use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
@@ -57,13 +57,11 @@ def held_out_scores(trainer, tokenizer, held_out, max_new_tokens: int, is_correc
             if not tools and make_environment is None:
                 return [(text, None) for text in generate(model, tokenizer, [r["prompt"] for r in share],
                                                           max_new_tokens=max_new_tokens)]
-            environments = [make_environment() for _ in share] if make_environment else [None] * len(share)
-            prompts = [start_episode(env, r["prompt"], r) if env else r["prompt"] for env, r in zip(environments, share)]
-            per_prompt = [(tools or []) + (bound_tools(env) if env else []) for env in environments]
-            runs = generate_with_tools(model, tokenizer, prompts, per_prompt, max_new_tokens=max_new_tokens,
+            environments, conversations, own_tools = episodes([r["prompt"] for r in share], share, tools or [],
+                                                              make_environment)
+            runs = generate_with_tools(model, tokenizer, conversations, own_tools, max_new_tokens=max_new_tokens,
                                        max_calls=trainer.args.max_tool_calling_iterations or 1)
-            return [(run.response, env.get_reward() if env is not None and hasattr(env, "get_reward") else None)
-                    for run, env in zip(runs, environments)]
+            return [(run.response, episode_reward(env)) for run, env in zip(runs, environments)]
         answers = map_shards(rows, answer)
     scores = {}
     if is_correct is not None:
