@@ -223,3 +223,34 @@ def test_critic_starts_from_the_reward_model(model_dir, peft, tmp_path):
                                              .last_hidden_state)[0, -1, 0])
                     for q, m, r, n in zip(rollout.query, rollout.query_mask, rollout.response, last)]
     assert torch.allclose(values_before_last, torch.tensor(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_activation_checkpointing_recomputes_layers_and_changes_no_number(model_dir, peft):
+    """`activation_checkpointing`: the update recomputes every decoder layer in its backward pass (each runs once
+    more per minibatch: policy, and critic where it has one) even though PPO keeps the model in eval mode, while
+    the rollout and the trained weights are exactly those of a run without it."""
+    if model_dir[0] != "quickstart":
+        pytest.skip("one tokenizer family is enough: checkpointing does not touch tokenization")
+    trained, calls = {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        trainer = trainer_for(model_dir, peft, learning_rate=1e-2, ppo_epochs=1, activation_checkpointing=on)
+        rollout = experience(trainer)
+        layers = [m for m in trainer.unwrapped.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        counted = []
+        # a recomputed layer runs its `forward` again, whose submodules' hooks fire
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *_: counted.append(1)) for layer in layers]
+        trainer.update(rollout)
+        for hook in hooks:
+            hook.remove()
+        calls[on] = len(counted)
+        trained[on] = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+        if on:
+            assert all(layer.training for layer in layers) and not trainer.unwrapped.policy.training
+    minibatches = 8 // 4
+    assert calls[True] == 2 * calls[False] and calls[False] == minibatches * (
+        2 * 2 if trainer.unwrapped.has_critic else 2)  # 2 layers; policy and critic passes
+    assert trained[True].keys() == trained[False].keys()
+    for name in trained[False]:
+        assert torch.equal(trained[True][name], trained[False][name]), name

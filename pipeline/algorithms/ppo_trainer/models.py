@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 from trl.trainer.utils import disable_dropout_in_model
 
 # peft names an adapter's weights `<module>.lora_A.<adapter>.weight` (lora_B, lora_embedding_A, lora_magnitude_vector...)
@@ -49,6 +52,43 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(head.bias)
         return cls(policy, critic_trunk, head)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Keep only each layer's input in the forward pass and recompute the rest in the backward pass."""
+        # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if self.value_adapter:  # the backward pass runs after `forward` went back to the policy's adapter
+            kwargs["context_fn"] = self.recompute_under_active_adapter
+        for module in (self.policy, self.critic_trunk):
+            if module is not None:  # the value adapter runs the policy's own layers
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        self.checkpointed_layers = [m for m in self.modules() if getattr(m, "gradient_checkpointing", False)
+                                    and isinstance(m, GradientCheckpointingLayer)]
+        self.train(self.training)
+
+    def recompute_under_active_adapter(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """`torch.utils.checkpoint`'s contexts for a layer's forward pass and for its recomputation: the
+        recomputation runs under the adapter the forward pass ran under (the critic's layers under "value")."""
+        adapter = self.active_adapter
+
+        @contextlib.contextmanager
+        def under_that_adapter() -> Iterator[None]:
+            current = self.active_adapter
+            self.use_adapter(adapter)
+            try:
+                yield
+            finally:
+                self.use_adapter(current)
+        return contextlib.nullcontext(), under_that_adapter()
+
+    def train(self, mode: bool = True) -> ActorCritic:
+        """PPO runs in eval mode throughout (see `PPOTrainer.update`), but transformers checkpoints a layer only
+        in training mode: the checkpointed layers alone are marked training (their own flag, not their
+        submodules'); they checkpoint only where gradients are recorded, and run as they are elsewhere."""
+        super().train(mode)
+        for layer in getattr(self, "checkpointed_layers", []):
+            layer.training = True
+        return self
+
     @property
     def has_critic(self) -> bool:
         return self.value_head is not None
@@ -61,6 +101,7 @@ class ActorCritic(nn.Module):
     def use_adapter(self, name: str) -> None:
         """Activate one adapter; keep both trainable (peft freezes the inactive one)."""
         self.policy.base_model.set_adapter(name)
+        self.active_adapter = name  # peft's own `active_adapter` does not follow `base_model.set_adapter`
         for param_name, param in self.policy.named_parameters():
             if "lora_" in param_name:
                 param.requires_grad_(True)

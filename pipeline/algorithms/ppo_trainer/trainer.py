@@ -172,6 +172,8 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(groups, lr=policy_lr, weight_decay=config.weight_decay, fused=True)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=config.max_steps)
+        if config.activation_checkpointing:
+            model.enable_activation_checkpointing()
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         if ref_model is not None:
             disable_dropout_in_model(ref_model)
