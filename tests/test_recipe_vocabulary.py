@@ -23,7 +23,7 @@ from tests.conftest import DATA, tiny_stages, write_recipe
 # Every PPOConfig field that a transformers Trainer config also has, with a value unlike either default.
 SHARED_NAMES = {"max_steps": 3, "learning_rate": 0.5, "lr_scheduler_type": "cosine", "warmup_steps": 2,
                 "weight_decay": 0.3, "max_grad_norm": 0.7, "seed": 5, "logging_steps": 7, "save_steps": 100,
-                "report_to": "tensorboard", "bf16": True}
+                "report_to": "tensorboard", "bf16": True, "activation_checkpointing": True}
 
 
 def ppo_recipe(tmp_path, defaults: dict, **ppo_keys):

@@ -30,7 +30,8 @@ class PPOSpec(RewardsSpec, TrainStageSpec):
     args_class = "pipeline.algorithms.ppo_trainer.config.PPOConfig"
     # A PPO step is a whole rollout and its updates, so a recipe's `defaults:` sized for Trainer steps (save_steps,
     # logging_steps, max_steps, warmup_steps) or for supervised learning rates stay with the Trainer stages.
-    shared_defaults = ("seed", "report_to", "bf16", "weight_decay", "lr_scheduler_type", "max_grad_norm")
+    shared_defaults = ("seed", "report_to", "bf16", "weight_decay", "lr_scheduler_type", "max_grad_norm",
+                       "activation_checkpointing")
     zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
