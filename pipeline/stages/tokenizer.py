@@ -12,11 +12,14 @@ from pipeline.models.chat_templates import use_chat_template
 from pipeline.stages.specs.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, TokenizerSpec
 
 
-def train_bpe(texts, vocab_size: int, min_frequency: int):
-    """A byte-level BPE `tokenizers.Tokenizer`: every byte is in the alphabet, so nothing is unknown."""
+def train_bpe(texts, vocab_size: int, min_frequency: int, split_digits: bool = False):
+    """A byte-level BPE `tokenizers.Tokenizer`: every byte is in the alphabet, so nothing is unknown; with
+    `split_digits`, no merge crosses a digit."""
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
@@ -37,7 +40,7 @@ def run(spec: TokenizerSpec, ctx: StageContext) -> dict[str, float]:
         require_columns(train, spec.formats(), f"stage '{spec.name}'")
         texts = list(train[spec.text_column])
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=train_bpe(texts, spec.vocab_size, spec.min_frequency),
+            tokenizer_object=train_bpe(texts, spec.vocab_size, spec.min_frequency, spec.split_digits),
             bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=spec.model_max_length,
         )
         use_chat_template(tokenizer, spec.chat_template or "chatml")

@@ -17,6 +17,9 @@ class TokenizerSpec(StageSpec):
     text_column: str = "text"
     vocab_size: int = 1024
     min_frequency: int = 2
+    # every digit its own token (as Llama and SmolLM2 do): a number reads the same wherever it stands, so a model
+    # can copy it (e.g. a tool's answer into its own) and do digit-wise arithmetic
+    split_digits: bool = False
     # Jinja, or a name: "chatml" (the default: ChatML with tool calls) or "chatml_compact" (the same, a short tool list)
     chat_template: str | None = None
     model_max_length: int = 2048
