@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.stages.specs.tokenizer import TokenizerSpec
 from pipeline.stages.tokenizer import train_bpe
 from tests.conftest import REPO, summary
 
@@ -54,6 +55,11 @@ def test_split_digits_gives_every_digit_its_own_token_wherever_the_number_stands
     else:
         assert any(len(p) > 1 for piece in digits for p in piece)  # BPE merges digits: the same number reads apart
     assert [tokenizer.decode(tokenizer.encode(text).ids) for text in ("x 15846.",)] == ["x 15846."]
+
+
+def test_split_digits_is_refused_for_a_tokenizer_the_stage_loads():
+    spec = TokenizerSpec(name="tok", type="tokenizer", load="some/folder", split_digits=True)
+    assert spec.check() == ["split_digits: applies to a tokenizer this stage trains, not to one it loads"]
 
 
 def test_the_recipe_runs_end_to_end_with_the_live_tool_at_test_scale(tmp_path):

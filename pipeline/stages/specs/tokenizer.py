@@ -34,6 +34,8 @@ class TokenizerSpec(StageSpec):
         if self.dataset is not None and self.vocab_size < MIN_VOCAB_SIZE:
             problems.append(f"vocab_size: must be at least {MIN_VOCAB_SIZE} (256 bytes and 4 special tokens, "
                             f"before any merge), got {self.vocab_size}")
+        if self.split_digits and self.load is not None:
+            problems.append("split_digits: applies to a tokenizer this stage trains, not to one it loads")
         if self.min_frequency < 1:
             problems.append(f"min_frequency: must be >= 1, got {self.min_frequency}")
         if self.model_max_length < 1:
