@@ -99,11 +99,29 @@ def cmd_run(args) -> int:
         print_warnings(warnings)
     runner.run()
     runner.log(f"run finished in {run_dir}")
-    # Every rank is past its last collective. Left to interpreter shutdown, gloo's worker threads can abort
-    # a finished run (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489).
-    # Only on success: a failed rank may leave others inside a collective that destroying would hang.
-    runner.state.destroy_process_group()
+    if runner.state.num_processes > 1:
+        exit_finished_rank(runner.state)
     return 0
+
+
+def exit_finished_rank(state) -> None:
+    """End a rank of a finished multi-process run without interpreter finalization.
+
+    Finalizing can abort a finished run: gloo work objects still referenced (a DDP reducer's, say) are destroyed
+    while the interpreter tears down and SIGABRT the rank ("terminate called without an active exception";
+    pytorch/pytorch#190489, #179291), which `accelerate launch` reports as a failed run. Destroying the process
+    group first narrowed that but CI still saw it, so every rank meets the others, destroys the group, flushes
+    what it wrote, and leaves with `os._exit`. Only on success: a failed rank may leave others inside a
+    collective that destroying would hang.
+    """
+    import logging
+
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_report(args) -> int:

@@ -15,7 +15,7 @@ from pipeline.stages.tokenizer import train_bpe
 from tests.conftest import REPO, summary
 
 sys.path.insert(0, str(REPO / "examples" / "tools"))
-import datagen  # noqa: E402
+import tools_datagen  # noqa: E402
 
 FILES = ("pretrain.jsonl", "sft.jsonl", "prompts.jsonl", "eval.jsonl")
 
@@ -25,7 +25,7 @@ def read(path: Path) -> list[dict]:
 
 
 def test_committed_data_is_the_generators_and_the_pools_share_no_question(tmp_path):
-    datagen.main(tmp_path, seed=0)
+    tools_datagen.main(tmp_path, seed=0)
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (REPO / "data" / "tools" / name).read_bytes(), name
     pretrain = {q.split("?")[0] + "?" for row in read(tmp_path / "pretrain.jsonl")
@@ -34,8 +34,9 @@ def test_committed_data_is_the_generators_and_the_pools_share_no_question(tmp_pa
     prompts = {row["prompt"] for row in read(tmp_path / "prompts.jsonl")}
     held_out = read(tmp_path / "eval.jsonl")
     pools = [pretrain, sft, prompts, {row["prompt"] for row in held_out}]
-    assert [len(pool) for pool in pools] == [datagen.PRETRAIN_ROWS * datagen.QUESTIONS_PER_TEXT, datagen.SFT_ROWS,
-                                             datagen.PROMPT_ROWS, datagen.EVAL_ROWS]
+    gen = tools_datagen
+    assert [len(pool) for pool in pools] == [gen.PRETRAIN_ROWS * gen.QUESTIONS_PER_TEXT, gen.SFT_ROWS,
+                                             gen.PROMPT_ROWS, gen.EVAL_ROWS]
     assert len(set().union(*pools)) == sum(map(len, pools))
     for row in held_out:
         a, b = (int(x) for x in row["prompt"].removeprefix("What is ").removesuffix("?").split(" * "))

@@ -1,6 +1,6 @@
 """Generate the tool-use data set of `recipes/tools.yaml`: products of a 3-digit and a 2-digit number.
 
-Usage: ``python examples/tools/datagen.py [OUT_DIR] [--seed N]`` (default ``data/tools``).
+Usage: ``python examples/tools/tools_datagen.py [OUT_DIR] [--seed N]`` (default ``data/tools``).
 
 A 1M-parameter model cannot multiply 417 by 38 from memory, but it can learn to ask the `multiply` tool
 (`examples/tools/calculator.py`) and copy the tool's answer into its own. The questions are split into disjoint
