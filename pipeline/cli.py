@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -114,8 +115,6 @@ def exit_finished_rank(state) -> None:
     what it wrote, and leaves with `os._exit`. Only on success: a failed rank may leave others inside a
     collective that destroying would hang.
     """
-    import logging
-
     state.wait_for_everyone()
     state.destroy_process_group()
     logging.shutdown()
