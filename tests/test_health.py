@@ -117,6 +117,38 @@ def test_reward_noise_is_not_a_trend():
     assert reward_flat(Evidence(rising[:3], {}, names), HealthSpec()) is None  # too few points to judge
 
 
+def test_a_falling_reward_is_not_called_flat():
+    """A reward falling beyond twice its noise is `reward_falling` (lower the step), not `reward_flat` (raise it);
+    one falling by less than that is flat."""
+    from pipeline.config.health import HealthSpec
+    from pipeline.training.health import Evidence, reward_falling, reward_flat
+
+    names = {"reward": "reward"}
+    falling = Evidence([{"step": s, "reward": (0.05 if s % 2 else -0.05) - 0.05 * s} for s in range(1, 17)], {}, names)
+    drifting = Evidence([{"step": s, "reward": (0.5 if s % 2 else -0.5) - 0.01 * s} for s in range(1, 17)], {}, names)
+    assert reward_falling(falling, HealthSpec())["finding"] == "reward_falling"
+    assert reward_flat(falling, HealthSpec()) is None
+    assert reward_falling(drifting, HealthSpec()) is None
+    assert reward_flat(drifting, HealthSpec())["finding"] == "reward_flat"
+
+
+def test_held_out_accuracy_falling_without_a_rising_reward_is_reported_once():
+    """Held-out accuracy down with no reward up: `held_out_fell`; with the training reward up it is reward hacking,
+    reported as that alone."""
+    from pipeline.config.health import HealthSpec
+    from pipeline.training.health import Evidence, held_out_fell, reward_hacking
+
+    worse = {"initial_eval_accuracy": 0.69, "eval_accuracy": 0.12, "train_reward_first": 0.6, "train_reward_last": 0.4}
+    found_worse = held_out_fell(Evidence([], worse, {}), HealthSpec())
+    assert found_worse["eval_accuracy_before"] == 0.69 and found_worse["eval_accuracy_after"] == 0.12
+    assert reward_hacking(Evidence([], worse, {}), HealthSpec()) is None
+    hacked = {**worse, "train_reward_last": 0.9}
+    assert held_out_fell(Evidence([], hacked, {}), HealthSpec()) is None
+    assert reward_hacking(Evidence([], hacked, {}), HealthSpec())["finding"] == "reward_hacking"
+    level = {**worse, "eval_accuracy": 0.66}  # within the 0.05 bound
+    assert held_out_fell(Evidence([], level, {}), HealthSpec()) is None
+
+
 @pytest.mark.parametrize("stage, findings", [
     ("sft_still", ["loss_not_falling"]),
     ("sft_overfit", ["overfitting"]),

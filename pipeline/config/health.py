@@ -28,7 +28,7 @@ class HealthSpec:
     chosen_logp_drop: float = 1.0  # chosen_logp_falling: chosen log-prob (nats per response) fell by more than this
     still_kl: float = 1e-5  # policy_not_moving: second-half mean KL per token (PPO: old -> new; GRPO/RLOO: to reference) below this
     still_clip: float = 1e-4  # policy_not_moving: ... and second-half clip fraction below this (where logged)
-    hacking_accuracy_drop: float = 0.05  # reward_hacking: held-out accuracy (or a reward term's held-out score) fell by at least this while a reward rose
+    hacking_accuracy_drop: float = 0.05  # reward_hacking: held-out accuracy (or a reward term's held-out score) fell by at least this while a reward rose; held_out_fell: held-out accuracy fell by at least this
     max_kl: float = 10.0  # kl_past_bound: KL to the reference (nats per response) above this in the last quarter
     kl_growing_from: float = 3.0  # kl_growing: KL (nats per response) rising every quarter, and above this in the last
     min_entropy_ratio: float = 0.1  # entropy_collapse: last-quarter entropy below this fraction of the first quarter's

@@ -186,8 +186,17 @@ def policy_not_moving(e: Evidence, spec: HealthSpec) -> Finding | None:
     return None
 
 
+def reward_falling(e: Evidence, spec: HealthSpec) -> Finding | None:
+    """The sampled reward fell by more than twice `trend_z` standard errors: twice, because its remedy (a smaller
+    step) is the opposite of a flat reward's, so a noisy flat run must not read as falling."""
+    return trend(e, "reward", spec, "reward_falling",
+                 lambda first, last, error: first - last > max(2 * spec.trend_z * error, 0.0))
+
+
 def reward_flat(e: Evidence, spec: HealthSpec) -> Finding | None:
-    return trend(e, "reward", spec, "reward_flat", lambda first, last, error: last - first <= spec.trend_z * error)
+    """Neither rising beyond its noise nor falling (that is `reward_falling`)."""
+    return trend(e, "reward", spec, "reward_flat", lambda first, last, error:
+                 last - first <= spec.trend_z * error and first - last <= max(2 * spec.trend_z * error, 0.0))
 
 
 def reward_hacking(e: Evidence, spec: HealthSpec) -> Finding | None:
@@ -205,6 +214,19 @@ def reward_hacking(e: Evidence, spec: HealthSpec) -> Finding | None:
     up, down = next(k for k in rose if k not in fell), next(iter(fell))
     return finding("reward_hacking", up, **{f"{up}_before": rose[up][0], f"{up}_after": rose[up][1],
                                             f"{down}_before": fell[down][0], f"{down}_after": fell[down][1]})
+
+
+def held_out_fell(e: Evidence, spec: HealthSpec) -> Finding | None:
+    """Held-out accuracy fell by at least `hacking_accuracy_drop` while no reward rose (when one rose, that is
+    `reward_hacking`): the stage's output is worse than its input."""
+    m = e.metrics
+    before, after = m.get("initial_eval_accuracy"), m.get("eval_accuracy")
+    if not (_number(before) and _number(after)) or before - after < spec.hacking_accuracy_drop:
+        return None
+    if reward_hacking(e, spec) is not None:
+        return None
+    return finding("held_out_fell", "eval_accuracy", eval_accuracy_before=before, eval_accuracy_after=after,
+                   bound=spec.hacking_accuracy_drop)
 
 
 def response_kl(e: Evidence) -> tuple[str, Series]:
@@ -316,8 +338,12 @@ CHECKS: dict[str, Check] = {
                                    "raise learning_rate or beta; check chosen and rejected are not swapped"),
     "policy_not_moving": Check(policy_not_moving, "policy not moving",
                                "raise learning_rate; check that rewards differ between samples of a prompt"),
-    "reward_flat": Check(reward_flat, "sampled reward flat or falling",
+    "reward_flat": Check(reward_flat, "sampled reward flat",
                          "raise learning_rate or temperature; check that the reward can be earned"),
+    "reward_falling": Check(reward_falling, "sampled reward falling",
+                            "a lower learning_rate with warmup_steps, or LoRA adapters (lora:), for smaller first steps"),
+    "held_out_fell": Check(held_out_fell, "held-out accuracy fell: the stage's output is worse than its input",
+                           "a lower learning_rate with warmup_steps, or LoRA adapters (lora:); compare before using it"),
     "reward_hacking": Check(reward_hacking, "reward up while held-out accuracy or another scorer falls (reward hacking)",
                             "a higher KL coefficient (kl_coef/beta), fewer steps, or a reward closer to the task"),
     "kl_past_bound": Check(kl_past_bound, "KL to the reference past its bound",
