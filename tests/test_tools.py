@@ -294,6 +294,11 @@ def test_eval_answers_with_tools_over_several_turns_and_counts_what_went_wrong(t
     assert metrics["accuracy/base"] == 0.25  # only "12+34" -> "46"
     assert metrics["tool_calls/base"] == (1 + 1 + 0 + 2) / 4  # the loop stops after 2 rounds
     assert metrics["tool_malformed/base"] == 1 / 4 and metrics["tool_errors/base"] == 1 / 4
+    shown = json.loads((tmp_path / "run" / "eval" / "output" / "samples.json").read_text())["rows"][0]
+    turns = shown["responses"]["base"]["turns"]  # the whole conversation is kept for the report
+    assert [t["role"] for t in turns] == ["assistant", "tool", "assistant"]
+    assert turns[0]["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 12, "b": 34}}
+    assert turns[1] == {"role": "tool", "name": "add", "content": "46"} and turns[2]["content"] == "46"
 
 
 @needs_smollm2

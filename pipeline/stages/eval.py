@@ -25,7 +25,8 @@ the greedy metrics equal a single process's; the sampled ones (`kl`, best-of-N, 
 random stream, so they vary with the process count as with the seed.
 
 Computations `evaluate` can express are local `evaluate` modules (`pipeline/metrics/`). Greedy responses
-to the first `num_samples_table` prompts are saved to `samples.json` in the output folder for the report.
+to the first `num_samples_table` prompts are saved to `samples.json` in the output folder for the report (with
+tools, each with its `turns`: the model's replies, their calls and the tools' answers).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, sh
                                                       acting.make_environment)
     runs = generate_with_tools(model, tokenizer, conversations, own_tools, max_new_tokens=spec.max_new_tokens,
                                max_calls=spec.max_tool_calls, batch_size=spec.batch_size)
-    out = [{"response": run.response, "tool_calls": run.calls, "tool_malformed": run.malformed,
+    out = [{"response": run.response, "turns": run.messages, "tool_calls": run.calls, "tool_malformed": run.malformed,
             "tool_errors": run.errors} for run in runs]
     for row, reward in zip(out, map(episode_reward, environments)):
         if reward is not None:
@@ -315,6 +316,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
             response, answer = results[i]["response"], rows.answers[i]
             row["responses"][named[ref]] = {"response": response, "reward": results[i].get("score"),
                                             "correct": judges.is_correct(response, answer) if answer.strip() else None}
+            if "turns" in results[i]:  # with tools: the whole conversation, calls and the tools' answers
+                row["responses"][named[ref]]["turns"] = results[i]["turns"]
         del model
 
     if spec.baseline is not None:
