@@ -264,7 +264,8 @@ DERIVED_PROMPT_FORMATS = {"hh-rlhf transcripts": ("chosen",), "alpaca": ("instru
 
 # What every online RL stage (grpo, rloo, ppo) is checked for; their loss is no learning signal, their reward is.
 RL_HEALTH_CHECKS = ("policy_not_moving", "reward_flat", "reward_falling", "reward_hacking", "held_out_fell",
-                    "kl_past_bound", "kl_growing", "entropy_collapse", "responses_truncated", "length_growing", "zero_variance_groups")
+                    "kl_past_bound", "kl_growing", "entropy_collapse", "responses_truncated", "length_growing",
+                    "zero_variance_groups")
 
 JUDGE_TEMPLATE = ("Rate the answer to the question from 1 (wrong or unhelpful) to {scale} (correct and helpful).\n\n"
                   "Question: {prompt}\nAnswer: {response}\n\nReply with one digit.")

@@ -190,13 +190,13 @@ def reward_falling(e: Evidence, spec: HealthSpec) -> Finding | None:
     """The sampled reward fell by more than twice `trend_z` standard errors: twice, because its remedy (a smaller
     step) is the opposite of a flat reward's, so a noisy flat run must not read as falling."""
     return trend(e, "reward", spec, "reward_falling",
-                 lambda first, last, error: first - last > max(2 * spec.trend_z * error, 0.0))
+                 lambda first, last, error: first - last > 2 * spec.trend_z * error)
 
 
 def reward_flat(e: Evidence, spec: HealthSpec) -> Finding | None:
     """Neither rising beyond its noise nor falling (that is `reward_falling`)."""
     return trend(e, "reward", spec, "reward_flat", lambda first, last, error:
-                 last - first <= spec.trend_z * error and first - last <= max(2 * spec.trend_z * error, 0.0))
+                 last - first <= spec.trend_z * error and first - last <= 2 * spec.trend_z * error)
 
 
 def reward_hacking(e: Evidence, spec: HealthSpec) -> Finding | None:
@@ -341,9 +341,9 @@ CHECKS: dict[str, Check] = {
     "reward_flat": Check(reward_flat, "sampled reward flat",
                          "raise learning_rate or temperature; check that the reward can be earned"),
     "reward_falling": Check(reward_falling, "sampled reward falling",
-                            "a lower learning_rate with warmup_steps, or LoRA adapters (lora:), for smaller first steps"),
+                            "a lower learning_rate with warmup_steps, or LoRA adapters (peft:), for smaller first steps"),
     "held_out_fell": Check(held_out_fell, "held-out accuracy fell: the stage's output is worse than its input",
-                           "a lower learning_rate with warmup_steps, or LoRA adapters (lora:); compare before using it"),
+                           "a lower learning_rate with warmup_steps, or LoRA adapters (peft:); compare before using it"),
     "reward_hacking": Check(reward_hacking, "reward up while held-out accuracy or another scorer falls (reward hacking)",
                             "a higher KL coefficient (kl_coef/beta), fewer steps, or a reward closer to the task"),
     "kl_past_bound": Check(kl_past_bound, "KL to the reference past its bound",
