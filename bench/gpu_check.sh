@@ -3,8 +3,9 @@
 #
 #   bash bench/gpu_check.sh [WORK_DIR]        (from the repository root, the environment active)
 #
-#   1. SFT in bf16, with FlashAttention-2 where `flash_attn` is installed and Liger's kernels where
-#      `liger_kernel` is (the pipeline turns each on by itself on a GPU; the table says which were on);
+#   1. SFT in bf16, with FlashAttention-2 where `flash_attn` is installed (the pipeline turns both on by itself on
+#      a GPU; the table says which were on), and a second SFT stage asking for Liger's kernels
+#      (`use_liger_kernel: true`, which a recipe must ask for) where `liger_kernel` is installed;
 #   2. GRPO with vLLM generating in the training process (`vllm_mode: colocate`) where `vllm` is installed;
 #   3. FSDP2 (accelerate_configs/fsdp.yaml): a LoRA SFT stage saved with FULL_STATE_DICT, then its adapter
 #      reloaded with peft and checked trained. On 2+ GPUs it runs 2 processes; on one GPU, 1 (said in the table).
@@ -53,6 +54,12 @@ stages:
     rewards: [{function: exact_match}]
     peft: {r: 8, lora_alpha: 16}
     args: {max_steps: $((DRY ? 1 : 5)), num_generations: 4, per_device_train_batch_size: 8, max_completion_length: 8}
+  - name: liger
+    type: sft
+    model: base
+    dataset: {path: data/quickstart/sft.jsonl, max_samples: 512}
+    args: {max_steps: $((DRY ? 2 : 10)), learning_rate: 1.0e-3, per_device_train_batch_size: 16, max_length: 64,
+           use_liger_kernel: true}
   - name: lora
     type: sft
     model: sft
@@ -82,10 +89,10 @@ FLAGS=$(python - 2>> "$LOG" <<'EOF'
 from pipeline.models.loading import attn_implementation, use_bf16
 from pipeline.training.trainers import gpu_fast_paths
 fast = gpu_fast_paths()
-print(use_bf16(), attn_implementation() or "sdpa", fast.get("use_liger_kernel", False), fast.get("use_vllm", False))
+print(use_bf16(), attn_implementation() or "sdpa", fast.get("use_vllm", False))
 EOF
 ) || die "reading what the pipeline turns on failed"
-read -r BF16 ATTN LIGER VLLM <<< "$FLAGS"
+read -r BF16 ATTN VLLM <<< "$FLAGS"
 
 if ! python -m pipeline validate "$WORK/recipe.yaml" >> "$LOG" 2>&1; then
   echo "gpu_check: the check recipe does not validate; see $LOG" >&2
@@ -93,7 +100,7 @@ if ! python -m pipeline validate "$WORK/recipe.yaml" >> "$LOG" 2>&1; then
 fi
 stages python -m pipeline run "$WORK/recipe.yaml" --stages tok,base || row "pretrain (setup)" failed $ELAPSED "see $LOG"
 
-# 1. SFT: bf16, FlashAttention-2, Liger.
+# 1. SFT: bf16, FlashAttention-2; then Liger, asked for.
 if stages python -m pipeline run "$WORK/recipe.yaml" --stages sft; then
   USED=$(python - "$RUN/sft/output" 2>> "$LOG" <<'EOF'
 import sys
@@ -111,14 +118,17 @@ EOF
   else
     row "SFT + FlashAttention-2" skipped - "flash_attn not installed (attention: $USED_ATTN)"
   fi
-  if installed liger_kernel; then
-    row "SFT + Liger kernels" "$([[ $LIGER == True ]] && echo passed || echo 'not on GPU')" $ELAPSED \
-        "use_liger_kernel=$LIGER"
-  else
-    row "SFT + Liger kernels" skipped - "liger_kernel not installed"
-  fi
 else
   row "SFT in bf16" failed $ELAPSED "see $LOG"
+fi
+if ! installed liger_kernel; then
+  row "SFT + Liger kernels" skipped - "liger_kernel not installed"
+elif (( GPUS < 1 )); then
+  row "SFT + Liger kernels" "not on GPU" - "Liger's kernels are Triton kernels: GPU only"
+elif stages python -m pipeline run "$WORK/recipe.yaml" --stages liger; then
+  row "SFT + Liger kernels" passed $ELAPSED "use_liger_kernel: true"
+else
+  row "SFT + Liger kernels" failed $ELAPSED "$(grep -m1 "stage 'liger' failed" "$LOG" | cut -c1-200)"
 fi
 
 # 2. GRPO with vLLM colocated in the training process.

@@ -215,3 +215,16 @@ def test_bench_served_scores_in_process_and_over_http(tmp_path, capsys):
     for mode in ("in-process", "served"):
         assert results[mode]["pairs_per_s"] > 0 and results[mode]["peak_mb"] > 0
     assert results["server_peak_mb"] > 0
+
+
+def test_bench_rollouts_times_both_ways_on_the_same_tokens():
+    from bench.rollouts import Rollout, measure, quickstart_model, rollouts_table
+
+    model = quickstart_model()
+    grouped = measure(model, Rollout("grpo", 4, 4, 12, 3), repeats=1)
+    single = measure(model, Rollout("eval", 4, 1, 12, 3, sampled=False), repeats=1)
+    for result in (grouped, single):
+        assert result["identical_rows"] == 1.0  # same seed, same tokens, either way
+        assert result["before_tokens_per_s"] > 0 and result["after_tokens_per_s"] > 0
+    table = rollouts_table({"quickstart": {"grpo": {**vars(Rollout("grpo", 4, 4, 12, 3)), **grouped}}}, "header")
+    assert "| quickstart | grpo | 4 x 4 | 12, 3 |" in table

@@ -20,9 +20,10 @@ def pretend_installed(monkeypatch, *packages: str) -> None:
 def test_gpu_fast_paths_follow_hardware_and_packages(monkeypatch):
     assert training.gpu_fast_paths() == {}  # CPU: none apply
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.gpu_fast_paths() == {"use_liger_kernel": False}
+    pretend_installed(monkeypatch, "liger_kernel")
+    assert training.gpu_fast_paths() == {}  # Liger only where a recipe asks (it fetched a Hub kernel offline)
     pretend_installed(monkeypatch, "liger_kernel", "vllm")
-    assert training.gpu_fast_paths() == {"use_liger_kernel": True, "use_vllm": True, "vllm_mode": "colocate"}
+    assert training.gpu_fast_paths() == {"use_vllm": True, "vllm_mode": "colocate"}
 
 
 def test_fast_path_fields_reach_only_configs_that_have_them(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.prompts import left_padded, prompt_token_ids
+from pipeline.models.shared_prompts import generate_sharing_prompts
 
 
 def prompt_text(prompt: Any) -> str:
@@ -44,11 +45,12 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
     for start in range(0, len(prompts), batch_size):
         prompt_ids = [prompt_token_ids(tokenizer, p, tools[start + i] if tools is not None else None)
                       for i, p in enumerate(prompts[start:start + batch_size])]
-        input_ids, attention_mask = left_padded(prompt_ids, tokenizer.pad_token_id)
-        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                   max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   **sampling)
+        input_ids, attention_mask = (t.repeat_interleave(num_return_sequences, dim=0).to(model.device)
+                                     for t in left_padded(prompt_ids, tokenizer.pad_token_id))
+        # rows as `num_return_sequences` lays them out, each prompt read once
+        generated = generate_sharing_prompts(model, model.generate, input_ids, attention_mask,
+                                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, **sampling)
         for i, row in enumerate(generated.tolist()):
             response = row[input_ids.shape[1]:]
             if tokenizer.eos_token_id in response:

@@ -3,7 +3,7 @@
 A rerun may skip a stage only if nothing that shapes its result changed: the project's code the stage
 runs (its module and every `pipeline` module it imports, directly or inside functions), the versions of
 the libraries it calls, and what the hardware resolved (precision, attention kernel, GPU fast paths,
-which switch on by themselves when `vllm` or `liger-kernel` is installed).
+which switch on by themselves when `vllm` is installed).
 """
 
 from __future__ import annotations

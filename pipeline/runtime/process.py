@@ -43,3 +43,8 @@ def prepare_process() -> None:
     # `datasets` draws a progress bar for every map and filter (hundreds per run); the run's own progress lines
     # (pipeline.runtime.progress) say where it is. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when `datasets` is imported
+    # transformers 5.25 (whose dependencies now include `kernels`) swaps layers for kernels fetched from the Hub
+    # when a model is loaded on a GPU and trains: code downloaded at run time that no recipe asked for (as
+    # trust_remote_code stays off unless asked), and on an offline H200 it failed the sft stage (2026-12-04).
+    # USE_HUB_KERNELS=1 turns them back on.
+    os.environ.setdefault("USE_HUB_KERNELS", "0")

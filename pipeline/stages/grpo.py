@@ -26,6 +26,7 @@ from pipeline.models.environments import environment_factory, episode_reward, ep
 from pipeline.models.chat_templates import read_tool_calls, use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
+from pipeline.models.shared_prompts import share_prompts
 from pipeline.models.tool_use import generate_with_tools
 from pipeline.models.tools import load_tools
 from pipeline.runtime.distributed import map_shards
@@ -104,6 +105,7 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config, **acting)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
+    share_prompts(trainer.model)  # TRL generates num_generations rows per prompt: each prompt is read once
     # apart from training's: the stage's tool counts are training's
     held_out_tools, held_out_stats = load_tools(spec.tools, spec.tool_timeout)
     make_environment = environment_factory(spec.environment, spec.tool_timeout, held_out_stats) \

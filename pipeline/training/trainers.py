@@ -35,17 +35,16 @@ class TrainingDiverged(UserError, RuntimeError):
 def gpu_fast_paths() -> dict[str, Any]:
     """Config fields for the fast paths this machine can take (on CPU none apply; see README, Performance).
 
-    Liger's fused kernels and vLLM generation (GRPO, sharing the training GPU) need a GPU and their
-    package; each is used where both are there. Fused AdamW needs nothing: it is transformers' default
-    optimizer from torch 2.8, CPU included.
+    vLLM generation (GRPO, sharing the training GPU) needs a GPU and `vllm`, and is used where both are there.
+    Liger's kernels are not turned on by themselves: TRL 1.16 deprecates `use_liger_kernel`, and with
+    liger-kernel 0.8.5 the first forward pass fetched a rotary kernel from the Hub, which failed the stage on an
+    offline H200 (2026-12-04); a recipe asks for them with `args: {use_liger_kernel: true}`. Fused AdamW needs
+    nothing: it is transformers' default optimizer from torch 2.8, CPU included.
     """
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         return {}
-    fast: dict[str, Any] = {"use_liger_kernel": importlib.util.find_spec("liger_kernel") is not None}
-    if importlib.util.find_spec("vllm") is not None:
-        fast.update(use_vllm=True, vllm_mode="colocate")  # GRPOConfig fields; other configs lack them
-    return fast
+    return {"use_vllm": True, "vllm_mode": "colocate"}  # GRPOConfig fields; other configs lack them
 
 
 # Vocabulary columns per tile of TRL's fused LM-head loss (its default: 32768). Off Triton devices the tiles are

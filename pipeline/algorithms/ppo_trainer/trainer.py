@@ -71,6 +71,7 @@ from pipeline.algorithms.ppo_trainer.maths import (
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.loading import process_defaults, use_bf16
+from pipeline.models.shared_prompts import generate_sharing_prompts
 from pipeline.runtime.progress import StepLines
 from pipeline.training.trainers import TrainingDiverged
 
@@ -288,10 +289,11 @@ class PPOTrainer:
         policy.eval()
         sampling = dict(do_sample=True, temperature=self.config.temperature, top_k=self.config.top_k,
                         top_p=self.config.top_p) if do_sample else dict(do_sample=False)
-        output = policy.policy.generate(input_ids=query, attention_mask=query_mask,
-                                        max_new_tokens=self.config.max_new_tokens, use_cache=True,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                        **sampling)
+        # a group's samples_per_prompt rows share their prompt's cache
+        output = generate_sharing_prompts(policy.policy, policy.policy.generate, query, query_mask,
+                                          max_new_tokens=self.config.max_new_tokens, use_cache=True,
+                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          **sampling)
         response = output[:, query.shape[1]:]
         # Everything after the first EOS is padding; the EOS itself belongs to the response.
         is_eos = response == tokenizer.eos_token_id

