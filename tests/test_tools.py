@@ -206,6 +206,33 @@ def test_grpo_runs_a_live_tool_and_its_answers_receive_no_gradient(tmp_path, mon
         assert batch["tool_text"] == "\n<|im_start|>tool\n46<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_tool_answers_dropped_for_the_token_limit_are_counted_and_named_by_run_health(tmp_path, monkeypatch):
+    """TRL drops a tool's answer that would not fit `max_completion_length` and ends the completion on the call,
+    without counting it as clipped: the stage logs the share of completions left on an unanswered call, and
+    `responses_truncated` names it."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((json.dumps({"prompt": "12+34", "answer": "46"}) + "\n") * 16)
+    stages = tiny_stages(pretrain_steps=3)[:2]
+    stages[1]["model"]["max_position_embeddings"] = 1024
+    stages += [
+        {"name": "grpo", "type": "grpo", "model": "base", "tools": ["tests.tool_functions:add"],
+         "rewards": [{"function": "exact_match"}], "dataset": str(prompts),
+         "args": {"max_steps": 4, "num_generations": 4, "per_device_train_batch_size": 4, "logging_steps": 1,
+                  "max_completion_length": 40, "save_steps": 1000}}]  # room for the call, not for the answer
+    monkeypatch.setattr(LlamaForCausalLM, "generate", scripted_generate(tmp_path / "run" / "tok" / "output",
+                                                                        add_then_answer))
+    assert main(["run", str(write_recipe(tmp_path, stages))]) == 0
+    grpo = summary(tmp_path / "run")["stages"]["grpo"]
+    history = json.loads((tmp_path / "run" / "grpo" / "log_history.json").read_text())
+    steps = [row for row in history if "rewards/tool_call_unanswered/mean" in row]
+    assert len(steps) == 4 and all(row["rewards/tool_call_unanswered/mean"] == 1.0 for row in steps)
+    assert all(row["completions/clipped_ratio"] == 0 for row in steps)  # what TRL's own count says
+    assert grpo["metrics"]["tool_calls"] == 4 * 4  # the tool ran; its answer was dropped
+    truncated = {f["finding"]: f for f in grpo["health"]}["responses_truncated"]
+    assert truncated["metric"] == "completions/clipped_ratio + rewards/tool_call_unanswered/mean"
+    assert truncated["truncated_share"] == 1.0
+
+
 def tool_chats(path: Path, rows: int, seed: int = 0) -> None:
     """Conversations where the assistant adds two numbers with `add` and then states the sum."""
     rng = __import__("random").Random(seed)

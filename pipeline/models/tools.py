@@ -43,6 +43,17 @@ class ToolStats:
                 "tool_results_not_text": float(self.not_text)}
 
 
+def tool_call_unanswered(completions: list[Any], **_: Any) -> list[float]:
+    """1.0 for each completion that ends on a tool call it never saw answered, else 0.0.
+
+    TRL's tool loop drops a tool's answer that would run past `max_completion_length` (or the model's context) and
+    ends the completion on the call, and stops calling after `max_tool_calling_iterations`; neither counts as
+    clipped. The grpo stage adds this to the rewards of a stage with tools with weight 0, so that it changes no
+    advantage, and TRL logs its mean per step (`rewards/tool_call_unanswered/mean`) where run health reads it."""
+    return [float(isinstance(c, list) and bool(c) and c[-1].get("role") == "assistant" and bool(c[-1].get("tool_calls")))
+            for c in completions]
+
+
 def as_text(result: Any) -> str | None:
     """A tool's answer as the text the model reads, or None when it is not text-like."""
     if isinstance(result, str):

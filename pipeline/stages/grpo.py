@@ -28,7 +28,7 @@ from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
 from pipeline.models.shared_prompts import share_prompts
 from pipeline.models.tool_use import generate_with_tools
-from pipeline.models.tools import load_tools
+from pipeline.models.tools import load_tools, tool_call_unanswered
 from pipeline.runtime.distributed import map_shards
 from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
@@ -95,6 +95,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     model, peft_config = load_policy(path, spec)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, _ = build_reward_terms(spec.rewards, ctx.resolve, is_correct)
+    if spec.tools or spec.environment:  # logged, never rewarded: see tool_call_unanswered
+        functions, weights = [*functions, tool_call_unanswered], [*weights, 0.0]
     if spec.dynamic_sampling:
         trainer_class = with_dynamic_sampling(trainer_class, spec.dynamic_sampling.max_draws)
     stage = TrainerStage(spec, ctx, model, extra_args={"reward_weights": weights})

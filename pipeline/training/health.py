@@ -269,10 +269,15 @@ def entropy_collapse(e: Evidence, spec: HealthSpec) -> Finding | None:
 
 def truncated_share(e: Evidence) -> tuple[str, Series]:
     """(logged name, share of responses cut at the token limit): logged so (TRL), or 1 - the share that ended
-    with EOS (PPO)."""
-    if "truncated" in e.names:
+    with EOS (PPO). With tools, TRL's share leaves out the completions it ended on a call whose answer it dropped
+    for the token (or turn) limit; they are added where logged (`tool_call_unanswered`)."""
+    if "truncated" not in e.names:
+        return e.key("finished"), [(s, 1.0 - v) for s, v in e.series("finished")]
+    unanswered = dict(e.series("tool_unanswered"))
+    if not unanswered:
         return e.key("truncated"), e.series("truncated")
-    return e.key("finished"), [(s, 1.0 - v) for s, v in e.series("finished")]
+    return (f"{e.key('truncated')} + {e.key('tool_unanswered')}",
+            [(s, v + unanswered.get(s, 0.0)) for s, v in e.series("truncated")])
 
 
 def responses_truncated(e: Evidence, spec: HealthSpec) -> Finding | None:
@@ -353,7 +358,8 @@ CHECKS: dict[str, Check] = {
     "entropy_collapse": Check(entropy_collapse, "entropy collapse",
                               "a lower learning_rate, a higher KL coefficient, or an entropy bonus"),
     "responses_truncated": Check(responses_truncated, "responses cut at the token limit",
-                                 "raise max_new_tokens/max_completion_length, or penalise missing EOS"),
+                                 "raise max_new_tokens/max_completion_length (with tools: room for every call, "
+                                 "answer and reply, and max_tool_calling_iterations), or penalise missing EOS"),
     "length_growing": Check(length_growing, "response length growing every step",
                             "a reward that does not pay for length, or a length penalty"),
     "zero_variance_groups": Check(zero_variance_groups, "sample groups whose rewards are all equal (no gradient)",

@@ -239,9 +239,9 @@ class PPOTrainer:
         """
         config, group = self.config, self.config.samples_per_prompt
         kept, set_aside, flat_groups = [], [], []
+        batch = self.sample_responses()
+        first_scores = batch.scores
         while True:  # no collective call inside: under DDP each process may draw a different number of times
-            batch = self.sample_responses()
-            first_scores = batch.scores if not flat_groups else first_scores
             flat = zero_variance_groups(batch.scores, group)
             flat_groups.append(flat)
             if config.dynamic_sampling_max_draws is None:
@@ -254,6 +254,7 @@ class PPOTrainer:
                 batch = Rollout.concatenate(kept + set_aside, self.tokenizer.pad_token_id).select(
                     torch.arange(config.rollout_batch_size))
                 break
+            batch = self.sample_responses()
         # means over processes of per-process figures: the processes may have drawn different numbers of groups
         device = self.accelerator.device
         metrics = {"reward": self.gather_mean(first_scores)}
