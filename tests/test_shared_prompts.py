@@ -67,6 +67,10 @@ def test_distinct_prompts_and_own_caches_go_to_generate_unchanged():
     generate_sharing_prompts(model, model.generate, ids, mask, max_new_tokens=2, pad_token_id=0,
                              cache_implementation="static")
     assert counter.shapes[0] == tuple(ids.shape)  # a cache generate must build itself
+    counter.shapes.clear()
+    generate_sharing_prompts(model, model.generate, ids, mask, max_new_tokens=2, pad_token_id=0,
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert counter.shapes[0] == tuple(ids.shape)  # other model inputs (pixels, positions) the prefill would miss
 
 
 def test_lora_policy_generates_the_same_through_the_shared_cache():
@@ -111,3 +115,20 @@ def test_grpo_trainer_generation_reads_each_prompt_once(tmp_path):
     trainer.train()
     assert counter.shapes[0][0] == 2  # 8 rows: 2 prompts x 4 generations
     assert counter.shapes[1][0] == 8
+
+
+def test_a_hybrid_models_recurrent_state_is_not_shared_but_generated_as_before():
+    """Jamba's cache holds Mamba layers' state besides attention keys and values: generation falls back to plain
+    `generate` (the same tokens) rather than copy part of a prompt's state."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, num_experts=1,
+        mamba_d_state=4, mamba_d_conv=2, mamba_expand=1, pad_token_id=0, eos_token_id=2,
+        use_mamba_kernels=False)).eval()
+    ids, mask = grouped_prompts(prompts=2, width=6)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import utils as generation_utils
 
 # transformers 5.2x renamed `past_key_values` to `cache` (the old name is deprecated); the first of these names
@@ -26,12 +27,15 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     by `model` once. All but the last prompt token go into the shared cache, so `generate` still runs the model
     on the last one and samples its first token from logits of its own.
 
-    Falls back to `generate` as it is when no prompt repeats, when the call brings its own cache or asks for
-    a cache `generate` must build (`cache_implementation`), or for encoder-decoder models."""
+    Falls back to `generate` as it is when no prompt repeats; when the call brings its own cache, asks for a
+    cache `generate` must build (`cache_implementation`) or brings other model inputs (a multimodal model's
+    pixels, token types); for encoder-decoder models; and for caches holding more than attention keys and values
+    (a hybrid model's recurrent state, which copying the keys and values alone would leave wrong)."""
     config = kwargs.get("generation_config")
     own_cache = any(kwargs.get(k) is not None for k in (CACHE, "past_key_values", "cache_implementation")) or \
         getattr(config, "cache_implementation", None) is not None
-    if own_cache or model.config.is_encoder_decoder or input_ids.shape[1] < 2:
+    other_inputs = any(isinstance(value, torch.Tensor) for value in kwargs.values())
+    if own_cache or other_inputs or model.config.is_encoder_decoder or input_ids.shape[1] < 2:
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
@@ -44,6 +48,8 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     with torch.no_grad():
         cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)[CACHE]
+    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None])):
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache.batch_select_indices(row_of)
     return generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache}, **kwargs)
 
