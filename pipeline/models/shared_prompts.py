@@ -1,7 +1,10 @@
 """Generation that reads each distinct prompt once: GRPO, RLOO, grouped PPO and pass@k sample several responses
 per prompt, and `generate` (also with `num_return_sequences`) runs the whole prompt through the model once per
 response. Here the distinct prompts fill a KV cache once, each row gets a copy of its prompt's cache, and
-`generate` carries on from it, sampling exactly as it would have (the same random draws, in the same order).
+`generate` carries on from it with the same logits and the same sampling draws, so the same tokens as before for
+the same seed, unless the model itself draws random numbers while it generates: TRL generates GRPO and RLOO rollouts
+in training mode, so LoRA's dropout (`lora_dropout`) is on, and reading prompts once draws fewer dropout masks; the
+samples then differ from plain `generate`'s (drawn from the same distribution), and a rerun still repeats them.
 
 transformers offers no prefix sharing for `generate`; its continuous batching (`generate_batch`, which shares
 blocks) ran 50-100x slower than `generate` on CPU (quickstart's model, 2026-12-04), so this is done here, with the
