@@ -132,3 +132,23 @@ def test_a_hybrid_models_recurrent_state_is_not_shared_but_generated_as_before()
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain)
+
+
+def test_a_model_drawing_dropout_masks_generates_as_before():
+    """TRL samples GRPO rollouts in training mode: with LoRA's dropout on, reading each prompt once would draw other
+    masks and so other samples, so such a call generates as before (the same tokens); in eval mode it shares."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                    target_modules=["q_proj", "v_proj"]))
+    ids, mask = grouped_prompts()
+    kwargs = dict(max_new_tokens=6, do_sample=True, pad_token_id=0, eos_token_id=2)
+    counter = RowCounter(model.base_model.model)
+    for mode, prefill_rows in (("train", 12), ("eval", 4)):
+        getattr(model, mode)()
+        torch.manual_seed(3)
+        plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        counter.shapes.clear()
+        torch.manual_seed(3)
+        assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain), mode
+        assert counter.shapes[0][0] == prefill_rows, mode

@@ -1,10 +1,12 @@
 """Generation that reads each distinct prompt once: GRPO, RLOO, grouped PPO and pass@k sample several responses
 per prompt, and `generate` (also with `num_return_sequences`) runs the whole prompt through the model once per
 response. Here the distinct prompts fill a KV cache once, each row gets a copy of its prompt's cache, and
-`generate` carries on from it with the same logits and the same sampling draws, so the same tokens as before for
-the same seed, unless the model itself draws random numbers while it generates: TRL generates GRPO and RLOO rollouts
-in training mode, so LoRA's dropout (`lora_dropout`) is on, and reading prompts once draws fewer dropout masks; the
-samples then differ from plain `generate`'s (drawn from the same distribution), and a rerun still repeats them.
+`generate` carries on from it with the same logits and the same sampling draws: the same tokens for the same seed.
+
+Not where the model draws random numbers as it reads: TRL generates GRPO and RLOO rollouts in training mode, so
+with LoRA's dropout on (`lora_dropout`, unless `disable_dropout: true`), reading each prompt once would draw fewer
+dropout masks and so other samples than before (from the same distribution). Those calls generate as before, so
+a recipe's numbers do not change with this speed-up.
 
 transformers offers no prefix sharing for `generate`; its continuous batching (`generate_batch`, which shares
 blocks) ran 50-100x slower than `generate` on CPU (quickstart's model, 2026-12-04), so this is done here, with the
@@ -30,7 +32,8 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     by `model` once. All but the last prompt token go into the shared cache, so `generate` still runs the model
     on the last one and samples its first token from logits of its own.
 
-    Falls back to `generate` as it is when no prompt repeats; when the call brings its own cache, asks for a
+    Falls back to `generate` as it is when no prompt repeats; when the model draws random numbers as it reads
+    (`draws_random_numbers`); when the call brings its own cache, asks for a
     cache `generate` must build (`cache_implementation`) or brings other model inputs (a multimodal model's
     pixels, token types); for encoder-decoder models; and for caches holding more than attention keys and values
     (a hybrid model's recurrent state, which copying the keys and values alone would leave wrong)."""
@@ -38,7 +41,8 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     own_cache = any(kwargs.get(k) is not None for k in (CACHE, "past_key_values", "cache_implementation")) or \
         getattr(config, "cache_implementation", None) is not None
     other_inputs = any(isinstance(value, torch.Tensor) for value in kwargs.values())
-    if own_cache or other_inputs or model.config.is_encoder_decoder or input_ids.shape[1] < 2:
+    if own_cache or other_inputs or draws_random_numbers(model) or model.config.is_encoder_decoder \
+            or input_ids.shape[1] < 2:
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
@@ -55,6 +59,14 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache.batch_select_indices(row_of)
     return generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache}, **kwargs)
+
+
+def draws_random_numbers(model) -> bool:
+    """Whether a forward pass of `model` draws random numbers: dropout (a layer's, or attention's) in training mode."""
+    if not model.training:
+        return False
+    return getattr(model.config, "attention_dropout", 0) > 0 or \
+        any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
 
 
 class SharedPromptGenerate:
