@@ -131,7 +131,10 @@ def test_a_hybrid_models_recurrent_state_is_not_shared_but_generated_as_before()
     ids, mask = grouped_prompts(prompts=2, width=6)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    rows: list[int] = []
+    model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
     assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain)
+    assert rows[0] == len(ids)  # known from the config: no prefill of the distinct prompts first
 
 
 def test_a_model_drawing_dropout_masks_generates_as_before():

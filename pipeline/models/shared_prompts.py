@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import utils as generation_utils
 
 # transformers 5.2x renamed `past_key_values` to `cache` (the old name is deprecated); the first of these names
@@ -42,7 +42,7 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
         getattr(config, "cache_implementation", None) is not None
     other_inputs = any(isinstance(value, torch.Tensor) for value in kwargs.values())
     if own_cache or other_inputs or draws_random_numbers(model) or model.config.is_encoder_decoder \
-            or input_ids.shape[1] < 2:
+            or input_ids.shape[1] < 2 or not attention_only(DynamicCache(config=model.config)):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
@@ -55,10 +55,15 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     with torch.no_grad():
         cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)[CACHE]
-    if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None])):
+    if not attention_only(cache):  # a cache of its own kind, which the config did not show: read the prompts anew
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache.batch_select_indices(row_of)
     return generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache}, **kwargs)
+
+
+def attention_only(cache) -> bool:
+    """Whether `cache` holds attention keys and values alone, which rows can copy from one another."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None]))
 
 
 def draws_random_numbers(model) -> bool:
