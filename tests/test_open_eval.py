@@ -32,8 +32,11 @@ def run(tmp_path_factory):
          "args": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64}},
         {"name": "rm", "type": "reward", "model": str(MINILM), "dataset": {"path": str(HH), "max_samples": 24, "test_size": 8},
          "args": {"max_steps": 1, "per_device_train_batch_size": 8, "max_length": 128}},
+        {"name": "rm2", "type": "reward", "model": str(MINILM), "dataset": {"path": str(HH), "max_samples": 16, "test_size": 8},
+         "args": {"max_steps": 1, "per_device_train_batch_size": 8, "max_length": 128}},
         {"name": "eval", "type": "eval", "models": ["sft"], "dataset": str(prompts), "reward_model": "rm",
-         "baseline": str(SMOLLM2_GGUF), "reference": str(SMOLLM2_GGUF), "max_new_tokens": 8, "batch_size": 4},
+         "extra_reward_models": ["rm2"], "baseline": str(SMOLLM2_GGUF), "reference": str(SMOLLM2_GGUF),
+         "max_new_tokens": 8, "batch_size": 4},
     ]
     assert main(["run", str(write_recipe(directory, stages, defaults={"logging_steps": 1}))]) == 0
     return directory / "run", questions
@@ -52,9 +55,29 @@ def test_open_ended_rows_are_scored_by_reward_win_rate_and_kl(run):
     run_dir, _ = run
     stage = summary(run_dir)["stages"]["eval"]
     metrics = stage["metrics"]
-    assert {"reward/sft", "win_rate/sft", "kl/sft"} <= set(metrics)
+    assert {"reward/sft", "win_rate/sft", "kl/sft", "reward_rm2/sft", "win_rate_rm2/sft"} <= set(metrics)
     assert not [key for key in metrics if key.startswith("accuracy/")]  # no answers, no accuracy
     samples = json.loads((run_dir / "eval" / "output" / "samples.json").read_text())
     assert all(row["answer"] is None and row["responses"]["sft"]["correct"] is None for row in samples["rows"])
     report = (run_dir / "report.md").read_text()
     assert "plots/accuracy.png" not in report and "win rate sft" in report
+
+
+def test_an_extra_reward_model_scores_the_same_greedy_responses(run):
+    """`extra_reward_models` score the responses the stage's reward model scored: scoring the saved responses with
+    each reward model again gives each one's mean, and the two models disagree (else the test could not tell)."""
+    from pipeline.models.reward_functions import RewardModelScorer
+
+    run_dir, questions = run
+    metrics = summary(run_dir)["stages"]["eval"]["metrics"]
+    samples = json.loads((run_dir / "eval" / "output" / "samples.json").read_text())
+    responses = [row["responses"]["sft"]["response"] for row in samples["rows"]]
+    assert len(responses) == len(questions)
+    means = {}
+    for name in ("rm", "rm2"):
+        scores = RewardModelScorer(str(run_dir / name / "output"))(questions, responses)
+        means[name] = sum(scores) / len(scores)
+    assert metrics["reward/sft"] == pytest.approx(means["rm"], abs=1e-4)
+    assert metrics["reward_rm2/sft"] == pytest.approx(means["rm2"], abs=1e-4)
+    assert abs(means["rm"] - means["rm2"]) > 1e-3
+    assert 0.0 <= metrics["win_rate_rm2/sft"] <= 1.0

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.batching import length_batches
 from pipeline.data.prompts import left_padded, prompt_token_ids
 from pipeline.models.shared_prompts import generate_sharing_prompts
 
@@ -35,27 +36,28 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
     """(prompt ids, response ids) per completion, `num_return_sequences` per prompt, in prompt order.
 
     Prompts are tokenized as training saw them (`pipeline.data.prompts`), each with the tools it may call (`tools`,
-    one list per prompt). Padding is removed; a response ends with its first EOS (kept: ending is part of what the
-    model chose) or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1), so samples follow the model's
-    distribution.
+    one list per prompt), and generated in batches of similar length (`pipeline.data.batching`). Padding is removed;
+    a response ends with its first EOS (kept: ending is part of what the model chose) or after `max_new_tokens`.
+    Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
     """
     model.eval()
-    out: list[tuple[list[int], list[int]]] = []
+    n = num_return_sequences
+    out: list[tuple[list[int], list[int]]] = [([], [])] * (len(prompts) * n)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-    for start in range(0, len(prompts), batch_size):
-        prompt_ids = [prompt_token_ids(tokenizer, p, tools[start + i] if tools is not None else None)
-                      for i, p in enumerate(prompts[start:start + batch_size])]
-        input_ids, attention_mask = (t.repeat_interleave(num_return_sequences, dim=0).to(model.device)
-                                     for t in left_padded(prompt_ids, tokenizer.pad_token_id))
+    prompt_ids = [prompt_token_ids(tokenizer, p, tools[i] if tools is not None else None) for i, p in enumerate(prompts)]
+    for batch in length_batches([len(ids) + max_new_tokens for ids in prompt_ids], batch_size):
+        input_ids, attention_mask = (t.repeat_interleave(n, dim=0).to(model.device)
+                                     for t in left_padded([prompt_ids[i] for i in batch], tokenizer.pad_token_id))
         # rows as `num_return_sequences` lays them out, each prompt read once
         generated = generate_sharing_prompts(model, model.generate, input_ids, attention_mask,
                                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                              eos_token_id=tokenizer.eos_token_id, **sampling)
-        for i, row in enumerate(generated.tolist()):
+        for row_index, row in enumerate(generated.tolist()):
             response = row[input_ids.shape[1]:]
             if tokenizer.eos_token_id in response:
                 response = response[:response.index(tokenizer.eos_token_id) + 1]
-            out.append((prompt_ids[i // num_return_sequences], response))
+            prompt = batch[row_index // n]
+            out[prompt * n + row_index % n] = (prompt_ids[prompt], response)
     return out
 
 
@@ -71,14 +73,15 @@ def generate(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 16, 
 def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 64) -> list[list[float]]:
     """Log-prob of each response token given the prompt and the tokens before it, per (prompt, response) pair.
 
-    Each row is laid out so that every prompt ends at the same position (padded on the left, responses on the
-    right, positions counted from each row's first token), so the logits of the response positions alone are
-    computed (`logits_to_keep`): with long prompts and a large vocabulary the rest would be most of the memory."""
+    Pairs are scored in batches of similar length (`pipeline.data.batching`). Each row is laid out so that every
+    prompt ends at the same position (padded on the left, responses on the right, positions counted from each
+    row's first token), so the logits of the response positions alone are computed (`logits_to_keep`): with long
+    prompts and a large vocabulary the rest would be most of the memory."""
     model.eval()
     device = next(model.parameters()).device
-    out: list[list[float]] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    out: list[list[float]] = [[] for _ in pairs]
+    for batch in length_batches([len(p) + len(r) for p, r in pairs], batch_size):
+        chunk = [pairs[i] for i in batch]
         prompt_width, response_width = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
         ids = torch.zeros(len(chunk), prompt_width + response_width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -91,7 +94,8 @@ def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        logits_to_keep=response_width + 1).logits[:, :-1].float()
         logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, prompt_width:, None].to(device))[..., 0].cpu()
-        out += [logps[i, :len(response)].tolist() for i, (_, response) in enumerate(chunk)]
+        for row, (i, (_, response)) in enumerate(zip(batch, chunk)):
+            out[i] = logps[row, :len(response)].tolist()
     return out
 
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.config.paths import import_object
 from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.batching import length_batches
 from pipeline.data.prompts import as_model_prompt
 from pipeline.models.decoding import completion_text
 from pipeline.models.judges import judge_scorer
@@ -76,11 +77,12 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
         encoded = [encode(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
-        scores: list[float] = []
+        scores: list[float] = [0.0] * len(encoded)
         device = next(self.model.parameters()).device
-        for start in range(0, len(encoded), self.batch_size):
-            batch = self.tokenizer.pad({"input_ids": encoded[start:start + self.batch_size]}, return_tensors="pt")
-            scores += self.model(**batch.to(device)).logits[:, 0].float().tolist()
+        for rows in length_batches([len(ids) for ids in encoded], self.batch_size):  # similar lengths pad less
+            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+            for i, score in zip(rows, self.model(**batch.to(device)).logits[:, 0].float().tolist()):
+                scores[i] = score
         return scores
 
 

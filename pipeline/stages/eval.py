@@ -8,6 +8,8 @@ For each model in `models` (a stage, local folder or Hub id; LoRA adapters are m
 - `judge/<m>`: mean expected rating of the greedy responses by an LLM `judge` (loaded here, or served);
 - `win_rate/<m>`: greedy responses against the baseline's on the same prompts, judged by the reward model
   (ties count half);
+- `reward_<r>/<m>`, `win_rate_<r>/<m>`: the same greedy responses scored by each of `extra_reward_models` (<r>: its
+  name), a second opinion that costs a scoring pass, not another generation;
 - `kl/<m>`: KL(m || reference), estimated from one response per prompt sampled from m at temperature 1:
   the mean over responses of sum_t log p_m(y_t) - log p_ref(y_t) (greedy responses would bias it);
 - `perplexity/<m>`: of the reference completions, where the rows have them;
@@ -129,6 +131,7 @@ class Judges:
 
     is_correct: AnswerCheck
     reward: RewardModelScorer | RemoteRewardScorer | None  # reward_model or reward_url: reward, win rate, best-of-N
+    extra: dict[str, RewardModelScorer]  # extra_reward_models by metric family (`reward_<name>`)
     reference: tuple[Any, Any] | None  # reference: (model, tokenizer) for KL
     judge: LocalJudge | RemoteJudge | None  # judge: its expected rating
 
@@ -155,7 +158,9 @@ def load_model(spec: EvalSpec, ctx: StageContext, ref: str) -> tuple[Any, Any]:
 def load_judges(spec: EvalSpec, ctx: StageContext) -> Judges:
     scorer = RewardModelScorer(ctx.resolve(spec.reward_model), batch_size=spec.batch_size) if spec.reward_model \
         else RemoteRewardScorer(spec.reward_url, batch_size=spec.batch_size) if spec.reward_url else None
-    return Judges(answer_check(spec.answer_extractor), scorer,
+    extra = {f"reward_{name}": RewardModelScorer(ctx.resolve(ref), batch_size=spec.batch_size)
+             for ref, name in metric_names(spec.extra_reward_models, ctx).items()}
+    return Judges(answer_check(spec.answer_extractor), scorer, extra,
                   load_model(spec, ctx, spec.reference) if spec.reference else None,
                   judge_scorer(spec.judge, ctx.resolve, batch_size=spec.batch_size,
                                trust_remote_code=spec.trust_remote_code) if spec.judge else None)
@@ -207,9 +212,9 @@ def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, m
         return []
     mine = [rows.prompts[i] for i in share]
     out = respond(spec, acting, model, tokenizer, rows, share)
-    if judges.reward is not None:
-        for row, score in zip(out, judges.reward(mine, [row["response"] for row in out])):
-            row["score"] = score
+    for family, scores in reward_scores(judges, mine, [row["response"] for row in out]).items():
+        for row, score in zip(out, scores):
+            row[family] = score
     if judges.judge is not None:
         for row, rating in zip(out, judges.judge(mine, [row["response"] for row in out])):
             row["judge"] = rating
@@ -237,7 +242,18 @@ def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, m
     return out
 
 
-def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict]) -> dict[str, float]:
+def reward_scorers(judges: Judges) -> dict[str, RewardModelScorer | RemoteRewardScorer]:
+    """Every reward model by metric family: `reward` for the stage's own, `reward_<name>` for the extra ones."""
+    return ({"reward": judges.reward} if judges.reward is not None else {}) | judges.extra
+
+
+def reward_scores(judges: Judges, prompts: list[Any], responses: list[str]) -> dict[str, list[float]]:
+    """Each reward model's scores of the responses, by metric family."""
+    return {family: scorer(prompts, responses) for family, scorer in reward_scorers(judges).items()}
+
+
+def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict],
+                  reward_families: list[str]) -> dict[str, float]:
     """One model's `<metric>/<label>` values from its per-prompt results (every process's, gathered)."""
     answered, metrics = rows.answered, {}
 
@@ -247,8 +263,8 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
             answer_extractor=spec.answer_extractor)["exact_match"]
     if answered:
         metrics[f"accuracy/{label}"] = accuracy("response")
-    if spec.reward_model is not None or spec.reward_url is not None:
-        metrics[f"reward/{label}"] = mean([row["score"] for row in results])
+    for family in reward_families:
+        metrics[f"{family}/{label}"] = mean([row[family] for row in results])
     if spec.judge is not None:
         metrics[f"judge/{label}"] = mean([row["judge"] for row in results])
     if spec.tools or spec.environment:  # per answer
@@ -276,19 +292,25 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
 
 
 def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, acting: Acting,
-              scores: dict[str, list[float]], named: dict[str, str]) -> dict[str, float]:
-    """`win_rate/<model>`: each model's greedy responses against the baseline's, judged by the reward model."""
+              scores: dict[str, dict[str, list[float]]], named: dict[str, str]) -> dict[str, float]:
+    """`win_rate/<model>` (and `win_rate_<r>/<model>`): each model's greedy responses against the baseline's,
+    judged by the reward model (and by each extra one); `scores`: {model: {family: scores}}."""
     if spec.baseline not in scores:  # the baseline is not among the models: its greedy responses scored here
         model, tokenizer = load_model(spec, ctx, spec.baseline)
 
-        def baseline_scores(share: list[int]) -> list[float]:
+        def baseline_scores(share: list[int]) -> list[dict[str, float]]:
+            if not share:
+                return []
             mine = [rows.prompts[i] for i in share]
             responses = [row["response"] for row in respond(spec, acting, model, tokenizer, rows, share)]
-            return judges.reward(mine, responses) if share else []
-        scores[spec.baseline] = map_shards(list(range(len(rows.prompts))), baseline_scores)
+            by_family = reward_scores(judges, mine, responses)
+            return [{family: values[j] for family, values in by_family.items()} for j in range(len(share))]
+        per_row = map_shards(list(range(len(rows.prompts))), baseline_scores)
+        scores[spec.baseline] = {family: [row[family] for row in per_row] for family in per_row[0]}
     win_rate = load_metric("win_rate")
-    return {f"win_rate/{named[ref]}": win_rate.compute(predictions=scores[ref], references=scores[spec.baseline])[
-        "win_rate"] for ref in spec.models if ref != spec.baseline}
+    return {f"{family.replace('reward', 'win_rate', 1)}/{named[ref]}": win_rate.compute(
+                predictions=values, references=scores[spec.baseline][family])["win_rate"]
+            for ref in spec.models if ref != spec.baseline for family, values in scores[ref].items()}
 
 
 def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
@@ -298,7 +320,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     acting = load_acting(spec)
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     metrics: dict[str, float] = {}
-    scores: dict[str, list[float]] = {}  # reward-model scores of each model's greedy responses
+    scores: dict[str, dict[str, list[float]]] = {}  # each model's greedy responses' scores by reward family
     shown = range(min(spec.num_samples_table, len(rows.prompts)))
     table = [{"prompt": prompt_text(rows.prompts[i]), "answer": rows.answers[i] or None, "responses": {}} for i in shown]
 
@@ -309,12 +331,12 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
         results = map_shards(list(range(len(rows.prompts))),
                              partial(per_prompt, spec, rows, judges, acting, model, tokenizer))
-        metrics |= model_metrics(spec, named[ref], rows, results)
-        if judges.reward is not None:
-            scores[ref] = [row["score"] for row in results]
+        families = list(reward_scorers(judges))
+        metrics |= model_metrics(spec, named[ref], rows, results, families)
+        scores[ref] = {family: [row[family] for row in results] for family in families}
         for i, row in zip(shown, table):
             response, answer = results[i]["response"], rows.answers[i]
-            row["responses"][named[ref]] = {"response": response, "reward": results[i].get("score"),
+            row["responses"][named[ref]] = {"response": response, "reward": results[i].get("reward"),
                                             "correct": judges.is_correct(response, answer) if answer.strip() else None}
             if "turns" in results[i]:  # with tools: the whole conversation, calls and the tools' answers
                 row["responses"][named[ref]]["turns"] = results[i]["turns"]

@@ -62,6 +62,7 @@ def check_recipe(recipe: Recipe, skip: set[str] = frozenset()) -> list[str]:
             errors.append(f"{at}: name may only use letters, digits, '_', '-' and '.'")
         for key, ref in stage.refs():
             errors += [f"{at}: {key}: {e}" for e in _check_ref(ref, seen, all_names, recipe.path, key)]
+            errors += [f"{at}: {key}: {e}" for e in _role_problems(key, ref, stage, recipe)]
         for key, spec in stage.data_specs():
             sources = list(spec.sources) + ([spec.eval] if spec.eval else [])
             for source in sources:
@@ -123,6 +124,22 @@ def _check_ref(ref: str, earlier: list[str], all_names: list[str], recipe_path: 
     return []
 
 TOKENIZER_FIELDS = ("tokenizer", "load")  # reference fields that need only a tokenizer
+SCORER_FIELDS = ("reward_model", "extra_reward_models", "rewards.reward_model")  # loaded as sequence classifiers
+GENERATOR_FIELDS = ("models", "baseline", "reference")  # an eval stage generates with these
+
+
+def _role_problems(key: str, ref: str, stage: Any, recipe: Recipe) -> list[str]:
+    """A stage named where a reward model is read must train one, and an eval cannot generate with a reward
+    model: caught here, not when the stage loads it after everything before it has trained."""
+    upstream = next((s for s in recipe.stages if s.name == ref), None)
+    if upstream is None or upstream is stage:
+        return []
+    if key in SCORER_FIELDS and upstream.model_task != "seq-cls":
+        return [f"stage '{ref}' ({upstream.type}) is not a reward model; name a `reward` stage, a folder or a Hub id"]
+    if stage.scores_models and key in GENERATOR_FIELDS and upstream.model_task == "seq-cls":
+        return [f"stage '{ref}' is a reward model, which scores responses and cannot write them; name it as "
+                "`reward_model` or `extra_reward_models`"]
+    return []
 
 MODEL_FILES = ("config.json", "adapter_config.json")
 

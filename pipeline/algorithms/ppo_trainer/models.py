@@ -39,9 +39,11 @@ class ActorCritic(nn.Module):
         for module in (policy, critic_trunk):  # PPO's ratio must be exactly 1 before the first update
             if module is not None:
                 disable_dropout_in_model(module)
+        self.active_adapter: str | None = None
         if self.value_adapter:
             # peft leaves the adapter it added last frozen; the optimizer is built from what is trainable now, so
             # without this the critic's adapter got gradients that nothing applied or cleared
+            self.lora_parameters = [p for n, p in policy.named_parameters() if "lora_" in n]
             self.use_adapter("policy")
 
     @classmethod
@@ -99,12 +101,15 @@ class ActorCritic(nn.Module):
         return self.has_critic and self.critic_trunk is None
 
     def use_adapter(self, name: str) -> None:
-        """Activate one adapter; keep both trainable (peft freezes the inactive one)."""
+        """Activate one adapter; keep both trainable (peft freezes the inactive one). A switch walks every module
+        (~20 ms for a 135M model), and checkpointed layers switch twice each as they are recomputed: the adapter
+        already active is kept as it is, and the adapters' parameters are listed once."""
+        if name == self.active_adapter:
+            return
         self.policy.base_model.set_adapter(name)
         self.active_adapter = name  # peft's own `active_adapter` does not follow `base_model.set_adapter`
-        for param_name, param in self.policy.named_parameters():
-            if "lora_" in param_name:
-                param.requires_grad_(True)
+        for param in self.lora_parameters:
+            param.requires_grad_(True)
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """The critic's trainable parameters (its own learning rate and clipping); the rest are the policy's."""

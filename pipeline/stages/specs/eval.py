@@ -55,6 +55,9 @@ class EvalSpec(StageSpec):
     dataset: DatasetSpec  # every row is scored (no split): `prompt`, and `answer` where answers can be checked
     reward_model: str | None = None  # reward stage, folder or Hub id: reward/<model>, win rate and best-of-N judge
     reward_url: str | None = None  # instead of reward_model: a served reward model (`pipeline serve`)
+    # Further reward models scoring the same greedy responses (a second opinion, without generating them again):
+    # reward_<name>/<model> and, with a baseline, win_rate_<name>/<model>, <name> as `models` names a model
+    extra_reward_models: list[str] = field(default_factory=list)
     judge: JudgeSpec | None = None  # judge/<model>: an LLM judge's mean expected rating, loaded here or served
     baseline: str | None = None  # win_rate/<model> against this model's greedy responses (needs reward_model)
     reference: str | None = None  # kl/<model>: KL(model || reference) over responses sampled from the model
@@ -74,7 +77,7 @@ class EvalSpec(StageSpec):
     # with its row, its methods as tools; adds env_reward/<model> where it has `get_reward()`
     environment: str | EnvironmentSpec | None = None
 
-    ref_fields = ("models", "reward_model", "baseline", "reference")
+    ref_fields = ("models", "reward_model", "extra_reward_models", "baseline", "reference")
     holds_out = False
     scores_models = True
 
@@ -84,9 +87,12 @@ class EvalSpec(StageSpec):
         if self.reward_model is not None and self.reward_url is not None:
             problems.append("give one of `reward_model` or `reward_url`")
         problems += url_problems(self.reward_url, "reward_url") if self.reward_url is not None else []
-        for key in ("baseline", "best_of_n"):
-            if getattr(self, key) is not None and self.reward_model is None and self.reward_url is None:
+        for key in ("baseline", "best_of_n", "extra_reward_models"):
+            if getattr(self, key) and self.reward_model is None and self.reward_url is None:
                 problems.append(f"{key}: needs `reward_model` or `reward_url` (it judges the responses)")
+        problems += [f"extra_reward_models: '{m}' is listed twice, or is the stage's reward_model"
+                     for m in sorted({m for m in self.extra_reward_models
+                                      if self.extra_reward_models.count(m) > 1 or m == self.reward_model})]
         for sampled in (self.best_of_n, self.pass_at_k):
             problems += sampled.check() if sampled is not None else []
         if self.dataset.eval is not None:
