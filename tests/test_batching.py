@@ -26,6 +26,9 @@ def test_batches_hold_every_row_once_and_bound_padding(max_rows):
         assert sum(lengths[i] for i in batch) >= (1 - MAX_PADDING_SHARE) * padded
     if max_rows == 64:  # one batch of everything would be mostly padding; similar rows still share one
         assert 1 < len(batches) < len(lengths) / 2
+    unsplit = length_batches(lengths, max_rows, max_padding_share=1.0)  # sorted, max_rows a batch
+    assert [len(batch) for batch in unsplit] == [len(part) for part in (range(50)[i:i + max_rows] for i in range(0, 50, max_rows))]
+    assert [lengths[i] for batch in unsplit for i in batch] == sorted(lengths)
 
 
 @pytest.fixture(scope="module")

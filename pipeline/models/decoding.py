@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pipeline.data.answers import AnswerCheck, answer_check
-from pipeline.data.batching import length_batches
+from pipeline.data.batching import MAX_PADDING_SHARE, length_batches
 from pipeline.data.prompts import left_padded, prompt_token_ids
 from pipeline.models.shared_prompts import generate_sharing_prompts
 
@@ -45,7 +45,10 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
     out: list[tuple[list[int], list[int]]] = [([], [])] * (len(prompts) * n)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
     prompt_ids = [prompt_token_ids(tokenizer, p, tools[i] if tools is not None else None) for i, p in enumerate(prompts)]
-    for batch in length_batches([len(ids) + max_new_tokens for ids in prompt_ids], batch_size):
+    # On a GPU a batch decodes about as fast as one row, so more batches would cost more steps than padding
+    # costs; there rows are only sorted. On a CPU every row and padded position costs, and batches split.
+    split = MAX_PADDING_SHARE if model.device.type == "cpu" else 1.0
+    for batch in length_batches([len(ids) + max_new_tokens for ids in prompt_ids], batch_size, split):
         input_ids, attention_mask = (t.repeat_interleave(n, dim=0).to(model.device)
                                      for t in left_padded([prompt_ids[i] for i in batch], tokenizer.pad_token_id))
         # rows as `num_return_sequences` lays them out, each prompt read once
