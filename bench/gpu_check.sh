@@ -165,7 +165,8 @@ sys.exit(0 if trained else 1)
 EOF
   ); then
     status=passed
-    [[ $note == FSDP* ]] || status="not on GPU"
+    # accelerate runs an FSDP config with one process as a plain process: on one GPU that is "not sharded"
+    [[ $note == FSDP* ]] || status=$( (( GPUS >= 1 )) && echo "not sharded" || echo "not on GPU")
     (( GPUS < 2 )) && note="$note; fewer than 2 GPUs, so not sharded across processes"
     row "FSDP2 LoRA save + reload" "$status" $ELAPSED "$note"
   else

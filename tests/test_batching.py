@@ -79,3 +79,17 @@ def test_reward_scores_come_back_in_row_order_as_each_row_alone(tokenizer, tmp_p
     alone = [RewardModelScorer(str(tmp_path), batch_size=1)([p], [c])[0] for p, c in zip(prompts, completions)]
     assert batched == pytest.approx(alone, abs=1e-5)
     assert len(set(round(s, 4) for s in batched)) > 1  # the rows score differently: order would show
+
+
+def test_a_response_the_baseline_also_wrote_ties_whatever_its_scores_last_bits():
+    """Models' responses are scored in different batches, so the same text can score a float's last bits apart;
+    the win rate counts it a tie."""
+    from pipeline.metrics import load_metric
+    from pipeline.stages.eval import Judged
+
+    model = Judged(["same", "better", "same too"], {"reward": [1.0000001, 2.0, 0.5]})
+    baseline = Judged(["same", "worse", "same too"], {"reward": [1.0, 1.0, 0.5000001]})
+    assert model.against(baseline, "reward") == [1.0, 2.0, 0.5000001]
+    win_rate = load_metric("win_rate").compute(predictions=model.against(baseline, "reward"),
+                                               references=baseline.scores["reward"])["win_rate"]
+    assert win_rate == pytest.approx((0.5 + 1.0 + 0.5) / 3)

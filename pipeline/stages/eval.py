@@ -291,26 +291,43 @@ def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict
     return metrics
 
 
+@dataclass
+class Judged:
+    """One model's greedy responses, every prompt's, and their scores by reward family."""
+
+    responses: list[str]
+    scores: dict[str, list[float]]
+
+    def against(self, baseline: Judged, family: str) -> list[float]:
+        """This model's scores, with the baseline's where both wrote the same response: a tie, not a float's
+        last bits (a response is scored in a batch of similar lengths, and batches differ between models)."""
+        return [theirs if mine == same else score for score, theirs, mine, same in
+                zip(self.scores[family], baseline.scores[family], self.responses, baseline.responses)]
+
+
 def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges, acting: Acting,
-              scores: dict[str, dict[str, list[float]]], named: dict[str, str]) -> dict[str, float]:
+              judged: dict[str, Judged], named: dict[str, str]) -> dict[str, float]:
     """`win_rate/<model>` (and `win_rate_<r>/<model>`): each model's greedy responses against the baseline's,
-    judged by the reward model (and by each extra one); `scores`: {model: {family: scores}}."""
-    if spec.baseline not in scores:  # the baseline is not among the models: its greedy responses scored here
+    judged by the reward model (and by each extra one)."""
+    if spec.baseline not in judged:  # the baseline is not among the models: its greedy responses scored here
         model, tokenizer = load_model(spec, ctx, spec.baseline)
 
-        def baseline_scores(share: list[int]) -> list[dict[str, float]]:
+        def baseline_results(share: list[int]) -> list[dict[str, Any]]:
             if not share:
                 return []
             mine = [rows.prompts[i] for i in share]
-            responses = [row["response"] for row in respond(spec, acting, model, tokenizer, rows, share)]
-            by_family = reward_scores(judges, mine, responses)
-            return [{family: values[j] for family, values in by_family.items()} for j in range(len(share))]
-        per_row = map_shards(list(range(len(rows.prompts))), baseline_scores)
-        scores[spec.baseline] = {family: [row[family] for row in per_row] for family in per_row[0]}
-    win_rate = load_metric("win_rate")
+            out = respond(spec, acting, model, tokenizer, rows, share)
+            for family, values in reward_scores(judges, mine, [row["response"] for row in out]).items():
+                for row, value in zip(out, values):
+                    row[family] = value
+            return out
+        results = map_shards(list(range(len(rows.prompts))), baseline_results)
+        judged[spec.baseline] = Judged([row["response"] for row in results],
+                                       {family: [row[family] for row in results] for family in reward_scorers(judges)})
+    win_rate, baseline = load_metric("win_rate"), judged[spec.baseline]
     return {f"{family.replace('reward', 'win_rate', 1)}/{named[ref]}": win_rate.compute(
-                predictions=values, references=scores[spec.baseline][family])["win_rate"]
-            for ref in spec.models if ref != spec.baseline for family, values in scores[ref].items()}
+                predictions=judged[ref].against(baseline, family), references=baseline.scores[family])["win_rate"]
+            for ref in spec.models if ref != spec.baseline for family in judged[ref].scores}
 
 
 def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
@@ -320,7 +337,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
     acting = load_acting(spec)
     named = metric_names(list(dict.fromkeys(spec.models + ([spec.baseline] if spec.baseline else []))), ctx)
     metrics: dict[str, float] = {}
-    scores: dict[str, dict[str, list[float]]] = {}  # each model's greedy responses' scores by reward family
+    judged: dict[str, Judged] = {}
     shown = range(min(spec.num_samples_table, len(rows.prompts)))
     table = [{"prompt": prompt_text(rows.prompts[i]), "answer": rows.answers[i] or None, "responses": {}} for i in shown]
 
@@ -333,7 +350,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
                              partial(per_prompt, spec, rows, judges, acting, model, tokenizer))
         families = list(reward_scorers(judges))
         metrics |= model_metrics(spec, named[ref], rows, results, families)
-        scores[ref] = {family: [row[family] for row in results] for family in families}
+        judged[ref] = Judged([row["response"] for row in results],
+                             {family: [row[family] for row in results] for family in families})
         for i, row in zip(shown, table):
             response, answer = results[i]["response"], rows.answers[i]
             row["responses"][named[ref]] = {"response": response, "reward": results[i].get("reward"),
@@ -343,7 +361,7 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
         del model
 
     if spec.baseline is not None:
-        metrics |= win_rates(spec, ctx, rows, judges, acting, scores, named)
+        metrics |= win_rates(spec, ctx, rows, judges, acting, judged, named)
     if ctx.is_main_process:
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         (ctx.output_dir / "samples.json").write_text(json.dumps(
