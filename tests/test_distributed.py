@@ -316,7 +316,8 @@ def test_zero3_chain_trains_then_generates_sharded(tmp_path):
     loaded = load_recipe(recipe)
     spec = next(s for s in loaded.stages if s.name == "ev")
     alone = STAGE_TYPES["eval"].run(spec, StageContext(loaded, spec, run_dir))
-    assert alone == pytest.approx(out["ev"]["metrics"], abs=1e-6)
+    # each process batches its own share by length: sums in another order, equal to float precision
+    assert alone == pytest.approx(out["ev"]["metrics"], rel=1e-6, abs=1e-6)
     sharded = json.loads((run_dir / "ev" / "output" / "samples.json").read_text())["rows"]
     single = json.loads((run_dir / "ev" / "output.partial" / "samples.json").read_text())["rows"]
     assert [r["responses"] for r in sharded] == [r["responses"] for r in single]

@@ -61,6 +61,7 @@ def test_open_ended_rows_are_scored_by_reward_win_rate_and_kl(run):
     assert all(row["answer"] is None and row["responses"]["sft"]["correct"] is None for row in samples["rows"])
     report = (run_dir / "report.md").read_text()
     assert "plots/accuracy.png" not in report and "win rate sft" in report
+    assert "| model | reward | reward_rm2 | kl | win_rate | win_rate_rm2 |" in report
 
 
 def test_an_extra_reward_model_scores_the_same_greedy_responses(run):

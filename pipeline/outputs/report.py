@@ -143,7 +143,8 @@ def eval_table(metrics: dict[str, float], models: list[str]) -> dict[str, dict[s
     table: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         family, _, label = key.partition("/")
-        if family in EVAL_FAMILIES and label.split("@")[0] in models:
+        # reward_<r>/, win_rate_<r>/: by an eval's extra reward models
+        if (family in EVAL_FAMILIES or family.startswith(("reward_", "win_rate_"))) and label.split("@")[0] in models:
             table.setdefault(family, {})[label] = value
     return table
 
