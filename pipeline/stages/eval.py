@@ -211,10 +211,7 @@ def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, m
     if not share:
         return []
     mine = [rows.prompts[i] for i in share]
-    out = respond(spec, acting, model, tokenizer, rows, share)
-    for family, scores in reward_scores(judges, mine, [row["response"] for row in out]).items():
-        for row, score in zip(out, scores):
-            row[family] = score
+    out = add_reward_scores(judges, mine, respond(spec, acting, model, tokenizer, rows, share))
     if judges.judge is not None:
         for row, rating in zip(out, judges.judge(mine, [row["response"] for row in out])):
             row["judge"] = rating
@@ -247,9 +244,13 @@ def reward_scorers(judges: Judges) -> dict[str, RewardModelScorer | RemoteReward
     return ({"reward": judges.reward} if judges.reward is not None else {}) | judges.extra
 
 
-def reward_scores(judges: Judges, prompts: list[Any], responses: list[str]) -> dict[str, list[float]]:
-    """Each reward model's scores of the responses, by metric family."""
-    return {family: scorer(prompts, responses) for family, scorer in reward_scorers(judges).items()}
+def add_reward_scores(judges: Judges, prompts: list[Any], out: list[dict]) -> list[dict]:
+    """`out` (one dict per prompt, with its `response`), each with every reward model's score under its family."""
+    responses = [row["response"] for row in out]
+    for family, scorer in reward_scorers(judges).items():
+        for row, score in zip(out, scorer(prompts, responses)):
+            row[family] = score
+    return out
 
 
 def model_metrics(spec: EvalSpec, label: str, rows: EvalRows, results: list[dict],
@@ -315,12 +316,8 @@ def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges,
         def baseline_results(share: list[int]) -> list[dict[str, Any]]:
             if not share:
                 return []
-            mine = [rows.prompts[i] for i in share]
-            out = respond(spec, acting, model, tokenizer, rows, share)
-            for family, values in reward_scores(judges, mine, [row["response"] for row in out]).items():
-                for row, value in zip(out, values):
-                    row[family] = value
-            return out
+            return add_reward_scores(judges, [rows.prompts[i] for i in share],
+                                     respond(spec, acting, model, tokenizer, rows, share))
         results = map_shards(list(range(len(rows.prompts))), baseline_results)
         judged[spec.baseline] = Judged([row["response"] for row in results],
                                        {family: [row[family] for row in results] for family in reward_scorers(judges)})
