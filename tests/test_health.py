@@ -132,6 +132,29 @@ def test_a_falling_reward_is_not_called_flat():
     assert reward_flat(drifting, HealthSpec())["finding"] == "reward_flat"
 
 
+def test_responses_that_grow_by_learning_to_call_a_tool_are_not_length_growing():
+    """GRPO teaching a policy to call a tool makes its responses longer (the call, the tool's answer, the reply):
+    length growth that tool calls per response match is explained; the same growth without them, or with calls
+    that grew less than the length, is `length_growing`."""
+    from pipeline.config.health import HealthSpec
+    from pipeline.stages.specs.grpo import GRPOSpec
+    from pipeline.training.health import Evidence, length_growing
+
+    learning_to_call = [0.2 + 0.05 * s for s in range(1, 17)]  # 0.25 -> 1.0 calls a response
+
+    def run(calls: list[float] | None) -> Evidence:  # an answer alone is 6 tokens, a call with its answer 30 more
+        rows = [{"step": s, "completions/mean_length": 6.0 + 30.0 * called}
+                for s, called in zip(range(1, 17), learning_to_call)]
+        for row, called in zip(rows, calls or []):
+            row["tools/call_frequency"] = called
+        return Evidence(rows, {}, GRPOSpec.health_names)
+
+    assert length_growing(run(learning_to_call), HealthSpec()) is None
+    assert length_growing(run([0.0] * 4 + [1.0] * 12), HealthSpec()) is None  # from no call at all
+    assert length_growing(run(None), HealthSpec())["finding"] == "length_growing"
+    assert length_growing(run([0.5 + 0.01 * s for s in range(1, 17)]), HealthSpec())["finding"] == "length_growing"
+
+
 def test_held_out_accuracy_falling_without_a_rising_reward_is_reported_once():
     """Held-out accuracy down with no reward up: `held_out_fell`; with the training reward up it is reward hacking,
     reported as that alone."""

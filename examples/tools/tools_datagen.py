@@ -2,15 +2,18 @@
 
 Usage: ``python examples/tools/tools_datagen.py [OUT_DIR] [--seed N]`` (default ``data/tools``).
 
-A 1M-parameter model cannot multiply 417 by 38 from memory, but it can learn to ask the `multiply` tool
+A 1M-parameter model cannot multiply 417 by 38 from memory, but it can learn to ask the `calculate` tool
 (`examples/tools/calculator.py`) and copy the tool's answer into its own. The questions are split into disjoint
 pools: pretraining text, SFT demonstrations, RL prompts and held-out eval questions.
 
-- ``pretrain.jsonl`` ({text}): plain-text worked calls, 'Q: What is 417 * 38? {"name": "multiply", "arguments":
-  {"a": 417, "b": 38}} -> 15846. A: 15846', so the base model has met the calls' JSON and numbers being copied
-  before it sees the chat format;
-- ``sft.jsonl`` ({messages}): a few chat demonstrations in the tool-call format (user question, assistant call,
-  tool answer, assistant answer);
+- ``pretrain.jsonl`` ({text}): transcripts of chats that call the tool, rendered with the recipe's template
+  (`chatml_compact`, through transformers' own renderer): the base model learns the call's format and to copy the
+  question into the call and the tool's answer into its own, in the chat format itself (a base model pretrained on
+  plain-text worked calls copied there, and in the chat format only in some seeds);
+- ``sft.jsonl`` ({messages}): chat demonstrations from a teacher that asks the calculator for some questions (user
+  question, assistant call, tool answer, assistant answer) and estimates the rest in its head ("About 16000": the
+  product to two significant figures); SFT imitates both, and GRPO with exact match has to find out that calling
+  pays;
 - ``prompts.jsonl`` and ``eval.jsonl`` ({prompt, answer}): the RL prompts and held-out questions.
 """
 
@@ -21,13 +24,16 @@ import json
 import random
 from pathlib import Path
 
-PRETRAIN_ROWS = 2000
+from calculator import calculate
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from pipeline.models.chat_templates import CHATML_COMPACT_TEMPLATE
+
+PRETRAIN_CHATS = 4000
 SFT_ROWS = 1000
 PROMPT_ROWS = 1000
 EVAL_ROWS = 128
-QUESTIONS_PER_TEXT = 3
-FILLERS = ("Let me ask the calculator.", "I will call multiply.", "Calling the tool.", "The tool says:", "So,",
-           "Then", "Checking.", "The result came back.", "Done.", "Okay.")
+CALL_SHARE = 0.3  # of the SFT demonstrations; the rest estimate
 
 
 def question(a: int, b: int) -> str:
@@ -35,24 +41,26 @@ def question(a: int, b: int) -> str:
 
 
 def call(a: int, b: int) -> dict:
-    return {"name": "multiply", "arguments": {"a": a, "b": b}}
+    return {"name": "calculate", "arguments": {"expression": f"{a} * {b}"}}
 
 
 def demonstration(a: int, b: int) -> dict:
     return {"messages": [{"role": "user", "content": question(a, b)},
                          {"role": "assistant", "tool_calls": [{"type": "function", "function": call(a, b)}]},
-                         {"role": "tool", "name": "multiply", "content": str(a * b)},
+                         {"role": "tool", "name": "calculate", "content": str(a * b)},
                          {"role": "assistant", "content": str(a * b)}]}
 
 
-def filler(rng: random.Random) -> str:
-    """0-3 short phrases: the distance from a number to its copy varies, so copying has to find the number by what
-    it is, not by where it stands (what the chat format's longer distances need)."""
-    return "".join(" " + rng.choice(FILLERS) for _ in range(rng.randint(0, 3)))
+def estimate(a: int, b: int) -> dict:
+    """A demonstration without the tool: the product to two significant figures, as estimated in one's head."""
+    product = a * b
+    return {"messages": [{"role": "user", "content": question(a, b)},
+                         {"role": "assistant", "content": f"About {round(product, 2 - len(str(product)))}"}]}
 
 
-def worked_call(a: int, b: int, rng: random.Random) -> str:
-    return f"Q: {question(a, b)}{filler(rng)} {json.dumps(call(a, b))}{filler(rng)} -> {a * b}.{filler(rng)} A: {a * b}"
+def chat_transcript(a: int, b: int) -> str:
+    return render_jinja_template(conversations=[demonstration(a, b)["messages"]], tools=[calculate],
+                                 chat_template=CHATML_COMPACT_TEMPLATE)[0][0]
 
 
 def write(path: Path, rows: list[dict]) -> None:
@@ -62,14 +70,12 @@ def write(path: Path, rows: list[dict]) -> None:
 def main(out: Path, seed: int) -> None:
     rng = random.Random(f"tools:{seed}")
     pairs = rng.sample([(a, b) for a in range(100, 1000) for b in range(10, 100)],
-                       PRETRAIN_ROWS * QUESTIONS_PER_TEXT + SFT_ROWS + PROMPT_ROWS + EVAL_ROWS)
-    pretrain, rest = pairs[:PRETRAIN_ROWS * QUESTIONS_PER_TEXT], pairs[PRETRAIN_ROWS * QUESTIONS_PER_TEXT:]
+                       PRETRAIN_CHATS + SFT_ROWS + PROMPT_ROWS + EVAL_ROWS)
+    pretrain, rest = pairs[:PRETRAIN_CHATS], pairs[PRETRAIN_CHATS:]
     sft, prompts, held_out = rest[:SFT_ROWS], rest[SFT_ROWS:SFT_ROWS + PROMPT_ROWS], rest[SFT_ROWS + PROMPT_ROWS:]
     out.mkdir(parents=True, exist_ok=True)
-    texts = [" ".join(worked_call(a, b, rng) for a, b in pretrain[i:i + QUESTIONS_PER_TEXT])
-             for i in range(0, len(pretrain), QUESTIONS_PER_TEXT)]
-    write(out / "pretrain.jsonl", [{"text": text} for text in texts])
-    write(out / "sft.jsonl", [demonstration(a, b) for a, b in sft])
+    write(out / "pretrain.jsonl", [{"text": chat_transcript(a, b)} for a, b in pretrain])
+    write(out / "sft.jsonl", [demonstration(a, b) if rng.random() < CALL_SHARE else estimate(a, b) for a, b in sft])
     write(out / "prompts.jsonl", [{"prompt": question(a, b), "answer": str(a * b)} for a, b in prompts])
     write(out / "eval.jsonl", [{"prompt": question(a, b), "answer": str(a * b)} for a, b in held_out])
 

@@ -293,10 +293,20 @@ def responses_truncated(e: Evidence, spec: HealthSpec) -> Finding | None:
 def length_growing(e: Evidence, spec: HealthSpec) -> Finding | None:
     points = e.series("length")
     means = rising_every_quarter(points) if len(points) >= spec.min_points else None
-    if means and means[3] >= spec.length_growth * means[0]:
+    if means and means[3] >= spec.length_growth * means[0] and not grown_by_tool_calls(e, means[3] / means[0]):
         return finding("length_growing", e.key("length"), points, quarter_means=[round(m, 3) for m in means],
                        bound=spec.length_growth)
     return None
+
+
+def grown_by_tool_calls(e: Evidence, length_growth: float) -> bool:
+    """Whether tool calls per response grew at least as much as the length: a policy learning to call a tool
+    writes longer responses (each call, its answer, the reply after it), which is what a tool reward pays for."""
+    calls = e.series("tool_calls")
+    if len(calls) < 4:
+        return False
+    first, last = (_mean(quarter) for quarter in quarters(calls))
+    return last > first and (first == 0 or last / first >= length_growth)
 
 
 def zero_variance_groups(e: Evidence, spec: HealthSpec) -> Finding | None:

@@ -52,7 +52,8 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
     health_checks = RL_HEALTH_CHECKS
     health_names = {"reward": "reward", "movement_kl": "kl", "kl_per_token": "kl", "entropy": "entropy",
                     "length": "completions/mean_length", "truncated": "completions/clipped_ratio",
-                    "zero_variance": "frac_reward_zero_std", "tool_unanswered": "rewards/tool_call_unanswered/mean"}
+                    "zero_variance": "frac_reward_zero_std", "tool_unanswered": "rewards/tool_call_unanswered/mean",
+                    "tool_calls": "tools/call_frequency"}
 
     def check(self) -> list[str]:
         problems = [] if self.rewards or owns_reward(self.environment) else [
