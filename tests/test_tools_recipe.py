@@ -13,6 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.stages.specs.tokenizer import TokenizerSpec
 from pipeline.stages.tokenizer import train_bpe
+from pipeline.training.health import first_and_last_quarter
 from tests.conftest import REPO, summary
 
 sys.path.insert(0, str(REPO / "examples" / "tools"))
@@ -112,9 +113,8 @@ def answered_by_the_tool(completions: list, **_) -> list[float]:
 
 
 def quarter_means(history: list[dict], key: str) -> tuple[float, float]:
-    values = [row[key] for row in history if key in row]
-    quarter = max(len(values) // 4, 1)
-    return sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+    trend = first_and_last_quarter(history, (key,))
+    return trend[f"train_{key}_first"], trend[f"train_{key}_last"]
 
 
 def test_grpo_with_the_live_tool_learns_to_call_it_at_test_scale(tmp_path):
