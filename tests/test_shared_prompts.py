@@ -1,6 +1,6 @@
-"""Rollouts read each distinct prompt once (pipeline/models/shared_prompts.py): the same tokens as plain `generate`
-for the same seed, greedy and sampled, left-padded, with LoRA; and the GRPO-family trainers' generation goes
-through it."""
+"""Rollouts read each distinct prompt once, without the padding a group of similar lengths does not need
+(pipeline/models/shared_prompts.py): the same tokens as plain `generate` for the same seed, greedy and sampled,
+left-padded, with LoRA; and the GRPO-family trainers' generation goes through it."""
 
 import json
 from pathlib import Path
@@ -54,6 +54,36 @@ def test_same_tokens_as_plain_generate_with_each_prompt_read_once(do_sample):
     # the 4 distinct prompts, all but their last token, once; then every row from the last prompt token on
     assert counter.shapes[0] == (4, ids.shape[1] - 1)
     assert counter.shapes[1] == (12, 1) and all(rows == 12 for rows, _ in counter.shapes[1:])
+
+
+def mixed_length_prompts(real_lengths: list[int], width: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """One left-padded row per length, random tokens."""
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 64, (len(real_lengths), width), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate(real_lengths):
+        ids[row, :width - length], mask[row, :width - length] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("group", [1, 3])
+def test_prompts_of_mixed_lengths_are_read_without_the_padding_they_do_not_need(do_sample, group):
+    """HH-RLHF-like batches (a few short prompts beside long ones): each group of similar length is run cut to its
+    longest prompt, and generation gives plain `generate`'s tokens."""
+    model = tiny_model()
+    ids, mask = mixed_length_prompts([13, 3, 16, 4, 12])
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=do_sample, top_k=0, top_p=1.0, pad_token_id=0,
+                  eos_token_id=2)
+    torch.manual_seed(5)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    counter = RowCounter(model)
+    torch.manual_seed(5)
+    assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain)
+    # all but the last prompt token: lengths 2 and 3 together, then 11, 12 and 15 (the longest is 25% padding)
+    assert counter.shapes[:2] == [(2, 3), (3, 15)]
+    assert all(shape == (5 * group, 1) for shape in counter.shapes[2:])
 
 
 def test_distinct_prompts_and_own_caches_go_to_generate_unchanged():

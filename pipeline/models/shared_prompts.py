@@ -1,7 +1,10 @@
-"""Generation that reads each distinct prompt once: GRPO, RLOO, grouped PPO and pass@k sample several responses
-per prompt, and `generate` (also with `num_return_sequences`) runs the whole prompt through the model once per
-response. Here the distinct prompts fill a KV cache once, each row gets a copy of its prompt's cache, and
-`generate` carries on from it with the same logits and the same sampling draws: the same tokens for the same seed.
+"""Generation that reads each distinct prompt once and without its padding: GRPO, RLOO, grouped PPO and pass@k
+sample several responses per prompt, and `generate` (also with `num_return_sequences`) runs the whole prompt
+through the model once per response; and a left-padded batch of prompts of mixed lengths (HH-RLHF's run from 34 to
+857 tokens: a batch of 8 is half padding) spends as much compute on each pad position as on a real token. Here
+the distinct prompts fill a KV cache once, in groups of similar length (`pipeline.data.batching`: each group is
+cut to its longest prompt), each row gets a copy of its prompt's cache, and `generate` carries on from it with the
+same logits and the same sampling draws: the same tokens for the same seed.
 
 Not where the model draws random numbers as it reads: TRL generates GRPO and RLOO rollouts in training mode, so
 with LoRA's dropout on (`lora_dropout`, unless `disable_dropout: true`), reading each prompt once would draw fewer
@@ -21,6 +24,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import utils as generation_utils
 
+from pipeline.data.batching import length_batches
+
 # transformers 5.2x renamed `past_key_values` to `cache` (the old name is deprecated); the first of these names
 # is the one the installed version reads and writes
 CACHE = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])[0]
@@ -29,11 +34,12 @@ CACHE = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])[0]
 def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input_ids: torch.Tensor,
                              attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """`generate(input_ids=..., attention_mask=..., **kwargs)`, with each distinct (left-padded) prompt row read
-    by `model` once. All but the last prompt token go into the shared cache, so `generate` still runs the model
-    on the last one and samples its first token from logits of its own.
+    by `model` once, without the padding its group of similar lengths does not need (`prefilled_cache`). All but
+    the last prompt token go into the cache, so `generate` still runs the model on the last one and samples its
+    first token from logits of its own.
 
-    Falls back to `generate` as it is when no prompt repeats; when the model draws random numbers as it reads
-    (`draws_random_numbers`); when the call brings its own cache, asks for a
+    Falls back to `generate` as it is when no prompt repeats and the prompts' lengths are alike; when the model
+    draws random numbers as it reads (`draws_random_numbers`); when the call brings its own cache, asks for a
     cache `generate` must build (`cache_implementation`) or brings other model inputs (a multimodal model's
     pixels, token types); for encoder-decoder models; and for caches holding more than attention keys and values
     (a hybrid model's recurrent state, which copying the keys and values alone would leave wrong)."""
@@ -46,19 +52,48 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
-    if len(distinct) == len(rows):
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     width = input_ids.shape[1]
     prefix_ids, prefix_mask = distinct[:, :width - 1], distinct[:, width:2 * width - 1]
-    # positions as `generate` numbers left-padded rows: counted from each row's first real token
-    positions = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
-    with torch.no_grad():
-        cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1)[CACHE]
-    if not attention_only(cache):  # a cache of its own kind, which the config did not show: read the prompts anew
+    groups = length_batches(prefix_mask.sum(-1).tolist(), max_rows=len(distinct))
+    if len(distinct) == len(rows) and len(groups) == 1:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    cache = prefilled_cache(model, prefix_ids, prefix_mask, groups)
+    if cache is None:  # a cache of its own kind, which the config did not show: read the prompts anew
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache.batch_select_indices(row_of)
     return generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE: cache}, **kwargs)
+
+
+@torch.no_grad()
+def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, groups: list[list[int]]):
+    """The KV cache of left-padded rows `ids`, each group of rows (indices) run through `model` cut to its longest
+    row; the keys and values of the padding the groups left out are zeros, which the attention mask hides as it
+    hid the pad tokens' own. None for a cache that is not attention keys and values alone."""
+    # positions as `generate` numbers left-padded rows: counted from each row's first real token
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if len(groups) == 1:
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)[CACHE]
+        return cache if attention_only(cache) else None
+    lengths = mask.sum(-1)
+    caches = []
+    for group in groups:
+        rows = torch.tensor(group, device=ids.device)
+        cut = max(int(lengths[rows].max()), 1)
+        caches.append((rows, model(input_ids=ids[rows, -cut:], attention_mask=mask[rows, -cut:],
+                                   position_ids=positions[rows, -cut:], use_cache=True, logits_to_keep=1)[CACHE]))
+    if not all(type(layer) is DynamicLayer for _, group_cache in caches for layer in group_cache.layers):
+        return None  # sliding windows keep a length of their own: not assembled here
+    cache = caches[0][1]
+    for index, layer in enumerate(cache.layers):
+        shape = (len(ids), layer.keys.shape[1], ids.shape[1], layer.keys.shape[3])
+        keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+        for rows, group_cache in caches:
+            group_layer = group_cache.layers[index]
+            cut = group_layer.keys.shape[2]
+            keys[rows, :, -cut:], values[rows, :, -cut:] = group_layer.keys, group_layer.values
+        layer.keys, layer.values = keys, values
+    return cache
 
 
 def attention_only(cache) -> bool:
