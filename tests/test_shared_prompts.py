@@ -101,6 +101,13 @@ def test_distinct_prompts_and_own_caches_go_to_generate_unchanged():
     generate_sharing_prompts(model, model.generate, ids, mask, max_new_tokens=2, pad_token_id=0,
                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     assert counter.shapes[0] == tuple(ids.shape)  # other model inputs (pixels, positions) the prefill would miss
+    counter.shapes.clear()
+
+    class NotGathered:  # DeepSpeed's ZeroParamStatus of a ZeRO-3 shard
+        name = "NOT_AVAILABLE"
+    next(model.parameters()).ds_status = NotGathered()
+    generate_sharing_prompts(model, model.generate, ids, mask, max_new_tokens=2, pad_token_id=0)
+    assert counter.shapes[0] == tuple(ids.shape)  # sharded weights: every forward pass is a collective
 
 
 def test_lora_policy_generates_the_same_through_the_shared_cache():

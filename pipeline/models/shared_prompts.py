@@ -39,7 +39,7 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     first token from logits of its own.
 
     Falls back to `generate` as it is when no prompt repeats and the prompts' lengths are alike; when the model
-    draws random numbers as it reads (`draws_random_numbers`); when the call brings its own cache, asks for a
+    draws random numbers as it reads (`draws_random_numbers`) or its weights are sharded (`sharded_weights`); when the call brings its own cache, asks for a
     cache `generate` must build (`cache_implementation`) or brings other model inputs (a multimodal model's
     pixels, token types); for encoder-decoder models; and for caches holding more than attention keys and values
     (a hybrid model's recurrent state, which copying the keys and values alone would leave wrong)."""
@@ -47,8 +47,9 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     own_cache = any(kwargs.get(k) is not None for k in (CACHE, "past_key_values", "cache_implementation")) or \
         getattr(config, "cache_implementation", None) is not None
     other_inputs = any(isinstance(value, torch.Tensor) for value in kwargs.values())
-    if own_cache or other_inputs or draws_random_numbers(model) or model.config.is_encoder_decoder \
-            or input_ids.shape[1] < 2 or not attention_only(DynamicCache(config=model.config)):
+    if own_cache or other_inputs or draws_random_numbers(model) or sharded_weights(model) \
+            or model.config.is_encoder_decoder or input_ids.shape[1] < 2 \
+            or not attention_only(DynamicCache(config=model.config)):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
@@ -107,6 +108,13 @@ def draws_random_numbers(model) -> bool:
         return False
     return getattr(model.config, "attention_dropout", 0) > 0 or \
         any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def sharded_weights(model) -> bool:
+    """Whether some weights are DeepSpeed ZeRO-3 shards, not gathered (TRL's `ds3_gather_for_generation: false`):
+    every forward pass is then a collective, which `generate` keeps in step across processes (`synced_gpus`),
+    and processes whose prompts fall into different numbers of length groups would wait on each other forever."""
+    return any(getattr(getattr(p, "ds_status", None), "name", "AVAILABLE") != "AVAILABLE" for p in model.parameters())
 
 
 class SharedPromptGenerate:
