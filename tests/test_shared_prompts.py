@@ -86,6 +86,25 @@ def test_prompts_of_mixed_lengths_are_read_without_the_padding_they_do_not_need(
     assert all(shape == (5 * group, 1) for shape in counter.shapes[2:])
 
 
+def test_a_sliding_window_model_shares_prompts_read_whole():
+    """A sliding-window cache keeps a length of its own, which groups cut to other widths would not match: the
+    distinct prompts are read once at the batch's width, with plain `generate`'s tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                             pad_token_id=0, eos_token_id=2)).eval()
+    ids, mask = mixed_length_prompts([13, 3, 16, 4, 12])
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    rows: list[tuple[int, int]] = []
+    model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: rows.append(tuple(args[0].shape)))
+    assert torch.equal(generate_sharing_prompts(model, model.generate, ids, mask, **kwargs), plain)
+    assert rows[0] == (5, ids.shape[1] - 1)  # the distinct prompts, once, whole
+
+
 def test_distinct_prompts_and_own_caches_go_to_generate_unchanged():
     model = tiny_model()
     counter = RowCounter(model)

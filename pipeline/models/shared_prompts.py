@@ -39,23 +39,26 @@ def generate_sharing_prompts(model, generate: Callable[..., torch.Tensor], input
     first token from logits of its own.
 
     Falls back to `generate` as it is when no prompt repeats and the prompts' lengths are alike; when the model
-    draws random numbers as it reads (`draws_random_numbers`) or its weights are sharded (`sharded_weights`); when the call brings its own cache, asks for a
-    cache `generate` must build (`cache_implementation`) or brings other model inputs (a multimodal model's
-    pixels, token types); for encoder-decoder models; and for caches holding more than attention keys and values
-    (a hybrid model's recurrent state, which copying the keys and values alone would leave wrong)."""
+    draws random numbers as it reads (`draws_random_numbers`) or its weights are sharded (`sharded_weights`);
+    when the call brings its own cache, asks for a cache `generate` must build (`cache_implementation`) or brings
+    other model inputs (a multimodal model's pixels, token types); for encoder-decoder models; and for caches
+    holding more than attention keys and values (a hybrid model's recurrent state, which copying the keys and
+    values alone would leave wrong). Sliding-window caches share prompts but read them whole: each keeps a
+    length of its own, which groups of other widths would not match."""
     config = kwargs.get("generation_config")
     own_cache = any(kwargs.get(k) is not None for k in (CACHE, "past_key_values", "cache_implementation")) or \
         getattr(config, "cache_implementation", None) is not None
     other_inputs = any(isinstance(value, torch.Tensor) for value in kwargs.values())
+    layers = getattr(DynamicCache(config=model.config), "layers", [None])
     if own_cache or other_inputs or draws_random_numbers(model) or sharded_weights(model) \
-            or model.config.is_encoder_decoder or input_ids.shape[1] < 2 \
-            or not attention_only(DynamicCache(config=model.config)):
+            or model.config.is_encoder_decoder or input_ids.shape[1] < 2 or not attention_only(layers):
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
     width = input_ids.shape[1]
     prefix_ids, prefix_mask = distinct[:, :width - 1], distinct[:, width:2 * width - 1]
-    groups = length_batches(prefix_mask.sum(-1).tolist(), max_rows=len(distinct))
+    groups = length_batches(prefix_mask.sum(-1).tolist(), max_rows=len(distinct)) \
+        if all(type(layer) is DynamicLayer for layer in layers) else [list(range(len(distinct)))]
     if len(distinct) == len(rows) and len(groups) == 1:
         return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache = prefilled_cache(model, prefix_ids, prefix_mask, groups)
@@ -75,7 +78,7 @@ def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, groups: list[l
     if len(groups) == 1:
         cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)[CACHE]
-        return cache if attention_only(cache) else None
+        return cache if attention_only(getattr(cache, "layers", [None])) else None
     lengths = mask.sum(-1)
     caches = []
     for group in groups:
@@ -84,7 +87,7 @@ def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, groups: list[l
         caches.append((rows, model(input_ids=ids[rows, -cut:], attention_mask=mask[rows, -cut:],
                                    position_ids=positions[rows, -cut:], use_cache=True, logits_to_keep=1)[CACHE]))
     if not all(type(layer) is DynamicLayer for _, group_cache in caches for layer in group_cache.layers):
-        return None  # sliding windows keep a length of their own: not assembled here
+        return None  # a cache of another kind than the config showed: not assembled here
     cache = caches[0][1]
     for index, layer in enumerate(cache.layers):
         shape = (len(ids), layer.keys.shape[1], ids.shape[1], layer.keys.shape[3])
@@ -97,9 +100,9 @@ def prefilled_cache(model, ids: torch.Tensor, mask: torch.Tensor, groups: list[l
     return cache
 
 
-def attention_only(cache) -> bool:
-    """Whether `cache` holds attention keys and values alone, which rows can copy from one another."""
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in getattr(cache, "layers", [None]))
+def attention_only(layers: list) -> bool:
+    """Whether a cache's `layers` hold attention keys and values alone, which rows can copy from one another."""
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
 
 
 def draws_random_numbers(model) -> bool:
