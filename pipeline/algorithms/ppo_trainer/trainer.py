@@ -26,9 +26,7 @@ One PPO step (`PPOTrainer.step`), for a batch of prompts x:
 On-policy by construction: every forward pass (rollout scoring, reference, updates) sees the same ids,
 attention mask and positions that `generate` saw (prompts rendered by `pipeline.data.prompts`, the mask carried
 with the rollout, never rebuilt from pad ids), and dropout is off in every model, so before the first
-update pi_theta / pi_old is 1: exactly where a minibatch is read as the rollout was, else to float rounding
-(a single process reads rows in groups of similar prompt length, each cut to its longest prompt, and a
-minibatch's groups need not be the rollout's: log-ratios of ~1e-7).
+update pi_theta / pi_old is exactly 1.
 
 Memory: with LoRA, policy and critic are two adapters on one shared base and the reference is
 that base with adapters disabled: one copy of the base weights (plus the reward model). Without
@@ -71,7 +69,6 @@ from pipeline.algorithms.ppo_trainer.maths import (
     value_loss,
 )
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
-from pipeline.data.batching import length_batches
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.loading import process_defaults, use_bf16
 from pipeline.models.shared_prompts import generate_sharing_prompts
@@ -79,11 +76,6 @@ from pipeline.runtime.progress import StepLines
 from pipeline.training.trainers import TrainingDiverged
 
 StepHook = Callable[[int, dict[str, float]], None]  # on_step_end(step, metrics), after the step is logged
-
-
-def in_row_order(parts: list[torch.Tensor], groups: list[torch.Tensor]) -> torch.Tensor:
-    """Outputs computed group by group (`groups`: positions in a batch) put back in the batch's order."""
-    return torch.cat(parts)[torch.cat(groups).argsort().to(parts[0].device)]
 
 
 @dataclass
@@ -109,15 +101,12 @@ class Rollout:
         return len(self.prompts)
 
     def sequence_inputs(self, idx: torch.Tensor | slice = slice(None)) -> dict[str, Any]:
-        """input_ids, attention_mask, position_ids of query + response exactly as `generate` built them, less the
-        columns that are padding in every selected row (left padding, masked: nothing attends to them)."""
-        query, query_mask, response = self.query[idx], self.query_mask[idx], self.response[idx]
-        first = int(query_mask.any(0).long().argmax())  # the first column any selected row uses
-        query, query_mask = query[:, first:], query_mask[:, first:]
+        """input_ids, attention_mask, position_ids of query + response exactly as `generate` built them."""
+        query, response = self.query[idx], self.response[idx]
         input_ids = torch.cat([query, response], dim=1)
         # generate() attends to every new token, the padding after an EOS included; that padding comes after
         # the response, so no response token sees it, and the losses mask it.
-        attention_mask = torch.cat([query_mask, torch.ones_like(response)], dim=1)
+        attention_mask = torch.cat([self.query_mask[idx], torch.ones_like(response)], dim=1)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
         return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=response.shape[1] + 1)  # logits at t predict token t+1
@@ -348,27 +337,9 @@ class PPOTrainer:
         moments.update(float(total), float(squares), float(count))
         return moments.normalize(scores, self.config.reward_clip or None)
 
-    def length_groups(self, model, rollout: Rollout, idx: torch.Tensor | slice) -> list[torch.Tensor]:
-        """Positions in the rows `idx` in groups of similar prompt length, each of which a forward pass reads cut to
-        its longest prompt: HH-RLHF's prompts run from 34 to 857 tokens, and a batch of 8 is half padding. One
-        group where `model` is wrapped for DDP or DeepSpeed, which expect one forward pass per backward."""
-        lengths = rollout.query_mask[idx].sum(1).tolist()
-        if model is not self.unwrapped:
-            return [torch.arange(len(lengths))]
-        return [torch.tensor(group) for group in length_batches(lengths, max_rows=len(lengths))]
-
     def policy_outputs(self, model, rollout: Rollout, idx: torch.Tensor | slice = slice(None),
                        with_entropy: bool = False, temperature: float | None = None):
-        """(log pi(y_t), V(t), entropy or None) at the response positions, at the sampling temperature by default;
-        computed in groups of similar prompt length (`length_groups`), returned in the order of `idx`."""
-        rows = torch.arange(len(rollout))[idx.cpu() if isinstance(idx, torch.Tensor) else idx]
-        groups = self.length_groups(model, rollout, idx)
-        parts = [self.group_policy_outputs(model, rollout, rows[group].to(rollout.query.device), with_entropy,
-                                           temperature) for group in groups]
-        return tuple(None if outputs[0] is None else in_row_order(list(outputs), groups) for outputs in zip(*parts))
-
-    def group_policy_outputs(self, model, rollout: Rollout, idx: torch.Tensor, with_entropy: bool,
-                             temperature: float | None):
+        """(log pi(y_t), V(t), entropy or None) at the response positions, at the sampling temperature by default."""
         inputs = rollout.sequence_inputs(idx)
         logits, values = model(**inputs)
         logits = logits[:, :-1].float() / (temperature or self.config.temperature)
@@ -381,14 +352,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def reference_logits(self, rollout: Rollout) -> torch.Tensor:
-        """The reference's logits at the response positions (the frozen copy, or the base with adapters off),
-        computed in groups of similar prompt length."""
-        groups = self.length_groups(self.unwrapped, rollout, slice(None))
-        return in_row_order([self.group_reference_logits(rollout, group.to(rollout.query.device))
-                             for group in groups], groups)
-
-    def group_reference_logits(self, rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
-        inputs = rollout.sequence_inputs(idx)
+        """The reference's logits at the response positions (the frozen copy, or the base with adapters off)."""
+        inputs = rollout.sequence_inputs()
         if self.ref_model is not None:
             logits = self.ref_model(**inputs).logits
         else:
