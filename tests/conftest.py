@@ -21,6 +21,20 @@ REALDATA = REPO.parent / "shared" / "realdata"
 needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason="../shared/realdata is not beside this checkout")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker (and every process it starts) computes on its share of the cores: two
+    workers of two threads each on two cores would oversubscribe them, which slows PyTorch's OpenMP loops by
+    far more than the parallelism gains."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(autouse=True)
 def own_validate_cache(tmp_path_factory, monkeypatch):
     """Each test starts with no remembered `pipeline validate` verdicts (its subprocesses inherit the folder)."""
