@@ -189,7 +189,7 @@ def check_killed_ppo_resumes_exactly(tmp_path: Path, stages: list[dict], launch_
     deadline = time.time() + 600
     while not marker.is_file() and time.time() < deadline:
         assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.01)
     # torch's elastic agent starts the ranks in sessions of their own: kill the launcher and every descendant
     for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
         victim.send_signal(signal.SIGKILL)
