@@ -170,7 +170,8 @@ def test_grpo_ppo_and_eval_scoring_over_http_give_the_in_process_numbers(trained
 
 
 class FaultyServer:
-    """A stand-in reward server on localhost that answers `/score` as the test says (slow, failing, malformed)."""
+    """A stand-in reward server on localhost that answers `/score` as the test says (slow, failing, malformed), or,
+    where the answer is None, goes down: that request gets no answer and its port is refused from then on."""
 
     def __init__(self, answer, port: int = 0):
         self.calls, self.headers = 0, []
