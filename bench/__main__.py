@@ -21,7 +21,7 @@ from bench.parallel import parallel_table, run_parallel_eval
 from bench.ppo_update import ppo_table, run_ppo_bench
 from bench.probe import peak_flops
 from bench.quickstart import quickstart_table, run_quickstart
-from bench.recipes import REAL_RECIPES, recipes_table, run_recipes, seeds_table
+from bench.recipes import REAL_RECIPES, precision_table, recipes_table, run_recipes, seeds_table
 from bench.rl_defaults import rl_defaults_table, run_rl_defaults
 from bench.rollouts import rollouts_table, run_rollouts
 from bench.scaling import memory_table, run_memory, run_scaling
@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="generated tokens/s of each stage's rollouts, plain `generate` against the stages' "
                         "(each distinct prompt read once), on the quickstart's model shape and SmolLM2-135M")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
+    parser.add_argument("--precisions", help="with --recipes: run each recipe in each of these precisions (e.g. "
+                        "fp32,bf16: the recipe's `precision`) and compare the stages' seconds")
     parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
                         help="with --recipes: where the runs are kept (rerunning resumes them)")
     return parser.parse_args(argv)
@@ -118,13 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.recipes:
         threads = args.threads or 2
+        precisions = tuple(args.precisions.split(",")) if args.precisions else (None,)
         results = run_recipes(args.recipes.split(","), [int(s) for s in args.seeds.split(",")], threads,
-                              Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log)
+                              Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log,
+                              precisions)
         torch.set_num_threads(threads)  # the runs' thread count
-        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s), load average " \
-               f"{os.getloadavg()[0]:.2f}"
+        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
+        if "bf16" in precisions:
+            peak += f", bf16 {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
+        peak += f", load average {os.getloadavg()[0]:.2f}"
         over_seeds = f"\n\nover seeds {args.seeds}:\n{seeds_table(results)}" if "," in args.seeds else ""
-        return emit(results, f"{peak}\n{recipes_table(results)}{over_seeds}", args.json)
+        by_precision = f"\n\nby precision:\n{precision_table(results)}" if len(precisions) > 1 else ""
+        return emit(results, f"{peak}\n{recipes_table(results)}{over_seeds}{by_precision}", args.json)
     if args.quickstart:
         threads = args.threads or torch.get_num_threads()
         result = run_quickstart(Path(__file__).resolve().parents[1], Path(args.quickstart_dir), threads, log)

@@ -153,12 +153,13 @@ def current_memory_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_flops(seconds: float = 2.0) -> float:
-    """Measured peak FLOP/s of a square matmul in the compute dtype (fp32 on CPU, bf16 on GPU): the best of many."""
+def peak_flops(seconds: float = 2.0, dtype: torch.dtype | None = None) -> float:
+    """Measured peak FLOP/s of a square matmul in `dtype` (default: the compute dtype, fp32 on CPU and bf16 on GPU):
+    the best of many."""
 
     cuda = torch.cuda.is_available()
     n = 8192 if cuda else 1024
-    a, b = (torch.randn(n, n, dtype=compute_dtype(), device="cuda" if cuda else "cpu") for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=dtype or compute_dtype(), device="cuda" if cuda else "cpu") for _ in range(2))
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()

@@ -53,9 +53,11 @@ def offline_overrides(recipe: dict[str, Any], model_file: Path) -> list[str]:
     return sets
 
 
-def run_recipe(recipe: Path, seed: int, run_dir: Path, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run (or resume) one recipe with one seed; its summary, each stage record with its `seconds` added."""
-    sets = [f"seed={seed}"]
+def run_recipe(recipe: Path, seed: int, run_dir: Path, threads: int, log: Callable[[str], None],
+               precision: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one recipe with one seed (and `precision`, else the recipe's); its summary, each stage record
+    with its `seconds` added."""
+    sets = [f"seed={seed}"] + ([f"precision={precision}"] if precision else [])
     model_file = smollm2_gguf()
     if model_file is not None:
         sets += offline_overrides(yaml.safe_load(recipe.read_text()), model_file)
@@ -74,10 +76,44 @@ def run_recipe(recipe: Path, seed: int, run_dir: Path, threads: int, log: Callab
 
 
 def run_recipes(names: list[str], seeds: list[int], threads: int, work: Path, recipes_dir: Path,
-                log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """{"<recipe>-seed<N>": summary} for every recipe and seed."""
-    return {f"{name}-seed{seed}": run_recipe(recipes_dir / f"{name}.yaml", seed, work / f"{name}-seed{seed}", threads, log)
-            for name in names for seed in seeds}
+                log: Callable[[str], None], precisions: tuple[str | None, ...] = (None,)) -> dict[str, dict[str, Any]]:
+    """{"<recipe>-seed<N>": summary} for every recipe and seed; "<recipe>@<precision>-seed<N>" where precisions
+    are given."""
+    results = {}
+    for name in names:
+        for precision in precisions:
+            label = f"{name}@{precision}" if precision else name
+            for seed in seeds:
+                run_dir = work / (f"{name}-{precision}-seed{seed}" if precision else f"{name}-seed{seed}")
+                results[f"{label}-seed{seed}"] = run_recipe(recipes_dir / f"{name}.yaml", seed, run_dir, threads, log,
+                                                            precision)
+    return results
+
+
+def precision_table(results: dict[str, dict[str, Any]]) -> str:
+    """Each stage's seconds in every precision the recipes ran in, and the speed-up over the first one."""
+    seconds: dict[tuple[str, str, str], dict[str, float | None]] = {}
+    precisions: list[str] = []
+    for key, summary in results.items():
+        label, _, seed = key.rpartition("-seed")
+        recipe, _, precision = label.partition("@")
+        precisions += [precision] if precision not in precisions else []
+        for stage, record in summary["stages"].items():
+            seconds.setdefault((recipe, seed, stage), {})[precision] = record.get("seconds")
+    first = precisions[0]
+    lines = [f"| recipe | seed | stage | {' | '.join(f'{p} seconds' for p in precisions)} | "
+             f"{' | '.join(f'{p} speed-up' for p in precisions[1:])} |", "|---" * (3 + 2 * len(precisions) - 1) + "|"]
+    totals = {p: 0.0 for p in precisions}
+    for (recipe, seed, stage), times in seconds.items():
+        if all(times.get(p) is not None for p in precisions):  # the totals compare stages timed every way
+            for p in precisions:
+                totals[p] += times[p]
+        cells = [f"{times[p]:.0f}" if times.get(p) is not None else "-" for p in precisions]
+        ratios = [f"{times[first] / times[p]:.2f}x" if times.get(first) and times.get(p) else "-" for p in precisions[1:]]
+        lines.append(f"| {recipe} | {seed} | {stage} | {' | '.join(cells + ratios)} |")
+    ratios = [f"{totals[first] / totals[p]:.2f}x" if totals[p] else "-" for p in precisions[1:]]
+    lines.append(f"| all | | stages timed every way | {' | '.join([f'{totals[p]:.0f}' for p in precisions] + ratios)} |")
+    return "\n".join(lines)
 
 
 def headline_rows(stage_type: str, metrics: dict[str, float]) -> list[tuple[str, float | None, float]]:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.config.recipe import PRECISIONS
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import PushSpec
 from pipeline.runtime.process import UserError, prepare_process, rank_label
@@ -54,7 +55,8 @@ def full_validation(args) -> dict:
     from datetime import datetime, timezone  # lazy: see above
 
     from pipeline.validation.explain import explain_recipe  # lazy: see above
-    from pipeline.validation.preflight import check_data, check_launch, remote_problems  # lazy: see above
+    from pipeline.validation.preflight import (check_data, check_launch, precision_warnings,  # lazy: see above
+                                               remote_problems)
     from pipeline.validation.prompt_checks import prompt_renderings  # lazy: see above
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
@@ -66,7 +68,7 @@ def full_validation(args) -> dict:
     renderings, warnings = prompt_renderings(recipe)
     output = renderings + ([explain_recipe(recipe) + "\n"] if args.explain else [])
     output.append(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
-    return {"output": "\n".join(output) + "\n", "warnings": check_data(recipe) + warnings,
+    return {"output": "\n".join(output) + "\n", "warnings": precision_warnings(recipe) + check_data(recipe) + warnings,
             "output_dir": str(run_dir_for(recipe, None)), "checked": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -82,7 +84,8 @@ def cmd_explain(args) -> int:
 
 def cmd_run(args) -> int:
     from pipeline.run.runner import Runner  # lazy: see above
-    from pipeline.validation.preflight import check_data, check_launch, check_output_dir  # lazy: see above
+    from pipeline.validation.preflight import (check_data, check_launch, check_output_dir,  # lazy: see above
+                                               precision_warnings)
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
     recipe = load_recipe(args.recipe, args.set)
@@ -94,7 +97,7 @@ def cmd_run(args) -> int:
     check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
-    warnings = check_data(recipe, selected)
+    warnings = precision_warnings(recipe) + check_data(recipe, selected)
     runner = Runner(recipe, run_dir, selected)
     if runner.is_main:
         print_warnings(warnings)
@@ -156,9 +159,11 @@ def cmd_push(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from pipeline.models.loading import recipe_precision  # lazy: see above
     from pipeline.serving.reward_server import serve  # lazy: see above
 
-    serve(args.model, args.host, args.port, args.batch_size, args.run_dir)
+    with recipe_precision(args.precision):
+        serve(args.model, args.host, args.port, args.batch_size, args.run_dir)
     return 0
 
 
@@ -218,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as a recipe's `precision`: auto (bf16 on GPUs that support it, fp32 on CPUs), fp32 or bf16")
     p.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -174,6 +174,20 @@ def test_bench_recipes_over_seeds_shows_the_mean_and_each_seed():
     assert "| 0.450 -> 0.750 | 0.700, 0.800 | 150 |" in row
 
 
+def test_bench_recipes_by_precision_compares_each_stage_seconds():
+    from bench.recipes import precision_table
+
+    def run(sft: float, ppo: float | None) -> dict:
+        return {"recipe": "hh", "stages": {"sft": {"type": "sft", "status": "completed", "seconds": sft, "metrics": {}},
+                                           "ppo": {"type": "ppo", "status": "failed", "seconds": ppo, "metrics": {}}}}
+
+    lines = precision_table({"hh@fp32-seed1": run(300.0, 600.0), "hh@bf16-seed1": run(150.0, None)}).splitlines()
+    assert lines[0] == "| recipe | seed | stage | fp32 seconds | bf16 seconds | bf16 speed-up |"
+    assert "| hh | 1 | sft | 300 | 150 | 2.00x |" in lines
+    assert "| hh | 1 | ppo | 600 | - | - |" in lines
+    assert lines[-1] == "| all | | stages timed every way | 300 | 150 | 2.00x |"
+
+
 def test_bench_quickstart_times_the_cli_and_tabulates_the_run(tmp_path):
     """The CLI timing runs the real commands; the table shows each stage's share of the wall clock and the
     efficacy rows `--alignment` reads, from a run's metrics."""

@@ -37,6 +37,7 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)
 
 PROMPT_RENDERINGS = ("auto", "raw")  # values of a recipe's `prompt_format`
+PRECISIONS = ("auto", "fp32", "bf16")  # values of a recipe's `precision`
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Recipe:
     # How plain-text prompts reach a model whose tokenizer has a chat template: `auto`, as a user turn unless the
     # model was trained on plain-text prompts (`pipeline.data.prompts`); `raw`, as plain text everywhere.
     prompt_format: str = "auto"
+    # What models load and compute in: `auto`, bf16 on GPUs that support it and fp32 on CPUs; `bf16` or `fp32` as
+    # said (`bf16` pays on CPUs with AMX: `pipeline.models.loading.use_bf16`).
+    precision: str = "auto"
     path: Path | None = None  # the YAML file this came from
     raw: dict[str, Any] = field(default_factory=dict)  # the resolved recipe as data (overrides applied)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,9 +24,28 @@ from pipeline.config.specs import QuantizationSpec
 
 
 
+# The recipe's `precision` (`pipeline.config.recipe`), set by the runner around a run and by validation around the
+# configs it builds.
+_RECIPE_PRECISION: ContextVar[str] = ContextVar("precision", default="auto")
+
+
+@contextmanager
+def recipe_precision(value: str) -> Iterator[None]:
+    """Compute in the precision the recipe's `precision` says while the block runs."""
+    token = _RECIPE_PRECISION.set(value)
+    try:
+        yield
+    finally:
+        _RECIPE_PRECISION.reset(token)
+
+
 def use_bf16() -> bool:
-    """bf16 where a GPU supports it; fp32 on CPU, where bf16 matmul is ~200x slower."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """Whether models load and compute in bf16: the recipe's `precision`, and for `auto` the hardware's: bf16 where
+    a GPU supports it, fp32 on CPU (without AMX, a CPU's bf16 matmul is ~200x slower than its fp32)."""
+    precision = _RECIPE_PRECISION.get()
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
 def process_defaults() -> dict[str, Any]:
@@ -50,7 +70,8 @@ def attn_implementation() -> str | None:
     """FlashAttention-2 on GPUs computing in bf16 where `flash_attn` is installed; else None (transformers' default,
     SDPA, which on GPUs dispatches to its own flash / memory-efficient kernels)."""
 
-    return "flash_attention_2" if use_bf16() and importlib.util.find_spec("flash_attn") is not None else None
+    return ("flash_attention_2" if use_bf16() and torch.cuda.is_available() and importlib.util.find_spec("flash_attn")
+            is not None else None)
 
 
 def compute_dtype() -> torch.dtype:

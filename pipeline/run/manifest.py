@@ -8,6 +8,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from pipeline.models.loading import use_bf16
 from pipeline.run.stage_identity import input_files
 from pipeline.runtime.distributed import launch_record
 from pipeline.runtime.environment import git_state, hardware, package_versions
@@ -52,7 +53,8 @@ def write_manifest(run_dir: Path, recipe, fingerprints: dict[str, str], timings:
     current = {"started": started, "argv": sys.argv, **launch(), "stage_seconds": dict(timings)}
     write_json(run_dir / "manifest.json", {
         "recipe": recipe.raw, "recipe_path": str(recipe.path), "seed": recipe.seed,
-        "argv": sys.argv, "packages": package_versions(), "git": git_state(where), "hardware": hardware(),
+        "argv": sys.argv, "packages": package_versions(), "git": git_state(where),
+        "hardware": {**hardware(), "precision": "bf16" if use_bf16() else "fp32"},  # the recipe's `precision`, resolved
         "launch": current, "launches": launch_history(previous, current),
         "inputs": inputs, "stage_fingerprints": fingerprints, "stage_seconds": {**seconds, **timings},
     })

@@ -26,7 +26,7 @@ from pipeline.config.recipe import Recipe
 from pipeline.config.specs import TrainStageSpec
 from pipeline.data.prompts import recipe_prompt_format
 from pipeline.runtime.process import UserError
-from pipeline.models.loading import process_defaults
+from pipeline.models.loading import process_defaults, recipe_precision
 from pipeline.outputs.health import stage_findings
 from pipeline.outputs.hub import push_if_configured
 from pipeline.outputs.report import headline, write_report
@@ -87,6 +87,10 @@ class Runner:
             write_json(self.run_dir / "summary.json", self.summary)
 
     def run(self) -> dict[str, Any]:
+        with recipe_precision(self.recipe.precision):  # every stage, and the hardware choices its fingerprint holds
+            return self.run_stages()
+
+    def run_stages(self) -> dict[str, Any]:
         # The main process hashes the inputs once (model folders can be large); every rank uses its fingerprints.
         self.fingerprints = on_main(self.state, self.hash_inputs, "hashing the run's inputs")
         for stage in self.recipe.stages:

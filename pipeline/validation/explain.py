@@ -17,6 +17,7 @@ from pipeline.config.paths import import_object
 from pipeline.config.recipe import Recipe, names_taken_from_defaults
 from pipeline.config.schema import suggest
 from pipeline.config.specs import StageSpec, TrainStageSpec
+from pipeline.models.loading import recipe_precision
 from pipeline.stages import STAGE_TYPES
 from pipeline.training.trainers import make_config, pipeline_defaults
 
@@ -118,9 +119,9 @@ def explain_stage_config(recipe: Recipe, stage: StageSpec) -> str:
         return f"stage '{stage.name}' ({stage.type}): no config class"
     sources = recipe.stage_arg_sources(stage)
     cls = import_object(stage.args_class)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, recipe_precision(recipe.precision):
         config = make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
-    from_pipeline = pipeline_defaults(cls, recipe.seed)
+        from_pipeline = pipeline_defaults(cls, recipe.seed)
     lines = [f"stage '{stage.name}' ({stage.type}, {cls.__name__}):"]
     for f in dataclasses.fields(cls):
         if not f.init or f.name in HIDDEN:

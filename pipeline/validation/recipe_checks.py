@@ -17,10 +17,10 @@ from typing import Any
 
 from pipeline.config.health import health_settings
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
-from pipeline.config.recipe import PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
+from pipeline.config.recipe import PRECISIONS, PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import PeftSpec, SourceSpec, TrainStageSpec
-from pipeline.models.loading import is_adapter
+from pipeline.models.loading import is_adapter, recipe_precision
 from pipeline.stages import STAGE_TYPES
 from pipeline.training.health import CHECKS
 from pipeline.training.trainers import make_config
@@ -91,6 +91,9 @@ def check_recipe(recipe: Recipe, skip: set[str] = frozenset()) -> list[str]:
     if recipe.prompt_format not in PROMPT_RENDERINGS:
         errors.append(f"{where}: prompt_format: must be one of {', '.join(PROMPT_RENDERINGS)}, got "
                       f"'{recipe.prompt_format}'{suggest(str(recipe.prompt_format), PROMPT_RENDERINGS)}")
+    if recipe.precision not in PRECISIONS:
+        errors.append(f"{where}: precision: must be one of {', '.join(PRECISIONS)}, got "
+                      f"'{recipe.precision}'{suggest(str(recipe.precision), PRECISIONS)}")
     return errors
 
 def health_problems(health: Any, checks: tuple[str, ...], stage_type: str | None = None) -> list[str]:
@@ -207,7 +210,7 @@ def training_key_problems(recipe: Recipe, stage: TrainStageSpec) -> list[str]:
         errors += [f"args.{k}: not a field of {cls_name}{suggest(k, valid)}" for k in bad]
         errors += [f"args.{e}" for e in _check_arg_types(stage.args_class, args)]
         if not bad:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, recipe_precision(recipe.precision):
                 try:
                     config = make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
                 except Exception as err:  # the library's own message says what is wrong with the value

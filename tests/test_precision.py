@@ -1,0 +1,103 @@
+"""A recipe's `precision`: `bf16` loads, trains, scores and generates in bf16 on a CPU too (where it pays on CPUs
+with AMX), the run records it, a change of precision reruns stages, and validation catches typos and warns where
+bf16 would crawl."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+import pipeline.validation.preflight as preflight
+from pipeline.cli import main
+from pipeline.models.loading import use_bf16
+from tests.conftest import DATA, summary, tiny_stages, write_recipe
+
+
+def tensor_dtypes(folder) -> set[str]:
+    """The dtypes of every tensor in a saved model folder's safetensors files."""
+    dtypes = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as weights:
+            dtypes |= {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
+    return dtypes
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    """tokenizer -> pretrain -> sft -> reward -> ppo (LoRA) with `precision: bf16`, on this CPU."""
+    directory = tmp_path_factory.mktemp("bf16")
+    stages = tiny_stages(pretrain_steps=40, sft_steps=40) + [
+        {"name": "rm", "type": "reward", "model": "sft", "dataset": {"path": str(DATA / "prefs.jsonl"), "max_samples": 400},
+         "args": {"max_steps": 30, "learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_length": 48}},
+        {"name": "ppo", "type": "ppo", "model": "sft", "reward_model": "rm", "peft": {"r": 8, "lora_alpha": 16},
+         "dataset": {"path": str(DATA / "prompts.jsonl"), "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 64}},
+         "args": {"max_steps": 12, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2,
+                  "learning_rate": 3e-3, "max_new_tokens": 6, "kl_coef": 0.05}},
+    ]
+    recipe = write_recipe(directory, stages, precision="bf16")
+    assert main(["run", str(recipe)]) == 0
+    return recipe, directory / "run"
+
+
+def test_bf16_loads_and_trains_in_bf16_and_the_run_records_it(bf16_run):
+    _, run_dir = bf16_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["hardware"]["precision"] == "bf16"
+    # Pretraining builds its model in fp32 (mixed precision keeps fp32 weights); later stages load in bf16.
+    assert tensor_dtypes(run_dir / "base" / "output") == {"F32"}
+    assert tensor_dtypes(run_dir / "sft" / "output") == {"BF16"}
+    assert tensor_dtypes(run_dir / "rm" / "output") == {"BF16"}
+    assert not use_bf16()  # the recipe's precision ends with its run
+
+
+def test_every_stage_still_learns_in_bf16(bf16_run):
+    stages = summary(bf16_run[1])["stages"]
+    assert stages["sft"]["metrics"]["eval_loss"] < stages["sft"]["metrics"]["initial_eval_loss"]
+    assert stages["rm"]["metrics"]["eval_accuracy"] > 0.8
+    ppo = stages["ppo"]["metrics"]
+    assert ppo["initial_eval_kl"] == pytest.approx(0.0, abs=1e-3)  # zero-initialised LoRA: policy == reference
+    assert ppo["eval_reward/rm"] > ppo["initial_eval_reward/rm"]
+    assert ppo["train_reward_last"] > ppo["train_reward_first"]
+    assert 0.0 < ppo["eval_kl"] < 2.0
+
+
+def test_a_changed_precision_reruns_and_auto_is_fp32_on_a_cpu(bf16_run):
+    recipe, run_dir = bf16_run
+
+    def statuses(*options: str) -> dict[str, str]:
+        assert main(["run", str(recipe), "--stages", "tok,base", *options]) == 0
+        return {name: summary(run_dir)["stages"][name]["status"] for name in ("tok", "base")}
+
+    assert statuses() == {"tok": "skipped", "base": "skipped"}
+    assert statuses("--set", "precision=fp32") == {"tok": "completed", "base": "completed"}
+    assert json.loads((run_dir / "manifest.json").read_text())["hardware"]["precision"] == "fp32"
+    assert statuses("--set", "precision=auto") == {"tok": "skipped", "base": "skipped"}  # the same choice here
+
+
+def test_precision_typo_is_a_recipe_error(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_stages()[:1], precision="bfloat16")
+    assert main(["validate", str(recipe)]) != 0
+    assert "precision: must be one of auto, fp32, bf16, got 'bfloat16'; did you mean 'bf16'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, amx, warned", [("bf16", False, True), ("bf16", True, False),
+                                                    ("auto", False, False), ("fp32", False, False)])
+def test_bf16_on_a_cpu_without_amx_is_warned_about(tmp_path, capsys, monkeypatch, precision, amx, warned):
+    monkeypatch.setattr(preflight, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
+    recipe = write_recipe(tmp_path, tiny_stages()[:1], precision=precision)
+    assert main(["validate", str(recipe), "--no-cache"]) == 0
+    assert ("precision: bf16 on a CPU without AMX" in capsys.readouterr().err) == warned
+
+
+def test_a_served_model_loads_in_the_precision_asked(monkeypatch):
+    import pipeline.serving.reward_server as reward_server
+
+    seen = []
+    monkeypatch.setattr(reward_server, "serve", lambda *args: seen.append(use_bf16()))
+    assert main(["serve", "some-model", "--precision", "bf16"]) == 0
+    assert main(["serve", "some-model"]) == 0
+    assert seen == [True, False]
+
