@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollouts", action="store_true",
                         help="generated tokens/s of each stage's rollouts, plain `generate` against the stages' "
                         "(each distinct prompt read once), on the quickstart's model shape and SmolLM2-135M")
+    parser.add_argument("--rollout-precision", choices=["bf16"], help="with --rollouts: generate \"after\" from the "
+                        "model in bf16, as a `precision: bf16` recipe's stages do (\"before\" stays plain generate in the "
+                        "compute dtype)")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
     parser.add_argument("--precisions", help="with --recipes: run each recipe in each of these precisions (e.g. "
                         "fp32,bf16: the recipe's `precision`) and compare the stages' seconds")
@@ -142,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         threads = args.threads or torch.get_num_threads()
         torch.set_num_threads(threads)
         with contextlib.redirect_stdout(sys.stderr):
-            results = run_rollouts(args.repeats, log)
+            results = run_rollouts(args.repeats, log, args.rollout_precision)
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {threads} thread(s)"
         header = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s ({device}), load average " \
                  f"{os.getloadavg()[0]:.2f}; median of {args.repeats} interleaved repeats"
+        if args.rollout_precision == "bf16":
+            header += f"; after: in bf16 (matmul peak {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s)"
         return emit(results, rollouts_table(results, header), args.json)
     if args.served:
         threads = args.threads or torch.get_num_threads()

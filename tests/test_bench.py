@@ -242,3 +242,20 @@ def test_bench_rollouts_times_both_ways_on_the_same_tokens():
         assert result["before_tokens_per_s"] > 0 and result["after_tokens_per_s"] > 0
     table = rollouts_table({"quickstart": {"grpo": {**vars(Rollout("grpo", 4, 4, 12, 3)), **grouped}}}, "header")
     assert "| quickstart | grpo | 4 x 4 | 12, 3 |" in table
+
+
+def test_bench_rollouts_in_bf16_generate_after_from_a_bf16_copy():
+    import copy
+
+    import torch
+
+    from bench.rollouts import Rollout, measure, quickstart_model
+
+    model = quickstart_model()
+    calls = []
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16.register_forward_pre_hook(lambda module, args: calls.append(module.dtype))
+    result = measure(model, Rollout("eval", 4, 1, 12, 3, sampled=False), repeats=1, after_model=bf16)
+    assert calls and set(calls) == {torch.bfloat16}  # "after" ran on the bf16 copy
+    assert next(model.parameters()).dtype == torch.float32
+    assert 0.0 <= result["identical_rows"] <= 1.0 and result["after_tokens_per_s"] > 0

@@ -22,7 +22,7 @@ from pipeline.algorithms.ppo_trainer.maths import policy_loss
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer, Rollout
 from pipeline.config.specs import PeftSpec
 from pipeline.data.prompts import record_prompt_format
-from pipeline.models.loading import load_tokenizer
+from pipeline.models.loading import load_tokenizer, recipe_precision
 from pipeline.stages.ppo import PPOSpec, build_models
 from pipeline.models.chat_templates import CHATML_TEMPLATE
 from pipeline.stages.tokenizer import BOS, EOS, PAD, train_bpe
@@ -159,6 +159,19 @@ def test_ratio_is_one_before_the_first_update(model_dir, peft):
     _, clip_fraction, approx_kl = policy_loss(logprobs, rollout.logprobs[idx], rollout.advantages[idx],
                                               rollout.mask[idx], 0.2)
     assert float(approx_kl) == 0.0 and float(clip_fraction) == 0.0
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_ratio_is_one_before_the_first_update_in_bf16(model_dir, peft):
+    """`precision: bf16`: the models load in bf16 and PPO computes under bf16 autocast, rollout and update alike, so
+    the update still starts exactly on-policy."""
+    with recipe_precision("bf16"):
+        trainer = trainer_for(model_dir, peft, learning_rate=1e-30, ppo_epochs=2)
+        assert torch.bfloat16 in {p.dtype for p in trainer.model.parameters()}
+        assert trainer.accelerator.mixed_precision == "bf16"
+        rollout = experience(trainer)
+        stats = trainer.update(rollout)
+    assert stats["approx_kl"] < 1e-12 and stats["clip_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])

@@ -30,6 +30,7 @@ from pipeline.models.chat_templates import CHATML_TEMPLATE, template_text
 from pipeline.models.loading import gguf_location
 from pipeline.models.tools import has_tool_turns, renders_tools
 from pipeline.models.remote import RemoteScoringError, health
+from pipeline.runtime.cpu import cpu_has_amx
 from pipeline.runtime.distributed import zero_stage
 
 MIN_FREE_BYTES = 1 << 30
@@ -134,17 +135,6 @@ def precision_warnings(recipe: Recipe) -> list[str]:
         return []
     return [f"{recipe.path}: precision: bf16 on a CPU without AMX, where bf16 matrix products run far slower than "
             "fp32 (~200x on the CPUs this was measured on); `precision: auto` computes in fp32 on CPUs"]
-
-
-def cpu_has_amx() -> bool | None:
-    """Whether this CPU has AMX's bf16 tiles (Intel Sapphire Rapids and later), from /proc/cpuinfo's flags; None
-    where that cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return None
-    return "amx_bf16" in flags.split()
 
 
 def is_conversational(row: dict[str, Any]) -> bool:

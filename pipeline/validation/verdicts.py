@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.config.paths import resolve_local
+from pipeline.runtime.cpu import cpu_has_amx
 from pipeline.runtime.files import read_json, write_json
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "huggingface-hub",
@@ -145,7 +146,8 @@ def _environment() -> dict[str, str]:
 def _hardware() -> dict[str, Any]:
     """What the checks' precision and device choices read, without importing torch."""
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "nvidia": sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))}
+            "cpus": os.cpu_count(), "amx": cpu_has_amx(),
+            "nvidia": sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))}
 
 
 def verdict_key(recipe_path: Path, data: dict[str, Any], mode: dict[str, Any]) -> str:
