@@ -40,9 +40,12 @@ def test_fast_path_fields_reach_only_configs_that_have_them(monkeypatch, tmp_pat
 def test_flash_attention_only_on_a_bf16_gpu_with_flash_attn(monkeypatch):
     assert modeling.attn_implementation() is None  # CPU: transformers' default, SDPA
     monkeypatch.setattr(modeling, "use_bf16", lambda: True)
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
     assert modeling.attn_implementation() is None  # bf16 GPU without the package
     pretend_installed(monkeypatch, "flash_attn")
     assert modeling.attn_implementation() == "flash_attention_2"
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: False)
+    assert modeling.attn_implementation() is None  # bf16 on a CPU (`precision: bf16`): flash_attn runs on GPUs only
 
 
 def test_packed_rows_attend_only_within_their_row_with_sdpa():

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import PeftModel
 from transformers import get_scheduler
@@ -147,6 +148,10 @@ class PPOTrainer:
         self.config = config
         bf16 = use_bf16() if config.bf16 is None else config.bf16
         report_to = None if config.report_to in ("none", ["none"], []) else config.report_to
+        # accelerate keeps one process-wide state, and refuses an Accelerator whose mixed precision differs from the
+        # one an earlier stage's Trainer set; each Trainer's TrainingArguments starts it afresh, and so does PPO
+        # (the process group, PartialState, stays).
+        AcceleratorState._reset_state(reset_partial_state=False)
         # The same process setup the runner and the Trainers use: CPU-only DDP over gloo needs `cpu`.
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", log_with=report_to,
                                        project_dir=config.output_dir, cpu=process_defaults()["use_cpu"])
