@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 import pipeline.validation.preflight as preflight
@@ -90,6 +91,55 @@ def test_bf16_on_a_cpu_without_amx_is_warned_about(tmp_path, capsys, monkeypatch
     recipe = write_recipe(tmp_path, tiny_stages()[:1], precision=precision)
     assert main(["validate", str(recipe), "--no-cache"]) == 0
     assert ("precision: bf16 on a CPU without AMX" in capsys.readouterr().err) == warned
+
+
+def test_bf16_under_deepspeed_on_a_cpu_is_one_recipe_error(tmp_path, capsys, monkeypatch):
+    """transformers refuses bf16 on a CPU unless `use_cpu`, which a DeepSpeed launch cannot set: said once, before
+    anything trains, with what to do instead (its own message, once per stage, named `use_cpu`)."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = write_recipe(tmp_path, tiny_stages(), precision="bf16")
+    assert main(["validate", str(recipe), "--no-cache"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("precision: bf16 under DeepSpeed needs a GPU") == 1 and "--multi_gpu" in err
+    assert "rejects these values" not in err
+    assert main(["validate", str(write_recipe(tmp_path, tiny_stages(), precision="auto")), "--no-cache"]) == 0
+
+
+def test_qlora_trains_in_bf16(tmp_path):
+    """4-bit base weights (bitsandbytes on CPU) with bf16 compute: the adapter learns."""
+    stages = tiny_stages(pretrain_steps=20, sft_steps=15)
+    stages[1]["model"].update(hidden_size=64, intermediate_size=128)  # bitsandbytes quantises blocks of 64 values
+    stages[2]["peft"] = {"r": 4, "lora_alpha": 8}
+    stages[2]["quantization"] = {"bits": 4}
+    assert main(["run", str(write_recipe(tmp_path, stages, precision="bf16"))]) == 0
+    sft = summary(tmp_path / "run")["stages"]["sft"]
+    assert sft["metrics"]["eval_loss"] < sft["metrics"]["initial_eval_loss"]
+    # TRL casts a quantized model's trainable parameters to bf16 (the QLoRA paper's recipe), here the compute dtype
+    assert tensor_dtypes(tmp_path / "run" / "sft" / "output") == {"BF16"}
+
+
+def test_bf16_across_two_processes(tmp_path):
+    """Plain data parallel (gloo) in bf16: the Trainer stages and PPO's own Accelerator on both ranks."""
+    from tests.test_distributed import LORA, PREFS, launch, statuses
+
+    stages = tiny_stages(pretrain_steps=6, sft_steps=6) + [
+        {"name": "rm", "type": "reward", "model": "sft", "dataset": PREFS,
+         "args": {"max_steps": 4, "per_device_train_batch_size": 8, "max_length": 48}},
+        {"name": "ppo", "type": "ppo", "model": "sft", "reward_model": "rm", "peft": LORA,
+         "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64},
+         "args": {"max_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+                  "max_new_tokens": 4}},
+    ]
+    result = launch(write_recipe(tmp_path, stages, precision="bf16"), "--multi_gpu")
+    assert result.returncode == 0
+    run_dir = tmp_path / "run"
+    assert set(statuses(run_dir).values()) == {"completed"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["hardware"]["precision"] == "bf16" and manifest["launch"]["num_processes"] == 2
+    assert tensor_dtypes(run_dir / "sft" / "output") == {"BF16"}
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert [row["step"] for row in history] == [1, 2, 3]
 
 
 def test_a_served_model_loads_in_the_precision_asked(monkeypatch):

@@ -175,6 +175,22 @@ def match_trainable_dtype(model, spec: QuantizationSpec | None) -> None:
             param.data = param.data.to(dtype)
 
 
+def keep_4bit_layers_differentiable(model):
+    """Keep bitsandbytes' 4-bit layers out of their CPU inference layout; returns the model.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` that runs in eval mode repacks its weights, once and for good
+    (bitsandbytes 0.50: undone only by saving or moving to a GPU), for a kernel with no backward (`gemv_4bit`).
+    Every training step after the first evaluation (the stages' held-out evaluation on start, GRPO's and PPO's
+    rollouts) then drops the gradient through every quantized layer, with nothing but a warning from torch:
+    LoRA gradients 20-80% off in a 2-layer model (tests/test_precision.py). The plain dequantize-and-matmul
+    path stays correct in both modes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def gguf_location(path: str) -> dict[str, str]:
     """`from_pretrained` arguments for a GGUF file: its folder (or Hub repo) and `gguf_file`."""
     folder, name = os.path.split(path)
@@ -225,9 +241,9 @@ def load_causal_lm(path: str, *, quantization: QuantizationSpec | None = None, t
     if is_gguf(path):
         return load_gguf(path, revision=revision, **kwargs)
     if not is_adapter(path):
-        return AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+        return keep_4bit_layers_differentiable(AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs))
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path(path), **kwargs)
+    base = keep_4bit_layers_differentiable(AutoModelForCausalLM.from_pretrained(base_model_path(path), **kwargs))
     model = PeftModel.from_pretrained(base, path, is_trainable=not merge_adapter)
     if not merge_adapter:
         return model

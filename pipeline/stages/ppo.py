@@ -28,6 +28,7 @@ from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, require_reward_columns
 from pipeline.models.loading import (
     compute_dtype,
+    keep_4bit_layers_differentiable,
     load_causal_lm,
     load_tokenizer,
     quantization_config,
@@ -72,6 +73,7 @@ def critic_from_reward_model(spec: PPOSpec, path: str):
     model = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=compute_dtype(), use_safetensors=True, trust_remote_code=spec.trust_remote_code,
         quantization_config=quantization_config(spec.quantization))
+    keep_4bit_layers_differentiable(model)
     head = getattr(model, "score", None)  # decoder reward models (transformers' *ForSequenceClassification)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise DataError(f"stage '{spec.name}': value_model {path} is not a one-score decoder reward model "

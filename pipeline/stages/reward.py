@@ -14,6 +14,7 @@ from pipeline.data.preferences import to_pairwise
 from pipeline.models.loading import (
     compute_dtype,
     held_back_load_report,
+    keep_4bit_layers_differentiable,
     load_tokenizer,
     quantization_config,
     stage_base,
@@ -64,7 +65,7 @@ def load_reward_model(path: str, spec: RewardSpec, tokenizer):
         print(f"stage '{spec.name}': weights not in {path}, initialised fresh: {', '.join(unexpected[:8])}"
               + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""), flush=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # marks where each sequence ends for pooling
-    return model
+    return keep_4bit_layers_differentiable(model)
 
 
 def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:

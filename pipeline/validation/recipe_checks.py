@@ -15,12 +15,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.config.health import health_settings
 from pipeline.config.paths import HUB_ID, LOCAL_DATA_SUFFIXES, config_fields, import_object, resolve_local
 from pipeline.config.recipe import PRECISIONS, PROMPT_RENDERINGS, Recipe, build_recipe, read_recipe
 from pipeline.config.schema import RecipeError, suggest
 from pipeline.config.specs import PeftSpec, SourceSpec, TrainStageSpec
-from pipeline.models.loading import is_adapter, recipe_precision
+from pipeline.models.loading import is_adapter, process_defaults, recipe_precision, use_bf16
 from pipeline.stages import STAGE_TYPES
 from pipeline.training.health import CHECKS
 from pipeline.training.trainers import make_config
@@ -94,7 +96,18 @@ def check_recipe(recipe: Recipe, skip: set[str] = frozenset()) -> list[str]:
     if recipe.precision not in PRECISIONS:
         errors.append(f"{where}: precision: must be one of {', '.join(PRECISIONS)}, got "
                       f"'{recipe.precision}'{suggest(str(recipe.precision), PRECISIONS)}")
+    elif bf16_refused_by_launch(recipe.precision):
+        errors.append(f"{where}: precision: bf16 under DeepSpeed needs a GPU: on a CPU, transformers trains in bf16 "
+                      "only when told `use_cpu`, which a DeepSpeed launch cannot be; launch with --multi_gpu "
+                      "(plain data parallel, bf16 works there) or use `precision: auto` (fp32 on CPUs)")
     return errors
+
+
+def bf16_refused_by_launch(precision: str) -> bool:
+    """bf16 in a DeepSpeed launch on CPUs (DS_ACCELERATOR=cpu): TrainingArguments refuses bf16 without a GPU unless
+    `use_cpu`, and under DeepSpeed `process_defaults` must leave that off."""
+    with recipe_precision(precision):
+        return use_bf16() and not torch.cuda.is_available() and not process_defaults()["use_cpu"]
 
 def health_problems(health: Any, checks: tuple[str, ...], stage_type: str | None = None) -> list[str]:
     """`health:` keys (thresholds of pipeline.config.health.HealthSpec) and `fail_on` names, with suggestions."""
@@ -209,7 +222,7 @@ def training_key_problems(recipe: Recipe, stage: TrainStageSpec) -> list[str]:
         cls_name = stage.args_class.rpartition(".")[2]
         errors += [f"args.{k}: not a field of {cls_name}{suggest(k, valid)}" for k in bad]
         errors += [f"args.{e}" for e in _check_arg_types(stage.args_class, args)]
-        if not bad:
+        if not bad and not bf16_refused_by_launch(recipe.precision):  # else said once for the recipe
             with tempfile.TemporaryDirectory() as tmp, recipe_precision(recipe.precision):
                 try:
                     config = make_config(stage.args_class, recipe.stage_args(stage), output_dir=tmp, seed=recipe.seed)
