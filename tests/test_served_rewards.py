@@ -80,10 +80,10 @@ def trained(tmp_path_factory) -> Path:
     return folder
 
 
-def start_server(model: Path, port: int | None = None):
-    """`pipeline serve MODEL` in its own process; (its URL, the process) once `GET /health` answers."""
+def start_server(model: Path, port: int | None = None, *options: str):
+    """`pipeline serve MODEL [options]` in its own process; (its URL, the process) once `GET /health` answers."""
     port = port or free_port()
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(model), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(model), "--port", str(port), *options],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -127,6 +127,18 @@ def test_served_scores_equal_in_process_scores(trained, server):
     served = RemoteRewardScorer(url, batch_size=4)(PROMPTS, COMPLETIONS)  # 6 batches, 4 at a time
     assert len(served) == len(PROMPTS) and max(abs(a - b) for a, b in zip(local, served)) < 1e-5
     assert len(set(round(s, 4) for s in served)) > 3  # a trained head: the scores differ between responses
+
+
+def test_a_reward_model_served_in_bf16_scores_as_in_fp32_to_bf16s_rounding(trained):
+    url, process = start_server(trained / "run" / "rm", None, "--precision", "bf16")
+    try:
+        served = RemoteRewardScorer(url, batch_size=4)(PROMPTS, COMPLETIONS)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    local = RewardModelScorer(str(trained / "run" / "rm" / "output"))(PROMPTS, COMPLETIONS)
+    errors = [abs(a - b) for a, b in zip(local, served)]
+    assert 0 < max(errors) < 0.05 * (max(local) - min(local)), (local, served)  # bf16, not fp32: not equal
 
 
 def test_a_bad_request_is_answered_400_naming_the_field(server):
