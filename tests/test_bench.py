@@ -89,6 +89,16 @@ def test_bench_ppo_reports_update_time_and_memory_per_mode():
         assert mode["peak_rss_mb"] > mode["peak_rise_mb"] > 0
 
 
+def test_bench_ppo_measures_each_precision():
+    done = subprocess.run([sys.executable, "-m", "bench", "--ppo", "--json", "--model-size", "tiny", "--steps", "2",
+                           "--modes", "lora", "--precisions", "fp32,bf16"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert {key: r["weights_dtype"] for key, r in results.items()} == {"lora fp32": "float32", "lora bf16": "bfloat16"}
+    assert all(r["update_s"] > 0 and r["generation_s"] > 0 for r in results.values())
+    assert "| lora bf16 | bfloat16 |" in done.stderr and "bf16" in done.stderr.split("measured matmul peak")[1]
+
+
 def test_bench_parallel_eval_json():
     """`--parallel-eval 2`: the eval stage on one process and on two; the same metrics either way."""
     done = subprocess.run([sys.executable, "-m", "bench", "--parallel-eval", "2", "--model-size", "tiny",

@@ -142,6 +142,26 @@ def test_bf16_across_two_processes(tmp_path):
     assert [row["step"] for row in history] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_bf16_lm_head_reads_contiguous_rows(tmp_path, precision):
+    """Generation's prefill hands the LM head the last position of each row, a strided view: in bf16 on a CPU,
+    torch's batched product then copied the whole weight once per row. fp32 keeps the path it had (no hook)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models.loading import load_causal_lm, recipe_precision
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with recipe_precision(precision):
+        model = load_causal_lm(str(tmp_path)).eval()
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))  # runs after ours
+    model.generate(input_ids=torch.randint(1, 64, (4, 6)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(seen) == 3 and all(seen) == (precision == "bf16")
+    assert head.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
 def test_a_served_model_loads_in_the_precision_asked(monkeypatch):
     import pipeline.serving.reward_server as reward_server
 

@@ -50,6 +50,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import PeftModel
+from peft.helpers import disable_input_dtype_casting
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits, selective_log_softmax
 
@@ -407,6 +408,13 @@ class PPOTrainer:
     # ----------------------------------------------------------------------- 4. update
     def update(self, rollout: Rollout) -> dict[str, float]:
         """`ppo_epochs` of clipped minibatch updates on the rollout, then one scheduler step; returns metrics."""
+        # Under autocast (mixed precision bf16) every linear layer computes in bf16: peft's cast of each input to its
+        # fp32 adapter's dtype, which autocast casts straight back, would only copy activations (measured on a
+        # SmolLM2 LoRA update in bf16: 8-12% of its time, 9% of its peak memory; the same losses).
+        with disable_input_dtype_casting(self.unwrapped, active=self.accelerator.native_amp):
+            return self.clipped_updates(rollout)
+
+    def clipped_updates(self, rollout: Rollout) -> dict[str, float]:
         config, critic = self.config, self.unwrapped.has_critic
         # Critic warm-up: the critic learns while the policy stays as it is (its loss term is weighted 0, which keeps
         # DDP's gradient all-reduce whole, and its gradients are dropped before the optimizer step).
