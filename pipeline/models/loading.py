@@ -182,7 +182,7 @@ def keep_4bit_layers_differentiable(model):
     (bitsandbytes 0.50: undone only by saving or moving to a GPU), for a kernel with no backward (`gemv_4bit`).
     Every training step after the first evaluation (the stages' held-out evaluation on start, GRPO's and PPO's
     rollouts) then drops the gradient through every quantized layer, with nothing but a warning from torch:
-    LoRA gradients 20-80% off in a 2-layer model (tests/test_precision.py). The plain dequantize-and-matmul
+    LoRA gradients 20-80% off in a 2-layer model (tests/test_stages.py). The plain dequantize-and-matmul
     path stays correct in both modes.
     """
     for module in model.modules():
