@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def peak_line(threads: int, precisions: tuple) -> str:
+    """The measured fp32 matmul peak on `threads` threads, and bf16's too where bf16 was measured."""
+    line = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
+    return line + (f", bf16 {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s" if "bf16" in precisions else "")
+
+
 def emit(results: Any, report: str, as_json: bool) -> int:
     """The results as one JSON object on stdout (the table on stderr too), or the table alone."""
     if as_json:
@@ -129,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                               Path(args.recipes_work_dir), Path(__file__).resolve().parents[1] / "recipes", log,
                               precisions)
         torch.set_num_threads(threads)  # the runs' thread count
-        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {threads} thread(s)"
-        if "bf16" in precisions:
-            peak += f", bf16 {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
-        peak += f", load average {os.getloadavg()[0]:.2f}"
+        peak = f"{peak_line(threads, precisions)}, load average {os.getloadavg()[0]:.2f}"
         over_seeds = f"\n\nover seeds {args.seeds}:\n{seeds_table(results)}" if "," in args.seeds else ""
         by_precision = f"\n\nby precision:\n{precision_table(results)}" if len(precisions) > 1 else ""
         return emit(results, f"{peak}\n{recipes_table(results)}{over_seeds}{by_precision}", args.json)
@@ -177,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.ppo:
         precisions = tuple(args.precisions.split(",")) if args.precisions else ("auto",)
+        unknown = set(args.modes.split(",")) - {"full", "lora"}
+        if unknown:
+            print(f"error: --modes: unknown {sorted(unknown)}; choose from full, lora", file=sys.stderr)
+            return 2
         modes = tuple(m for m in ("full", "lora") if m in args.modes.split(","))
         results = run_ppo_bench(args.model, args.model_size, args.steps, log, modes, precisions)
-        peak = f"measured matmul peak: {peak_flops() / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)"
-        if "bf16" in precisions:
-            peak += f", bf16 {peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
-        return emit(results, f"{peak}, load average {os.getloadavg()[0]:.2f}\n{ppo_table(results)}", args.json)
+        peak = f"{peak_line(torch.get_num_threads(), precisions)}, load average {os.getloadavg()[0]:.2f}"
+        return emit(results, f"{peak}\n{ppo_table(results)}", args.json)
     if args.sft_memory:
         with contextlib.redirect_stdout(sys.stderr):
             results = run_sft_memory(args.model, args.steps, log)

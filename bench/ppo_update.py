@@ -93,5 +93,4 @@ def ppo_table(results: dict[str, dict[str, Any]]) -> str:
 
 if __name__ == "__main__":
     job = json.loads(sys.argv[1])
-    print("RESULT " + json.dumps(measure(job["mode"], job["model"], job["steps"], job.get("precision", "auto"))),
-          flush=True)
+    print("RESULT " + json.dumps(measure(job["mode"], job["model"], job["steps"], job["precision"])), flush=True)
