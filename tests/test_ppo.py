@@ -77,8 +77,11 @@ def test_ppo_logs_every_metric(ppo_run):
     history = json.loads((ppo_run[0] / "run" / "ppo" / "log_history.json").read_text())
     expected = {"reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl",
                 "explained_variance", "response_length", "time/generation_s", "time/optimisation_s", "kl_coef",
-                "grad_norm/policy", "grad_norm/critic", "critic_learning_rate", "reward_mean", "reward_std"}
+                "grad_norm/policy", "grad_norm/critic", "critic_learning_rate", "reward_mean", "reward_std",
+                "prompt_length", "prompt_length_max"}
     assert len(history) == 12 and expected <= set(history[0])
+    assert all(0 < row["prompt_length"] <= row["prompt_length_max"] for row in history)
+    assert len({row["prompt_length"] for row in history}) > 1  # each step's own prompts
     assert (ppo_run[0] / "run" / "plots" / "ppo.png").is_file()
 
 

@@ -117,31 +117,51 @@ def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
         assert (attended == tokenizer.pad_token_id).sum() == 2 * len(rollout.prompts)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
-def test_update_logprobs_equal_rollout_logprobs(model_dir, peft):
-    """The update's forward pass (the prepared model, as `update` calls it) reproduces the rollout's
-    log-probs and values exactly, and both match the logits `generate` decoded with."""
-    trainer = trainer_for(model_dir, peft)
-    rollout = experience(trainer)
-    trainer.model.eval()
-    with torch.no_grad():
-        logprobs, values, _ = trainer.policy_outputs(trainer.model, rollout, torch.arange(8))
-    mask = rollout.mask.bool()
-    assert torch.equal(logprobs[mask], rollout.logprobs[mask])
-    assert torch.equal(values * rollout.mask, rollout.values)
+def test_update_logprobs_equal_rollout_logprobs(model_dir, peft, precision):
+    """The update's forward pass (the prepared model, as `update` calls it) reproduces the rollout's log-probs and
+    values exactly, and both match the logits `generate` decoded the rollout with."""
+    with recipe_precision(precision):
+        trainer = trainer_for(model_dir, peft)
+        rollout = experience(trainer)
+        trainer.model.eval()
+        with torch.no_grad():
+            logprobs, values, _ = trainer.policy_outputs(trainer.model, rollout, torch.arange(8))
+        mask = rollout.mask.bool()
+        assert torch.equal(logprobs[mask], rollout.logprobs[mask])
+        assert torch.equal(values * rollout.mask, rollout.values)
 
-    policy = trainer.unwrapped
-    if policy.value_adapter:
-        policy.use_adapter("policy")
-    greedy = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
-    with torch.no_grad():
-        out = policy.policy.generate(input_ids=greedy.query, attention_mask=greedy.query_mask, do_sample=False,
-                                     max_new_tokens=6, output_logits=True, return_dict_in_generate=True,
-                                     pad_token_id=trainer.tokenizer.pad_token_id,
-                                     eos_token_id=trainer.tokenizer.eos_token_id)
-        generated = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, greedy.response[..., None])[..., 0]
-        recomputed, _, _ = trainer.policy_outputs(policy, greedy, temperature=1.0)
-    assert torch.allclose(recomputed[greedy.mask.bool()], generated[greedy.mask.bool()], atol=1e-4)
+        # the last-position logits of every forward pass over all rows inside the trainer's generation: the last
+        # `width` of them are the ones each response token was decoded from (before: the prompts' prefill)
+        decoded, rows = [], len(rollout.prompts)
+        language_model = trainer.unwrapped.policy
+        language_model = language_model.get_base_model() if peft else language_model
+        hook = language_model.register_forward_hook(
+            lambda module, args, out: decoded.append(out.logits[:, -1].float()) if len(out.logits) == rows else None)
+        greedy = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
+        hook.remove()
+        with torch.no_grad():
+            recomputed, _, _ = trainer.policy_outputs(trainer.unwrapped, greedy, temperature=1.0)
+    width = greedy.response.shape[1]
+    generated = torch.stack(decoded[-width:], 1).log_softmax(-1).gather(-1, greedy.response[..., None])[..., 0]
+    mask = greedy.mask.bool()
+    # bf16: within its rounding (the prefill reads prompts in other shapes than the scoring pass: 2e-3 measured)
+    assert torch.allclose(recomputed[mask], generated[mask], atol=1e-4 if precision == "fp32" else 1e-2)
+
+
+def test_bf16_rollouts_compute_lora_in_bf16_as_the_update_does(model_dir):
+    """Under bf16 autocast the update computes the fp32 adapters in bf16; the rollout does too (without autocast
+    it computed them in fp32: another rounding, and SmolLM2's LoRA rollouts 1.16-1.47x slower)."""
+    with recipe_precision("bf16"):
+        trainer = trainer_for(model_dir, peft=True)
+        lora_a = next(m for n, m in trainer.unwrapped.named_modules() if n.endswith("lora_A.policy"))
+        assert lora_a.weight.dtype == torch.float32
+        seen = []
+        hook = lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        trainer.rollout()
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])

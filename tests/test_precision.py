@@ -188,3 +188,26 @@ def test_an_encoder_reward_model_trains_in_bf16(tmp_path):
     assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.2  # observed 0.47 -> 0.91 (fp32: 0.50 -> 0.94)
     assert metrics["truncated_pairs"] >= 1
     assert tensor_dtypes(tmp_path / "run" / "rm" / "output") == {"BF16"}
+
+
+def test_grpo_rollouts_compute_lora_in_bf16_as_its_loss_does(bf16_run, tmp_path, monkeypatch):
+    """TRL computes a bf16 GRPO's loss under autocast, where peft's fp32 adapters compute in bf16; the stage's
+    generation runs under the same autocast (without it: in fp32, another rounding of the policy, and slower)."""
+    import pipeline.stages.grpo as grpo
+
+    share_prompts, seen = grpo.share_prompts, set()
+
+    def share_and_watch(model, *precision):
+        share_prompts(model, *precision)
+        lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+        assert lora_a.weight.dtype == torch.float32
+        lora_a.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+
+    monkeypatch.setattr(grpo, "share_prompts", share_and_watch)
+    stages = [{"name": "grpo", "type": "grpo", "model": str(bf16_run[1] / "sft" / "output"),
+               "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 16},
+               "rewards": [{"function": "exact_match"}], "peft": {"r": 4, "lora_alpha": 8},
+               "args": {"max_steps": 1, "num_generations": 4, "per_device_train_batch_size": 8,
+                        "max_completion_length": 4, "disable_dropout": True}}]
+    assert main(["run", str(write_recipe(tmp_path, stages, precision="bf16"))]) == 0
+    assert seen == {torch.bfloat16}

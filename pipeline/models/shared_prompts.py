@@ -18,6 +18,7 @@ cache API `generate` itself uses to continue from a cached prefix.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -121,19 +122,21 @@ def sharded_weights(model) -> bool:
 
 
 class SharedPromptGenerate:
-    """A model's `generate`, reading repeated prompts once (`generate_sharing_prompts`). Installed on the model
-    object that TRL's GRPO-family trainers call `generate` on (`share_prompts`)."""
+    """A model's `generate`, reading repeated prompts once (`generate_sharing_prompts`), inside `precision` (a
+    context manager's factory). Installed on the model object that TRL's GRPO-family trainers call `generate` on
+    (`share_prompts`)."""
 
-    def __init__(self, model) -> None:
-        self.model, self.generate = model, type(model).generate.__get__(model)
+    def __init__(self, model, precision: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.model, self.generate, self.precision = model, type(model).generate.__get__(model), precision
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        if input_ids is None or attention_mask is None:
-            return self.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return generate_sharing_prompts(self.model, self.generate, input_ids, attention_mask, **kwargs)
+        with self.precision():
+            if input_ids is None or attention_mask is None:
+                return self.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return generate_sharing_prompts(self.model, self.generate, input_ids, attention_mask, **kwargs)
 
 
-def share_prompts(model) -> None:
-    """Make `model.generate` read each distinct prompt of a call once."""
-    model.generate = SharedPromptGenerate(model)
+def share_prompts(model, precision: Callable[[], AbstractContextManager] = nullcontext) -> None:
+    """Make `model.generate` read each distinct prompt of a call once, inside `precision()`."""
+    model.generate = SharedPromptGenerate(model, precision)

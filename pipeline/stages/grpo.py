@@ -24,7 +24,7 @@ from pipeline.data.prompts import as_model_rows
 from pipeline.models.decoding import accuracy, generate
 from pipeline.models.environments import environment_factory, episode_reward, episodes, owns_reward
 from pipeline.models.chat_templates import read_tool_calls, use_chat_template
-from pipeline.models.loading import load_policy, load_tokenizer, starting_point
+from pipeline.models.loading import autocast_as_trained, load_policy, load_tokenizer, starting_point
 from pipeline.models.reward_functions import build_reward_terms
 from pipeline.models.shared_prompts import share_prompts
 from pipeline.models.tool_use import generate_with_tools
@@ -107,7 +107,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config, **acting)
     check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
-    share_prompts(trainer.model)  # TRL generates num_generations rows per prompt: each prompt is read once
+    # TRL generates num_generations rows per prompt: each prompt is read once, under the autocast TRL trains with
+    share_prompts(trainer.model, lambda: autocast_as_trained(trainer.accelerator, trainer.model))
     # apart from training's: the stage's tool counts are training's
     held_out_tools, held_out_stats = load_tools(spec.tools, spec.tool_timeout)
     make_environment = environment_factory(spec.environment, spec.tool_timeout, held_out_stats) \

@@ -72,7 +72,7 @@ from pipeline.algorithms.ppo_trainer.maths import (
 )
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
-from pipeline.models.loading import process_defaults, use_bf16
+from pipeline.models.loading import autocast_as_trained, process_defaults, use_bf16
 from pipeline.models.shared_prompts import generate_sharing_prompts
 from pipeline.runtime.progress import StepLines
 from pipeline.training.trainers import TrainingDiverged
@@ -296,11 +296,12 @@ class PPOTrainer:
         policy.eval()
         sampling = dict(do_sample=True, temperature=self.config.temperature, top_k=self.config.top_k,
                         top_p=self.config.top_p) if do_sample else dict(do_sample=False)
-        # a group's samples_per_prompt rows share their prompt's cache
-        output = generate_sharing_prompts(policy.policy, policy.policy.generate, query, query_mask,
-                                          max_new_tokens=self.config.max_new_tokens, use_cache=True,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                          **sampling)
+        # under the autocast the prepared model scores and trains with; a group's rows share their prompt's cache
+        with autocast_as_trained(self.accelerator, policy):
+            output = generate_sharing_prompts(policy.policy, policy.policy.generate, query, query_mask,
+                                              max_new_tokens=self.config.max_new_tokens, use_cache=True,
+                                              pad_token_id=tokenizer.pad_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, **sampling)
         response = output[:, query.shape[1]:]
         # Everything after the first EOS is padding; the EOS itself belongs to the response.
         is_eos = response == tokenizer.eos_token_id
@@ -327,6 +328,9 @@ class PPOTrainer:
             "kl": self.gather_mean(kl.sum(1)),
             "kl_coef": self.kl_controller.value,
             "response_length": self.gather_mean(mask.sum(1)),
+            # a step's time follows its longest prompt (HH-RLHF's run to 857 tokens): logged to read slow steps by
+            "prompt_length": self.gather_mean(rollout.query_mask.sum(1)),
+            "prompt_length_max": self.gather_max(rollout.query_mask.sum(1)),
             "eos_fraction": self.gather_mean(rollout.ended.float()),
             "reward_mean": self.reward_moments.mean,
             "reward_std": self.reward_moments.var ** 0.5,
@@ -496,3 +500,6 @@ class PPOTrainer:
 
     def gather_mean(self, x: torch.Tensor) -> float:
         return float(self.accelerator.gather(x.detach().float().reshape(-1)).mean())
+
+    def gather_max(self, x: torch.Tensor) -> float:
+        return float(self.accelerator.gather(x.detach().float().reshape(-1)).max())
