@@ -138,3 +138,37 @@ def test_over_long_prompts_are_counted_before_training(tmp_path, capsys):
     assert code == 1
     assert ("error: stage 'sft': all 360 training rows have prompts of max_length=8 tokens or more"
             in capsys.readouterr().err)
+
+
+def test_prompts_that_cannot_fit_the_context_stop_ppo_eval_and_generate(tmp_path, capsys):
+    """Nothing truncates prompts before `generate`, so a prompt whose tokens and the new ones run past the model's
+    context would be generated past its positions (silently, with rotary positions): each generating stage
+    stops before it trains or generates, naming the setting to lower. Quickstart prompts are 24-33 tokens; the
+    context is 64."""
+    stages = tiny_stages(pretrain_steps=2, sft_steps=2)
+    stages[1]["model"]["max_position_embeddings"] = 64
+    prompts = {"path": str(DATA / "prompts.jsonl"), "max_samples": 24}
+    stages += [
+        {"name": "ppo", "type": "ppo", "model": "sft", "rewards": [{"function": "exact_match"}],
+         "dataset": {**prompts, "eval": {"path": str(DATA / "eval.jsonl"), "max_samples": 8}},
+         "args": {"max_steps": 1, "rollout_batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+                  "max_new_tokens": 36}},  # 64 - 36: prompts of up to 28 tokens fit
+        {"name": "ev", "type": "eval", "models": ["sft"], "dataset": prompts, "max_new_tokens": 36},
+        {"name": "gen", "type": "generate", "model": "sft", "dataset": prompts,
+         "rewards": [{"function": "exact_match"}], "num_samples": 2, "max_new_tokens": 36},
+    ]
+    recipe = write_recipe(tmp_path, stages)
+    fits = ["--set", "stages.ppo.args.max_new_tokens=8"]
+    for stage, settings, start in [("ppo", [], "error: stage 'ppo': "),
+                                   ("ev", fits, "error: stage 'ev', model 'sft': "),
+                                   ("gen", fits + ["--set", "stages.ev.max_new_tokens=8"], "error: stage 'gen': ")]:
+        assert main(["run", str(recipe), *settings]) == 1
+        err = capsys.readouterr().err
+        over = int(err.split(start)[1].split(" of ")[0])
+        what = "training prompts" if stage == "ppo" else "prompts"
+        knob = "args.max_new_tokens" if stage == "ppo" else "max_new_tokens"
+        assert 0 < over < 24 and (f"{start}{over} of 24 {what} are longer than 28 tokens (longest 33), so with "
+                                  f"{knob}=36 they do not fit the model's 64-token context") in err, err
+        assert summary(tmp_path / "run")["stages"][stage]["status"] == "failed"
+        assert not (tmp_path / "run" / stage / "output").exists()  # it never trained or generated
+    assert (tmp_path / "run" / "ppo" / "output").is_dir()  # with 8 new tokens the prompts fit, and ppo trained

@@ -58,6 +58,7 @@ from pipeline.models.reward_functions import RewardModelScorer
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.eval import EvalSpec
+from pipeline.training.length_checks import check_prompt_lengths
 
 
 def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
@@ -340,6 +341,8 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
 
     for ref in spec.models:
         model, tokenizer = load_model(spec, ctx, ref)
+        check_prompt_lengths(model.config, tokenizer, rows.prompts, spec.max_new_tokens, f"{where}, model '{ref}'",
+                             "prompts", "max_new_tokens")
         if judges.reference is not None and judges.reference[1].get_vocab() != tokenizer.get_vocab():
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).

@@ -31,6 +31,7 @@ from pipeline.models.reward_functions import build_reward_terms
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.generate import GenerateSpec
+from pipeline.training.length_checks import check_prompt_lengths
 
 OUTPUT_KEYS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "responses", "scores")
 
@@ -53,6 +54,8 @@ def sample_responses(spec: GenerateSpec, ctx: StageContext, prompts: list[Any]) 
     # this process's accelerator under `accelerate launch`, else the CPU
     model = load_causal_lm(path, trust_remote_code=spec.trust_remote_code).to(PartialState().device)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code)
+    check_prompt_lengths(model.config, tokenizer, prompts, spec.max_new_tokens, f"stage '{spec.name}'", "prompts",
+                         "max_new_tokens")
 
     def sample(share: list[int]) -> list[list[str]]:
         texts = generate(model, tokenizer, [prompts[i] for i in share], max_new_tokens=spec.max_new_tokens,

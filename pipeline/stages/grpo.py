@@ -106,7 +106,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
         acting["environment_factory"] = environment_factory(spec.environment, spec.tool_timeout, tool_stats)
     trainer = stage.build(trainer_class, model=model, reward_funcs=functions, train_dataset=train,
                           processing_class=tokenizer, peft_config=peft_config, **acting)
-    check_prompt_lengths(trainer, tokenizer, where)  # prompts that cannot fit the context, before training
+    check_prompt_lengths(trainer.model.config, tokenizer, list(trainer.train_dataset["prompt"]),
+                         trainer.args.max_completion_length, where)
     # TRL generates num_generations rows per prompt: each prompt is read once, under the autocast TRL trains with
     share_prompts(trainer.model, lambda: autocast_as_trained(trainer.accelerator, trainer.model))
     # apart from training's: the stage's tool counts are training's

@@ -39,6 +39,7 @@ from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.ppo import PPOSpec
 from pipeline.training.health import first_and_last_quarter
+from pipeline.training.length_checks import check_prompt_lengths
 from pipeline.training.trainers import make_config
 
 
@@ -136,6 +137,9 @@ def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     model, reference = build_models(spec, path, config.value_head_init_std, value_model, critic=config.uses_critic)
     is_correct = answer_check(spec.answer_extractor)
     functions, weights, names = build_reward_terms(terms, ctx.resolve, is_correct)
+    for prompts, what in ((train, "training prompts"), (held_out, "held-out prompts")):
+        check_prompt_lengths(model.policy.config, tokenizer, list(prompts["prompt"]), config.max_new_tokens, where,
+                             what, "args.max_new_tokens")
     trainer = PPOTrainer(config, model, tokenizer, train, functions, weights, names, ref_model=reference)
 
     initial = held_out_scores(trainer, held_out, is_correct)  # policy == reference here: the SFT model's numbers

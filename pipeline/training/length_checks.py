@@ -91,20 +91,23 @@ def check_padding(trainer, length_of: Callable[[dict[str, Any]], int], where: st
                        "(padding); `args: {train_sampling_strategy: group_by_length}` batches rows of similar "
                        "length (README, Performance)"])
 
-def check_prompt_lengths(trainer, tokenizer, where: str) -> None:
-    """Prompts that cannot fit the model's context together with `max_completion_length`: an error.
 
-    TRL's GRPOTrainer (1.16) does not truncate prompts, so an over-long one would run past the
-    model's positions during generation (an index error mid-training for learned positions).
+def check_prompt_lengths(model_config, tokenizer, prompts: list[Any], new_tokens: int, where: str,
+                         what: str = "training prompts", knob: str = "args.max_completion_length") -> None:
+    """Prompts that cannot fit the model's context together with `new_tokens` generated tokens: an error, before
+    the stage trains or generates.
+
+    Neither `generate` nor TRL's GRPOTrainer (1.16) truncates prompts: past its context a model with learned
+    positions fails mid-run with an index error, and one with rotary positions generates at positions it never
+    trained on, silently (transformers only logs a reminder). `knob` names the setting that sets `new_tokens`.
     """
-
-    context = getattr(trainer.model.config, "max_position_embeddings", None)
-    prompts = list(trainer.train_dataset["prompt"])
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if context is None:
+        return
     lengths = [len(prompt_token_ids(tokenizer, p)) for p in prompts]
-    limit = None if context is None else context - trainer.args.max_completion_length
-    over = sum(n > limit for n in lengths) if limit is not None else 0
+    limit = context - new_tokens
+    over = sum(n > limit for n in lengths)
     if over:
-        raise DataError(f"{where}: {over} of {len(prompts)} training prompts are longer than {limit} tokens "
-                        f"(longest {max(lengths)}), so with max_completion_length={trainer.args.max_completion_length} "
-                        f"they do not fit the model's {context}-token context; shorten them or lower "
-                        "args.max_completion_length")
+        raise DataError(f"{where}: {over} of {len(prompts)} {what} are longer than {limit} tokens "
+                        f"(longest {max(lengths)}), so with {knob}={new_tokens} they do not fit the model's "
+                        f"{context}-token context; shorten them or lower {knob}")
