@@ -55,8 +55,8 @@ def full_validation(args) -> dict:
     from datetime import datetime, timezone  # lazy: see above
 
     from pipeline.validation.explain import explain_recipe  # lazy: see above
-    from pipeline.validation.preflight import (check_data, check_launch, precision_warnings,  # lazy: see above
-                                               remote_problems)
+    from pipeline.validation.preflight import (check_data, check_launch, remote_problems,  # lazy: see above
+                                               setting_warnings)
     from pipeline.validation.prompt_checks import prompt_renderings  # lazy: see above
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
@@ -68,7 +68,7 @@ def full_validation(args) -> dict:
     renderings, warnings = prompt_renderings(recipe)
     output = renderings + ([explain_recipe(recipe) + "\n"] if args.explain else [])
     output.append(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
-    return {"output": "\n".join(output) + "\n", "warnings": precision_warnings(recipe) + check_data(recipe) + warnings,
+    return {"output": "\n".join(output) + "\n", "warnings": setting_warnings(recipe) + check_data(recipe) + warnings,
             "output_dir": str(run_dir_for(recipe, None)), "checked": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -85,7 +85,7 @@ def cmd_explain(args) -> int:
 def cmd_run(args) -> int:
     from pipeline.run.runner import Runner  # lazy: see above
     from pipeline.validation.preflight import (check_data, check_launch, check_output_dir,  # lazy: see above
-                                               precision_warnings)
+                                               setting_warnings)
     from pipeline.validation.recipe_checks import load_recipe  # lazy: see above
 
     recipe = load_recipe(args.recipe, args.set)
@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
     check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
-    warnings = precision_warnings(recipe) + check_data(recipe, selected)
+    warnings = setting_warnings(recipe) + check_data(recipe, selected)
     runner = Runner(recipe, run_dir, selected)
     if runner.is_main:
         print_warnings(warnings)

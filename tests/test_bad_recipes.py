@@ -274,6 +274,21 @@ def test_partly_degenerate_data_is_a_warning_with_counts(tmp_path, capsys):
             "in 4 of 60 rows") in err
 
 
+def test_rl_sampling_from_a_cut_distribution_is_a_warning(tmp_path, capsys):
+    """top_p, top_k or min_p on a stage that trains on its samples: valid, and warned about, stage by stage."""
+    stages = stages_with_extra() + [{"name": "ppo", "type": "ppo", "model": "sft", "reward_model": "rm",
+                                     "dataset": {"path": str(PROMPTS)}}]
+    code = main(["validate", str(write_recipe(tmp_path, stages)), "--no-cache"])
+    assert code == 0 and "draws rollouts from a cut distribution" not in capsys.readouterr().err
+    stages[5]["args"] = {"top_k": 20, "temperature": 0.9}
+    stages[6]["args"] = {"top_p": 0.9}
+    code = main(["validate", str(write_recipe(tmp_path, stages)), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "stage 'grpo': top_k: 20 draws rollouts from a cut distribution" in err
+    assert "stage 'ppo': top_p: 0.9 draws rollouts from a cut distribution" in err
+
+
 def test_sound_variations_stay_valid(tmp_path, capsys):
     """The checks refuse what cannot train, not what merely looks unusual."""
     stages = stages_with_extra()

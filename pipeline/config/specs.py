@@ -81,6 +81,8 @@ class StageSpec:
     holds_out: ClassVar[bool] = True  # splits `test_size` off its dataset; False: it reads every row (eval, generate)
     scores_models: ClassVar[bool] = False  # its metrics are `<metric>/<model>` for each model it scores (eval)
     zero3_unsupported: ClassVar[str | None] = None  # why the type cannot run under DeepSpeed ZeRO-3, if it cannot
+    # trains on responses it samples (online RL): its `args` sampling settings decide what it learns from
+    learns_from_own_samples: ClassVar[bool] = False
     # The console and report's key metrics: (label, metric before or None, metric after); a trailing `*`
     # matches every metric with that prefix (one per reward term, say).
     headline_metrics: ClassVar[tuple[tuple[str, str | None, str], ...]] = ()

@@ -129,6 +129,35 @@ def check_launch(recipe: Recipe, selected: list[str] | None = None) -> None:
         raise RecipeError(problems)
 
 
+def setting_warnings(recipe: Recipe) -> list[str]:
+    """Settings that run but work against what the recipe wants: bf16 where it crawls, RL sampling from another
+    distribution than the one it trains."""
+    return precision_warnings(recipe) + truncated_sampling_warnings(recipe)
+
+
+# (setting, its values that leave the distribution whole)
+SAMPLING_CUTS = (("top_p", (None, 1, 1.0)), ("top_k", (None, 0)), ("min_p", (None, 0, 0.0)))
+
+
+def truncated_sampling_warnings(recipe: Recipe) -> list[str]:
+    """Stages that learn from their own samples (grpo, rloo, ppo) drawing them from a cut distribution (top_p < 1,
+    top_k, min_p) yet scoring them, in the loss, its importance ratio and the KL, under the whole one at
+    `temperature`, as TRL's trainers and the ppo stage do: tokens the cut leaves out are never drawn, so never
+    reinforced or penalised, and the updates are off the policy that sampled."""
+    warnings = []
+    for stage in recipe.stages:
+        if not stage.learns_from_own_samples:
+            continue
+        args = recipe.stage_args(stage)
+        cuts = [f"{name}: {args[name]}" for name, whole in SAMPLING_CUTS if args.get(name) not in whole]
+        if cuts:
+            warnings.append(f"{recipe.path}: stage '{stage.name}': {', '.join(cuts)} draws rollouts from a cut "
+                            "distribution, while the loss, its ratio and the KL score each token under the whole "
+                            "one: the updates are off the policy that sampled, and what the cut leaves out is never "
+                            "learned from (RL keeps top_p 1.0, top_k 0, min_p 0; set the cut on an eval stage)")
+    return warnings
+
+
 def precision_warnings(recipe: Recipe) -> list[str]:
     """`precision: bf16` on a machine that runs bf16 far slower than fp32: a CPU without AMX (`cpu_has_amx`)."""
     if recipe.precision != "bf16" or torch.cuda.is_available() or cpu_has_amx() is not False:

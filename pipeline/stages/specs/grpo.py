@@ -45,6 +45,7 @@ class GRPOSpec(RewardsSpec, TrainStageSpec):
 
     args_class = "trl.GRPOConfig"
     continues_adapter = True
+    learns_from_own_samples = True
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("train reward", "train_reward_first", "train_reward_last"))
     # TRL's logged names. Its clip ratio is 0 by construction at num_iterations 1 (pi_old is pi), so movement is

@@ -33,6 +33,7 @@ class PPOSpec(RewardsSpec, TrainStageSpec):
     shared_defaults = ("seed", "report_to", "bf16", "weight_decay", "lr_scheduler_type", "max_grad_norm",
                        "activation_checkpointing")
     zero3_unsupported = "its rollouts would gather the sharded weights for every generated token"
+    learns_from_own_samples = True
     headline_metrics = (("exact match", "initial_eval_accuracy", "eval_accuracy"),
                         ("reward", "initial_eval_reward/*", "eval_reward/*"), ("KL", None, "eval_kl"))
     # The trainer's per-step names (pipeline.algorithms.ppo_trainer.trainer); `kl` is per response, and the
