@@ -154,7 +154,7 @@ def truncated_sampling_warnings(recipe: Recipe) -> list[str]:
             warnings.append(f"{recipe.path}: stage '{stage.name}': {', '.join(cuts)} draws rollouts from a cut "
                             "distribution, while the loss, its ratio and the KL score each token under the whole "
                             "one: the updates are off the policy that sampled, and what the cut leaves out is never "
-                            "learned from (RL keeps top_p 1.0, top_k 0, min_p 0; set the cut on an eval stage)")
+                            "learned from (RL keeps top_p 1.0, top_k 0, min_p 0; `temperature` reshapes both alike)")
     return warnings
 
 
