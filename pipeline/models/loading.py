@@ -219,7 +219,7 @@ def autocast_as_trained(accelerator, model) -> ExitStack:
     outside autocast computed them in fp32: another rounding of the policy than the one trained, and slower where
     prompts are long (SmolLM2, all-linear LoRA, 8 rows of 160 + 32 tokens: 1.16-1.47x in six paired runs; PPO's
     bench shape, 16 rows of ~20 + 16: the same speed; 2026-12-05). peft's cast of each input to its adapter's
-    dtype is off inside: autocast would cast it straight back, copying activations for nothing.
+    dtype is off inside, as in PPO's update (`PPOTrainer.update` says why).
     """
     stack = ExitStack()
     stack.enter_context(accelerator.autocast())
