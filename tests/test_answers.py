@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.cli import main
+from pipeline.config.specs import AnswerExtractorSpec
 from pipeline.data.answers import answer_check, first_word
 from tests.conftest import tiny_stages, write_recipe
 
@@ -96,3 +97,23 @@ def test_default_answer_check_is_an_exact_match_of_the_first_word() -> None:
     assert not exact_match("", "19")
     assert not exact_match("190", "19")
     assert not exact_match("1 9", "19")
+
+
+def test_numbers_read_as_floats_and_rows_without_an_answer():
+    """One fractional answer (or a blank CSV cell) makes a whole column float: 72 must still be "72"; a row with
+    no answer matches nothing, so exact_match cannot pay an empty response, and accuracy leaves the row out."""
+    from datasets import Dataset
+
+    from pipeline.data.answers import reference_answer
+    from pipeline.models.decoding import accuracy
+    from pipeline.models.reward_functions import exact_match_reward
+
+    column = list(Dataset.from_list([{"answer": 72}, {"answer": 2.5}, {"answer": None}])["answer"])
+    assert column[0] == 72.0 and [reference_answer(a) for a in column] == ["72", "2.5", ""]
+    assert reference_answer(float("nan")) == "" and reference_answer(" 7 ") == "7"
+    for check in (answer_check(), answer_check(AnswerExtractorSpec(function="tests.test_answers:last_word"))):
+        assert check("72", 72.0) and check("2.5", 2.5) and not check("72.0", 72)
+        assert not check("", "") and not check("None", None) and not check("", None)
+    reward = exact_match_reward(answer_check())
+    assert reward(["q"] * 3, ["", "None", "72"], answer=["", None, 72.0]) == [0.0, 0.0, 1.0]
+    assert accuracy(["72", "x", ""], [72.0, "3", ""]) == 0.5  # two rows with an answer, one right

@@ -215,6 +215,12 @@ CASES: dict[str, tuple[Callable[[list, Path], Any], list[str]]] = {
     "a null prompt for GRPO": (data_case(5, lambda tmp: write_rows(tmp / "p.jsonl", [
         {"prompt": "q", "answer": "1"}] * 3 + [{"prompt": None, "answer": "1"}])),
         ["stage 'grpo'", "p.jsonl", "line 4", "missing 'prompt'"]),
+    "an empty prompt for GRPO": (data_case(5, lambda tmp: write_rows(tmp / "pe.jsonl", [
+        {"prompt": "q", "answer": "1"}] * 3 + [{"prompt": " ", "answer": "1"}])),
+        ["stage 'grpo'", "pe.jsonl", "line 4", "empty 'prompt'"]),
+    "numbers where SFT needs text": (data_case(2, lambda tmp: write_rows(tmp / "pn.jsonl", [
+        {"prompt": "1 + 1 =", "completion": 2}] * 8)),
+        ["stage 'sft'", "pn.jsonl", "lines 1-8: 'completion' is a int, not text (8 rows)"]),
     "pointwise score that is not a number": (data_case(3, lambda tmp: write_rows(tmp / "pw.jsonl", [
         {"prompt": "q", "response": "a", "score": 1}, {"prompt": "q", "response": "b", "score": "high"}], blank_after=1)),
         ["stage 'rm'", "pw.jsonl line 3: column 'score' is a string where other rows have a number"]),
@@ -235,6 +241,16 @@ CASES: dict[str, tuple[Callable[[list, Path], Any], list[str]]] = {
                                                "a fraction such as 0.1"]),
     "integer test_size equal to the row count": (lambda stages, tmp: stages[3]["dataset"].update(test_size=120),
                                                  ["stage 'rm'", "test_size: 120 holds out 120 of the 120 rows"]),
+    "split of a local file": (lambda stages, tmp: stages[2]["dataset"].update(split="test"),
+                              ["stage 'sft'", "`split: test` names a split of a Hub dataset"]),
+    "max_samples 0": (lambda stages, tmp: stages[2]["dataset"].update(max_samples=0),
+                      ["stage 'sft'", "max_samples must be at least 1"]),
+    "a rename onto a column that exists": (lambda stages, tmp: stages.__setitem__(2, {**stages[2], "dataset": {
+        "path": str(write_rows(tmp / "qpc.jsonl", [{"question": "q", "prompt": "p", "completion": "a"}] * 8)),
+        "columns": {"question": "prompt"}}}), ["stage 'sft'", "qpc.jsonl", "would give two columns"]),
+    "a JSON array in a .jsonl file": (data_case(2, lambda tmp: (tmp / "array.jsonl").write_text(
+        json.dumps([{"prompt": "q", "completion": "a"}] * 8, indent=1)) and tmp / "array.jsonl"),
+        ["stage 'sft'", "array.jsonl: holds a JSON array", "name it .json"]),
     "source weight 0": (lambda stages, tmp: stages[2]["dataset"].update(weight=0), ["stage 'sft'", "weight must be > 0"]),
 }
 

@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from pipeline.cli import main
 from pipeline.config.specs import DatasetSpec, SourceSpec
-from pipeline.data.loading import DataError, load_source, load_splits, read_jsonl
+from pipeline.data.loading import DataError, load_source, load_splits, read_jsonl, read_local
 from pipeline.stages.sft import to_prompt_completion
 from tests.conftest import REALDATA, needs_realdata, summary, tiny_stages, write_recipe
 
@@ -63,11 +63,38 @@ def test_mixture_weights_and_held_out_split(tmp_path):
     spec = DatasetSpec(sources=[SourceSpec(path=str(a), weight=0.5), SourceSpec(path=str(b), weight=3.0)],
                        test_size=0.1)
     train, held_out = load_splits(spec, seed=1, recipe_path=None)
-    texts = list(train["text"]) + list(held_out["text"])
-    assert sum(t.startswith("a") for t in texts) == 50 and sum(t.startswith("b") for t in texts) == 30
-    assert len(held_out) == 8
+    texts, unseen = list(train["text"]), list(held_out["text"])
+    assert len(unseen) == 6  # a tenth of the 50 + 10 distinct rows: b is split before its rows repeat
+    assert sum(t.startswith("a") for t in texts + unseen) == 50
+    held_b = [t for t in unseen if t.startswith("b")]
+    assert sorted(texts.count(f"b{i}") for i in range(10) if f"b{i}" not in held_b) == [3] * (10 - len(held_b))
+    assert not set(unseen) & set(texts)  # no held-out row also trains
+    assert list(train.column_names) == ["text"] and list(held_out.column_names) == ["text"]
     again = load_splits(spec, seed=1, recipe_path=None)
-    assert list(again[1]["text"]) == list(held_out["text"])  # the split is seeded
+    assert list(again[1]["text"]) == unseen and list(again[0]["text"]) == texts  # the split is seeded
+
+
+def test_held_out_rows_that_repeat_a_training_row_are_left_out(tmp_path, capsys):
+    data = tmp_path / "dup.jsonl"
+    rows = [{"text": f"t{i % 40}"} for i in range(100)]  # 40 distinct rows, most of them two or three times
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = DatasetSpec(sources=[SourceSpec(path=str(data))], test_size=0.2)
+    train, held_out = load_splits(spec, seed=1, recipe_path=None)
+    assert len(train) == 80 and 0 < len(held_out) < 20
+    assert not set(held_out["text"]) & set(train["text"])
+    assert f"{20 - len(held_out)} of 20 held-out rows equal a training row" in capsys.readouterr().out
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    """Editors on Windows write one; the error then is the data's own, on its own line."""
+    good, mixed, array = tmp_path / "bom.jsonl", tmp_path / "mixed.jsonl", tmp_path / "bom.json"
+    good.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')
+    assert list(read_local(good)["text"]) == ["a", "b"]
+    mixed.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match="line 2: column 'text' is a number where other rows have a string"):
+        read_local(mixed)
+    array.write_bytes(b"\xef\xbb\xbf" + b'[{"text": "a"}]')
+    assert list(read_local(array)["text"]) == ["a"]
 
 
 def test_mixture_with_mismatched_columns_is_a_clear_error(tmp_path):

@@ -178,12 +178,13 @@ def test_reference_completions_are_scored_up_to_the_end_of_turn(chain):
 
     tokenizer = load_tokenizer(chain["stages"]["sft"]["output"])
     prompt = [{"role": "user", "content": "What is 1 + 2?"}]
-    (head, tail), (text_head, _) = reference_pairs(tokenizer, [prompt, "What is 1 + 2?"], ["3", "3"])
+    (head, tail), (text_head, _) = reference_pairs(tokenizer, [prompt, "What is 1 + 2?"], ["3", "3"],
+                                                    [tokenizer.eos_token_id])
     assert tokenizer.decode(head) == tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(tail) == "3<|im_end|>"  # the template's trailing newline is not part of the reply
     assert text_head == head  # plain text to a chat-trained model: the same user turn
     with recipe_prompt_format("raw"):
-        [(plain_head, plain_tail)] = reference_pairs(tokenizer, ["Q: 1 + 2? A:"], [" 3"])
+        [(plain_head, plain_tail)] = reference_pairs(tokenizer, ["Q: 1 + 2? A:"], [" 3"], [tokenizer.eos_token_id])
     assert tokenizer.decode(plain_head) == "Q: 1 + 2? A:" and tokenizer.decode(plain_tail) == " 3<|im_end|>"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import REPO, summary, tiny_stages, write_recipe
+from tests.conftest import DATA, REPO, summary, tiny_stages, write_recipe
 
 
 def kill_stages() -> list[dict]:
@@ -72,11 +72,20 @@ def test_killed_at_any_moment_the_rerun_gives_the_uninterrupted_metrics(tmp_path
     # A moment a random kill rarely hits: training done, the output being published (result.json not yet
     # written). The rerun resumes from the checkpoint before the last and again ends with the same metrics.
     stage_dir = reference / "run" / "sft"
+
+    def log_rows() -> list[dict]:  # what plots and run health read, timings aside
+        from pipeline.training.trainers import UNREPRODUCIBLE_KEYS
+        rows = json.loads((stage_dir / "log_history.json").read_text())
+        return [{k: v for k, v in row.items() if not any(t in k for t in UNREPRODUCIBLE_KEYS)} for row in rows]
+
+    whole_log = log_rows()
     (stage_dir / "result.json").unlink()
     (stage_dir / "output").rename(stage_dir / "output.partial")  # as a kill during the save leaves it
     assert main(["run", str(reference / "recipe.yaml")]) == 0
     assert "sft/checkpoints/checkpoint-8" in capsys.readouterr().out
     assert summary(reference / "run")["stages"]["sft"]["metrics"] == expected["sft"]["metrics"]
+    # the resumed log: no second step-0 evaluation, the closing train_loss over the whole run
+    assert log_rows() == whole_log
 
 
 def test_resume_passes_over_cut_short_and_final_checkpoints(tmp_path):
@@ -137,3 +146,35 @@ def test_nearly_full_disk_is_reported_before_training(tmp_path, capsys, monkeypa
     assert code == 1
     assert "only 100 MiB free on its disk; at least 1024 MiB is needed" in capsys.readouterr().err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_grpo_resumes_only_where_its_generation_cycle_ends(tmp_path, capsys):
+    """TRL's GRPO trains `steps_per_generation` steps on one generation's rollouts and saves neither them nor its
+    place among them; resumed from a checkpoint inside that cycle it would train on other samples (other weights,
+    silently). A rerun after a kill at step 3 of cycles of 2 passes over checkpoint-3 and resumes from
+    checkpoint-2: the same metrics and weights as the uninterrupted run."""
+    import hashlib
+    import shutil
+
+    grpo = {"name": "grpo", "type": "grpo", "model": "sft", "rewards": [{"function": "format"}],
+            "dataset": {"path": str(DATA / "prompts.jsonl"), "max_samples": 64, "test_size": 8},
+            "args": {"max_steps": 4, "learning_rate": 3e-3, "num_generations": 4, "per_device_train_batch_size": 8,
+                     "steps_per_generation": 2, "max_completion_length": 6, "logging_steps": 1, "save_steps": 1,
+                     "save_total_limit": None}}
+    recipe = write_recipe(tmp_path, tiny_stages(pretrain_steps=10, sft_steps=10) + [grpo])
+    assert main(["run", str(recipe)]) == 0
+    stage = tmp_path / "run" / "grpo"
+
+    def weights() -> str:
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted((stage / "output").glob("*.safetensors")))).hexdigest()
+
+    whole, whole_metrics = weights(), json.loads((stage / "result.json").read_text())["metrics"]
+    # what a SIGKILL just after checkpoint-3 leaves
+    for gone in ("output", "result.json", "log_history.json", "checkpoints/checkpoint-4"):
+        shutil.rmtree(stage / gone) if (stage / gone).is_dir() else (stage / gone).unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and out.split("resuming from", 1)[1].split()[0].endswith("checkpoint-2")
+    assert "passing over" in out and "checkpoint-3" in out
+    assert weights() == whole and json.loads((stage / "result.json").read_text())["metrics"] == whole_metrics

@@ -249,6 +249,18 @@ def test_fail_on_stops_the_stage(sick, tmp_path, capsys):
     record = summary(tmp_path / "run")["stages"]["sft_still"]
     assert record["status"] == "failed" and record["health"][0]["finding"] == "loss_not_falling"
 
+    # the same `fail_on` added to a run whose stage trained without it: judged again from its logs, not retrained
+    again = tmp_path / "again"
+    (again / "run").mkdir(parents=True)
+    for name in keep:
+        shutil.copytree(sick[0] / name, again / "run" / name)
+    recipe = write_recipe(again, [s for s in stages if s["name"] in keep],
+                          defaults={"health": {"fail_on": ["loss_not_falling"]}})
+    assert main(["run", str(recipe)]) == 1
+    out, err = capsys.readouterr()
+    assert "sft_still: skipped" in out and "[loss_not_falling]" in out and "health.fail_on: loss_not_falling" in err
+    assert summary(again / "run")["stages"]["sft_still"]["status"] == "failed"
+
 
 @pytest.mark.parametrize("health, where, expected", [
     ({"max_kll": 3}, "stage", "health: unknown key 'max_kll'; did you mean 'max_kl'?"),

@@ -85,10 +85,12 @@ def test_unpaired_rows():
     assert {(r["prompt"], r["completion"]) for r in rows if r["label"]} == {(f"q{i}", f"a{i}") for i in range(32)}
     assert all(r["completion"] == "no" for r in rows if not r["label"])
     assert 0 < sum(rows["label"][:16]) < 16  # shuffled: a batch holds both labels, not all chosen first
-    given = Dataset.from_list([{"prompt": "q", "completion": "a", "label": True}] * 2)
+    given = Dataset.from_list([{"prompt": "q", "completion": "a", "label": label} for label in (True, False)])
     assert unpaired(given, "test", seed=0) is given
     with pytest.raises(DataError, match="`label` must be true"):
         unpaired(Dataset.from_list([{"prompt": "q", "completion": "a", "label": 1}] * 2), "test", seed=0)
+    with pytest.raises(DataError, match="all 2 rows are labelled True"):  # a split without both kinds
+        unpaired(Dataset.from_list([{"prompt": "q", "completion": "a", "label": True}] * 2), "test", seed=0)
 
 
 def kto_stage(**changes) -> list[dict]:
@@ -105,19 +107,25 @@ def kto_stage(**changes) -> list[dict]:
     (kto_stage(args={"learning_rate": -1.0}), ["stage 'kto'", "args.learning_rate: must be > 0"]),
     (kto_stage(dataset={"path": "QUESTIONS"}),
      ["stage 'kto'", "['question', 'reply']", "unpaired: prompt, completion, label", "pairwise: chosen, rejected"]),
+    (kto_stage(dataset={"path": "INTLABELS"}), ["stage 'kto'", "lines 1-4: 'label' must be true or false, not 1"]),
+    (kto_stage(dataset={"path": "ONEKIND"}), ["stage 'kto'", "all 4 rows are labelled True", "give both"]),
     (tiny_stages() + [{"name": "rloo", "type": "rloo", "model": "sft", "dataset": str(DATA / "sft.jsonl"),
                        "rewards": [{"function": "exact_match"}]}],
      ["stage 'rloo'", "prompt"]),
     (tiny_stages() + [{"name": "rloo", "type": "rloo", "model": "sft", "dataset": str(DATA / "prompts.jsonl"),
                        "rewards": [], "args": {"num_generations": 1}}],
      ["stage 'rloo'", "`rewards` must list at least one reward", "RLOOConfig rejects", "at least 2 generations"]),
-], ids=["kto-sampling", "kto-batch", "kto-typo", "kto-lr", "kto-columns", "rloo-columns", "rloo-rewards"])
+], ids=["kto-sampling", "kto-batch", "kto-typo", "kto-lr", "kto-columns", "kto-int-labels", "kto-one-kind",
+        "rloo-columns", "rloo-rewards"])
 def test_bad_kto_and_rloo_recipes_are_refused(stage, expected, tmp_path, capsys):
-    questions = tmp_path / "questions.jsonl"
-    questions.write_text('{"question": "a", "reply": "b"}\n' * 4)
+    files = {"QUESTIONS": '{"question": "a", "reply": "b"}\n' * 4,
+             "INTLABELS": '{"prompt": "q", "completion": "a", "label": 1}\n' * 4,
+             "ONEKIND": '{"prompt": "q", "completion": "a", "label": true}\n' * 4}
     for item in stage:
-        if isinstance(item.get("dataset"), dict) and item["dataset"].get("path") == "QUESTIONS":
-            item["dataset"]["path"] = str(questions)
+        placeholder = item.get("dataset", {}).get("path") if isinstance(item.get("dataset"), dict) else None
+        if placeholder in files:
+            (tmp_path / f"{placeholder}.jsonl").write_text(files[placeholder])
+            item["dataset"]["path"] = str(tmp_path / f"{placeholder}.jsonl")
     code, out = validate(tmp_path, capsys, stage)
     assert code != 0
     for fragment in expected:
@@ -128,3 +136,23 @@ def test_kto_and_rloo_recipes_validate(tmp_path, capsys):
     stages = kto_rloo_stages(write_unpaired(tmp_path / "unpaired.jsonl", pairs=40))
     code, out = validate(tmp_path, capsys, stages)
     assert code == 0, out
+
+
+def test_kto_counts_the_rows_trl_drops_for_length(tmp_path, capsys):
+    """TRL's KTOTrainer drops rows whose prompt alone fills `max_length`, without a word: counted and said here,
+    and a split left with none is an error naming the setting."""
+    long = "Please add these numbers up carefully " * 8
+    rows = [{"prompt": long if i % 4 == 0 else f"What is {i} + 1?", "completion": str(i + 1), "label": bool(i % 2)}
+            for i in range(64)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stage = {"name": "kto", "type": "kto", "model": "sft", "dataset": {"path": str(data), "test_size": 16},
+             "args": {"max_steps": 2, "per_device_train_batch_size": 8, "max_length": 64, "logging_steps": 1}}
+    recipe = write_recipe(tmp_path, tiny_stages(pretrain_steps=10, sft_steps=10) + [stage])
+    assert main(["run", str(recipe)]) == 0
+    metrics = summary(tmp_path / "run")["stages"]["kto"]["metrics"]
+    assert metrics["train_dropped_rows"] + metrics["eval_dropped_rows"] == 16  # every long prompt, nothing else
+    assert "rows dropped (prompt alone fills max_length=64)" in capsys.readouterr().out
+    stage["args"]["max_length"] = 4
+    assert main(["run", str(write_recipe(tmp_path, tiny_stages(pretrain_steps=10, sft_steps=10) + [stage]))]) == 1
+    assert "which KTO drops; raise args.max_length" in capsys.readouterr().err

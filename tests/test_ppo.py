@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -119,9 +120,14 @@ def test_ppo_resumes_after_sigkill(ppo_run, tmp_path):
     recipe = prepared(tmp_path / "killed")
     command, env = kill_at_checkpoint(recipe, tmp_path / "killed" / "run" / "ppo" / "checkpoints",
                                       "checkpoint-*/ppo_state.json")
+    # and a newer checkpoint whose state a kill cut short (as an older version, writing in place, could leave)
+    checkpoints = tmp_path / "killed" / "run" / "ppo" / "checkpoints"
+    cut = checkpoints / "checkpoint-99"
+    shutil.copytree(next(checkpoints.glob("checkpoint-*")), cut)
+    (cut / "ppo_state.json").write_text((cut / "ppo_state.json").read_text()[:40])
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stdout
+    assert "resuming from" in rerun.stdout and "checkpoint-99" not in rerun.stdout
     assert summary(tmp_path / "killed" / "run")["stages"]["ppo"]["status"] == "completed"
 
     assert main(["run", str(prepared(tmp_path / "whole"))]) == 0

@@ -117,6 +117,28 @@ def test_rollout_prompts_are_tokenized_as_trl_trains_on_them(model_dir):
         assert (attended == tokenizer.pad_token_id).sum() == 2 * len(rollout.prompts)
 
 
+def test_rollouts_sample_the_policy_and_end_at_its_stop_ids(model_dir):
+    """A Hub model's shipped decoding defaults (generation_config.json) do not shape rollouts, which would make
+    every update off-policy; a response ends at any end-of-sequence id the model lists (pipeline.models.sampling)."""
+    trainer = trainer_for(model_dir, peft=True)
+    rollout, _ = trainer.rollout()
+    greedy = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
+    shipped = trainer.unwrapped.policy.get_base_model().generation_config
+    shipped.repetition_penalty, shipped.no_repeat_ngram_size, shipped.min_new_tokens = 5.0, 1, 6
+    again = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
+    assert torch.equal(again.response, greedy.response) and torch.equal(again.mask, greedy.mask)
+
+    written = greedy.response[greedy.mask.bool()].tolist()
+    other = max((t for t in set(written) if t != trainer.tokenizer.eos_token_id), key=written.count)
+    shipped.eos_token_id = [trainer.tokenizer.eos_token_id, other]
+    stopped = trainer.generate_responses(rollout.prompts, rollout.rows, do_sample=False)
+    for row in range(len(greedy.response)):
+        before = greedy.response[row][greedy.mask[row].bool()].tolist()
+        end = before.index(other) + 1 if other in before else len(before)
+        assert stopped.response[row][stopped.mask[row].bool()].tolist() == before[:end]
+        assert bool(stopped.ended[row]) == (other in before or bool(greedy.ended[row]))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
 def test_update_logprobs_equal_rollout_logprobs(model_dir, peft, precision):

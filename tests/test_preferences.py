@@ -88,6 +88,23 @@ def test_implicit_prompt_message_lists():
         to_pairwise(Dataset.from_list(same), "m")
 
 
+def test_conversations_diverging_at_a_user_turn_keep_a_prompt_that_ends_on_one():
+    data = [{"chosen": [user("Hi"), bot("Hey"), user("2+2?"), bot("4")],
+             "rejected": [user("Hi"), bot("Hey"), user("3+3?"), bot("6")]}]
+    assert rows(to_pairwise(Dataset.from_list(data), "m")) == [
+        {"prompt": [user("Hi")], "chosen": [bot("Hey"), user("2+2?"), bot("4")],
+         "rejected": [bot("Hey"), user("3+3?"), bot("6")]}]
+
+
+def test_a_prompt_column_beside_whole_conversations_is_not_said_twice():
+    messages = [{"prompt": [user("2+2?")], "chosen": [user("2+2?"), bot("4")], "rejected": [user("2+2?"), bot("5")]}]
+    text = [{"prompt": "3+3?", "chosen": [user("3+3?"), bot("6")], "rejected": [user("3+3?"), bot("7")]}]
+    assert rows(to_pairwise(Dataset.from_list(messages), "m")) == [
+        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}]
+    assert rows(to_pairwise(Dataset.from_list(text), "m")) == [
+        {"prompt": [user("3+3?")], "chosen": [bot("6")], "rejected": [bot("7")]}]
+
+
 def test_plain_strings_without_prompt_get_an_empty_prompt():
     data = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
     assert rows(to_pairwise(Dataset.from_list(data), "s")) == [

@@ -55,3 +55,26 @@ def test_a_stage_reruns_when_its_code_or_a_library_changes(tmp_path, package_cop
     assert status() == "completed"
     monkeypatch.setattr(identity, "resolved_hardware", lambda: {"bf16": True})
     assert status() == "completed"
+
+
+def test_a_stage_reruns_when_its_user_code_changes(tmp_path, monkeypatch):
+    """A reward function, answer extractor, tool or environment named `module:function` is part of the stage's
+    inputs: editing its file changes the fingerprint (a skip would keep results of the old function)."""
+    from pipeline.validation.recipe_checks import load_recipe
+
+    monkeypatch.chdir(tmp_path)  # where `pipeline run` finds a recipe's own modules
+    (tmp_path / "my_rewards.py").write_text("def short(completions, **kw):\n    return [1.0 for _ in completions]\n")
+    (tmp_path / "unrelated.py").write_text("X = 1\n")
+    recipe_path = write_recipe(tmp_path, [{"name": "grpo", "type": "grpo", "model": "some/model",
+                                           "dataset": str(DATA / "prompts.jsonl"),
+                                           "rewards": [{"function": "my_rewards:short"}]}])
+
+    def fingerprint() -> str:
+        recipe = load_recipe(recipe_path)
+        return identity.fingerprint(recipe, recipe.stage("grpo"), {})
+
+    before = fingerprint()
+    (tmp_path / "unrelated.py").write_text("X = 2\n")
+    assert fingerprint() == before
+    (tmp_path / "my_rewards.py").write_text("def short(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    assert fingerprint() != before

@@ -8,11 +8,12 @@ import importlib
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+FUNCTION_REF = re.compile(r"^([A-Za-z_][\w.]*):[A-Za-z_]\w*$")  # `package.module:function`, group 1 the module
 
 
 def resolve_local(path: str, recipe_path: Path | None) -> Path | None:
@@ -53,6 +54,26 @@ def import_object(dotted: str) -> Any:
         sys.path.append(here)
         found = importlib.import_module(module)
     return getattr(found, attr)
+
+def strings(value: Any) -> Iterator[str]:
+    """Every string in nested dicts and lists (a recipe's references, wherever they sit)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+def module_source(module: str) -> Path | None:
+    """The file `import_object` would import `module` from, found without importing it (or its packages)."""
+    parts = module.split(".")
+    for entry in [Path.cwd(), *(Path(p) for p in sys.path if p)]:
+        for candidate in (entry.joinpath(*parts).with_suffix(".py"), entry.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+    return None
 
 def callable_problems(dotted: str) -> list[str]:
     """Problems with a user function named `package.module:function`, for `pipeline validate`."""

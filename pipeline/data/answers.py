@@ -43,26 +43,45 @@ def _number(text: str) -> float | None:
         return None
 
 
+def reference_answer(answer: Any) -> str:
+    """A row's reference answer as text; "" for none (a missing or empty `answer`, a workaround for open-ended data).
+
+    A whole number read as a float prints as the integer: one fractional answer (or a blank CSV cell) makes the
+    whole column float, and `72` must not become "72.0", which no response stating 72 would match as written.
+    """
+    if answer is None or (isinstance(answer, float) and answer != answer):  # None, or a missing value read as NaN
+        return ""
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer).strip()
+
+
 def answer_check(extractor: AnswerExtractorSpec | None = None) -> AnswerCheck:
-    """`is_correct(response, answer)`: whether the answer read from `response` equals the reference `answer`.
+    """`is_correct(response, answer)`: whether the answer read from `response` equals the reference `answer`
+    (`reference_answer`); never for a row without one, so a response that says nothing cannot match an empty answer.
 
     A regex also reads the reference where it matches, so GSM8K's `answer` column (a worked solution ending
     in `#### 72`) is compared by its final `72`; a reference it does not match is compared as written. What a regex
     reads is compared by `same_answer` (numbers by value: GSM8K writes `#### 1,080`, a model may write `1080`).
     """
     if extractor is None:
-        return lambda response, answer: first_word(response) == str(answer)
-    if extractor.function is not None:
+        check: AnswerCheck = lambda response, expected: first_word(response) == expected
+    elif extractor.function is not None:
         extract = import_object(extractor.function)
-        return lambda response, answer: extract(response) == str(answer)
-    pattern = re.compile(extractor.regex)
+        check = lambda response, expected: extract(response) == expected
+    else:
+        pattern = re.compile(extractor.regex)
 
-    def read(text: str) -> str | None:
-        found = pattern.search(text)
-        return None if found is None else (found.group(1 if pattern.groups else 0) or "").strip()
+        def read(text: str) -> str | None:
+            found = pattern.search(text)
+            return None if found is None else (found.group(1 if pattern.groups else 0) or "").strip()
+
+        def check(response: str, expected: str) -> bool:
+            stated, final = read(response), read(expected)
+            return stated is not None and same_answer(stated, expected if final is None else final)
 
     def is_correct(response: str, answer: Any) -> bool:
-        stated, expected = read(response), read(str(answer))
-        return stated is not None and same_answer(stated, str(answer).strip() if expected is None else expected)
+        expected = reference_answer(answer)
+        return bool(expected) and check(response, expected)
 
     return is_correct

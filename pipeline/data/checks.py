@@ -18,6 +18,7 @@ from pipeline.config.schema import suggest
 VALID_ROLES = ("system", "user", "assistant", "tool")
 # Columns whose list values are chat messages (`responses` and `instances` hold lists of other things).
 MESSAGE_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected")
+TEXT_COLUMNS = ("text", "prompt", "completion", "chosen", "rejected")  # a string, or (but `text`) chat messages
 SHOWN_SPANS = 6
 
 
@@ -80,6 +81,11 @@ def row_problems(dataset: Dataset, columns: tuple[str, ...], rows: Rows, *, sft_
         for index, value in enumerate(dataset[column]):
             if value is None:
                 problems[f"missing '{column}'"].append(index)
+            elif column in TEXT_COLUMNS and not isinstance(value, (str, list)):
+                problems[f"'{column}' is a {type(value).__name__}, not text"].append(index)
+            elif column == "prompt" and isinstance(value, str) and not value.strip():
+                # also: one empty prompt would make TRL take every row of the split as plain text, not chat
+                problems["empty 'prompt' (a row without one belongs in a `text` column)"].append(index)
             elif isinstance(value, list) and column in MESSAGE_COLUMNS:
                 problem = message_problem(value)
                 if problem is None and sft_messages and column == "messages" and value[-1]["role"] != "assistant":
@@ -87,6 +93,18 @@ def row_problems(dataset: Dataset, columns: tuple[str, ...], rows: Rows, *, sft_
                 if problem:
                     problems[f"'{column}': {problem}"].append(index)
     return grouped(problems, rows)
+
+
+def label_problems(dataset: Dataset, rows: Rows) -> list[str]:
+    """Unpaired rows' `label`: true (desirable) or false (undesirable), and both kinds present."""
+    labels = list(dataset["label"])
+    wrong = [i for i, label in enumerate(labels) if not isinstance(label, bool)]
+    if wrong:
+        return grouped({f"'label' must be true or false, not {labels[wrong[0]]!r}": wrong}, rows)
+    if len(set(labels)) < 2:
+        return [f"{rows.where}: all {len(labels)} rows are labelled {labels[0]}; desirable (true) and undesirable "
+                "(false) rows are learnt from together, so give both"]
+    return []
 
 
 def identical_pairs(dataset: Dataset, rows: Rows) -> tuple[list[str], list[str]]:

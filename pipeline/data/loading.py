@@ -9,9 +9,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging
@@ -26,7 +28,8 @@ class DataError(UserError, ValueError):
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    """utf-8-sig: a byte-order mark (as Windows editors write) is skipped, not read as part of the first row."""
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else path.open(encoding="utf-8-sig")
 
 
 def jsonl_lines(path: Path) -> list[int]:
@@ -113,6 +116,9 @@ def from_json_lines(path: Path) -> Dataset | None:
 def read_local(path: Path) -> Dataset:
     name = path.name.removesuffix(".gz")
     if name.endswith(".jsonl"):
+        with _open_text(path) as f:
+            if f.read(4096).lstrip().startswith("["):  # `datasets` would read it, and line numbers would be wrong
+                raise DataError(f"{path}: holds a JSON array, not one JSON object per line; name it .json")
         dataset = from_json_lines(path)
         if dataset is not None:
             return dataset
@@ -149,6 +155,9 @@ def load_source(source: SourceSpec, *, recipe_path: Path | None,
     produced = stage_outputs(source.path)
     local = produced or resolve_local(source.path, recipe_path)
     if local is not None:
+        if source.split != "train":  # a local file is one table: `datasets` names it "train"
+            raise DataError(f"{source.path}: `split: {source.split}` names a split of a Hub dataset; a local file is "
+                            "read whole (take rows with `max_samples`, or give the split's own file)")
         if local.is_dir():
             local = local / "data.jsonl"
         dataset = read_local(local)
@@ -160,11 +169,18 @@ def load_source(source: SourceSpec, *, recipe_path: Path | None,
     if missing:
         raise DataError(f"{source.path}: cannot rename missing column(s) {missing}; "
                         f"columns are {dataset.column_names}")
+    clash = [new for old, new in source.columns.items() if new in dataset.column_names and new not in source.columns]
+    if clash:
+        raise DataError(f"{source.path}: renaming to {clash} would give two columns of that name; rename the "
+                        "existing one too (columns: {old: new, ...}) or drop it from the data")
     if source.columns:
         dataset = dataset.rename_columns(source.columns)
     if source.max_samples is not None:
         dataset = dataset.select(range(min(source.max_samples, len(dataset))))
     return dataset
+
+
+SOURCE_COLUMN = "__source"
 
 
 def _take_fraction(dataset: Dataset, weight: float, seed: int) -> Dataset:
@@ -178,12 +194,14 @@ def _take_fraction(dataset: Dataset, weight: float, seed: int) -> Dataset:
 
 
 def load_mixture(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
-                 stage_outputs: Callable[[str], Path | None] = lambda _: None) -> Dataset:
-    """All rows of a dataset spec's weighted mixture of sources, unsplit (what `eval` and `generate` read)."""
+                 stage_outputs: Callable[[str], Path | None] = lambda _: None, tagged: bool = False) -> Dataset:
+    """All rows of a dataset spec's weighted mixture of sources, unsplit (what `eval` and `generate` read);
+    `tagged`: with each row's source index in SOURCE_COLUMN."""
     parts = []
-    for source in spec.sources:
-        dataset = load_source(source, recipe_path=recipe_path, stage_outputs=stage_outputs)
-        parts.append(_take_fraction(dataset, source.weight, seed))
+    for index, source in enumerate(spec.sources):
+        dataset = _take_fraction(load_source(source, recipe_path=recipe_path, stage_outputs=stage_outputs),
+                                 source.weight, seed)
+        parts.append(dataset.add_column(SOURCE_COLUMN, [index] * len(dataset)) if tagged else dataset)
     columns = [sorted(p.column_names) for p in parts]
     if any(c != columns[0] for c in columns):
         listing = "; ".join(f"{s.path}: {c}" for s, c in zip(spec.sources, columns))
@@ -197,22 +215,48 @@ def load_mixture(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
 def load_splits(spec: DatasetSpec, *, seed: int, recipe_path: Path | None,
                 stage_outputs: Callable[[str], Path | None] = lambda _: None) -> tuple[Dataset, Dataset]:
     """(train, held-out) for a dataset spec: mixture of sources, then a seeded split or the `eval` source;
-    the held-out rows cut to `eval_samples` (none with 0, when every row trains)."""
-    train = load_mixture(spec, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs)
+    the held-out rows cut to `eval_samples` (none with 0, when every row trains).
+
+    A split holds out no row that also trains: a source upweighted past 1 is split before its rows repeat, and
+    a held-out row equal to a training row (data with duplicates) is left out, with a line saying how many.
+    """
     if spec.eval_samples == 0:
+        train = load_mixture(spec, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs)
         return train.shuffle(seed=seed), train.select([])
     if spec.eval is not None:
+        train = load_mixture(spec, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs)
         held_out = load_source(spec.eval, recipe_path=recipe_path, stage_outputs=stage_outputs)
         train = train.shuffle(seed=seed)
     else:
+        repeats = [max(source.weight, 1.0) for source in spec.sources]  # applied to the training side alone
+        once = replace(spec, sources=[replace(s, weight=min(s.weight, 1.0)) for s in spec.sources])
+        mixture = load_mixture(once, seed=seed, recipe_path=recipe_path, stage_outputs=stage_outputs, tagged=True)
         test_size = int(spec.test_size) if spec.test_size >= 1 else spec.test_size
-        if len(train) < 2:
-            raise DataError(f"{spec.sources[0].path}: {len(train)} row(s) is too few to hold out a split")
-        split = train.train_test_split(test_size=test_size, seed=seed)
-        train, held_out = split["train"], split["test"]
+        if len(mixture) < 2:
+            raise DataError(f"{spec.sources[0].path}: {len(mixture)} row(s) is too few to hold out a split")
+        split = mixture.train_test_split(test_size=test_size, seed=seed)
+        train, held_out = split["train"], split["test"].remove_columns(SOURCE_COLUMN)
+        if any(r > 1.0 for r in repeats):
+            train = concatenate_datasets([_take_fraction(train.filter(lambda row, i=i: row[SOURCE_COLUMN] == i), r, seed)
+                                          for i, r in enumerate(repeats)])
+        train = train.remove_columns(SOURCE_COLUMN)
+        held_out = _unseen(held_out, train, spec.sources[0].path)
     if spec.eval_samples is not None and spec.eval_samples < len(held_out):
         held_out = held_out.select(range(spec.eval_samples))
     return train, held_out
+
+
+def _unseen(held_out: Dataset, train: Dataset, where: str) -> Dataset:
+    """The held-out rows that no training row equals (a duplicated row split to both sides measures memory)."""
+    def key(row: dict[str, Any]) -> str:
+        return json.dumps(row, sort_keys=True, default=str)
+    seen = {key(row) for row in train}
+    keep = [i for i, row in enumerate(held_out) if key(row) not in seen]
+    if len(keep) < len(held_out):
+        PartialState().print(f"{where}: {len(held_out) - len(keep)} of {len(held_out)} held-out rows equal a "
+                             f"training row (duplicates in the data) and are left out of the held-out split",
+                             flush=True)
+    return held_out.select(keep)
 
 
 def require_reward_columns(terms: list[RewardTermSpec], columns: list[str], where: str) -> None:

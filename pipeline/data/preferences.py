@@ -52,10 +52,20 @@ def detect_preference_format(column_names: Iterable[str], where: str = "preferen
     raise DataError(f"{where}: dataset has columns {columns}; expected one of these preference formats: {options}")
 
 
-def to_pairwise(dataset: Dataset, where: str, row_label: Callable[[int], str] | None = None) -> Dataset:
+def pairwise_splits(splits: tuple[Dataset, Dataset], where: str) -> tuple[Dataset, Dataset]:
+    """A (train, held-out) split as pairs (`to_pairwise`). Only the training side must hold a preference: a few
+    tied pairs in the data may all fall into a small held-out split."""
+    train, held_out = splits
+    return (to_pairwise(train, where) if len(train) else train,
+            to_pairwise(held_out, f"{where} (held-out split)", all_tied_ok=True) if len(held_out) else held_out)
+
+
+def to_pairwise(dataset: Dataset, where: str, row_label: Callable[[int], str] | None = None, *,
+                all_tied_ok: bool = False) -> Dataset:
     """`dataset` in any accepted preference format as exactly the columns `prompt`, `chosen`, `rejected`.
 
     `row_label(i)` names row i in messages (preflight passes the file's line numbers); default `WHERE: row i`.
+    Pairs whose chosen equals rejected are an error when they are all there is, unless `all_tied_ok`.
     """
     form = detect_preference_format(dataset.column_names, where)
     label = row_label or (lambda row: f"{where}: row {row}")
@@ -64,7 +74,7 @@ def to_pairwise(dataset: Dataset, where: str, row_label: Callable[[int], str] | 
     if not pairs:
         hint = "" if form == "pairwise" else "; a prompt needs two responses with different scores to make a pair"
         raise DataError(f"{where}: no preference pairs from {len(dataset)} {form} row(s){hint}")
-    if all(pair["chosen"] == pair["rejected"] for pair in pairs):  # every gradient would be zero
+    if not all_tied_ok and all(pair["chosen"] == pair["rejected"] for pair in pairs):  # every gradient: zero
         raise DataError(f"{where}: in all {len(pairs)} pairs 'chosen' equals 'rejected', so there is no "
                         "preference to learn; check the columns")
     return Dataset.from_list(pairs)
@@ -94,8 +104,11 @@ def _harmonize(prompt: Any, chosen: Any, rejected: Any) -> Pair:
     def as_messages(value: Any, role: str) -> list[dict[str, Any]]:
         return [{"role": role, "content": value}] if isinstance(value, str) else value
 
-    return {"prompt": as_messages(prompt, "user"), "chosen": as_messages(chosen, "assistant"),
-            "rejected": as_messages(rejected, "assistant")}
+    prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+    if chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt and len(chosen) > len(prompt) < len(rejected):
+        # whole conversations beside their prompt (both layouts are common): the prompt is not said twice
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _score(value: Any, what: str) -> float:
@@ -169,10 +182,14 @@ def _common_prefix_len(a: list[Any], b: list[Any]) -> int:
 
 
 def _split_messages(chosen: Any, rejected: Any, what: str) -> Pair:
-    """The shared leading messages as the prompt, the rest as the completions."""
+    """The shared leading messages up to the last shared user turn as the prompt (it must end on a turn to reply
+    to; conversations that diverge earlier keep their differing turns in the completions, as HH-RLHF transcripts
+    do), the rest as the completions."""
     if isinstance(chosen, str) or isinstance(rejected, str):
         raise DataError(f"{what}: 'chosen' and 'rejected' must both be strings or both be message lists")
     shared = _common_prefix_len(chosen, rejected)
+    while shared and shared < min(len(chosen), len(rejected)) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
     # TRL cannot handle an empty conversational prompt, and an empty completion is no preference
     if shared == 0:
         raise DataError(f"{what}: 'chosen' and 'rejected' share no leading messages to use as the prompt; "

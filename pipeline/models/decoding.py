@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.answers import AnswerCheck, answer_check, reference_answer
 from pipeline.data.batching import MAX_PADDING_SHARE, length_batches
 from pipeline.data.prompts import left_padded, prompt_token_ids
+from pipeline.models.sampling import first_stop, model_distribution, stop_token_ids
 from pipeline.models.shared_prompts import generate_sharing_prompts
 
 
@@ -37,13 +38,15 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
 
     Prompts are tokenized as training saw them (`pipeline.data.prompts`), each with the tools it may call (`tools`,
     one list per prompt), and generated in batches of similar length (`pipeline.data.batching`). Padding is removed;
-    a response ends with its first EOS (kept: ending is part of what the model chose) or after `max_new_tokens`.
-    Sampling is plain (top_k=0, top_p=1), so samples follow the model's distribution.
+    a response ends with its first stop id (`pipeline.models.sampling`; kept: ending is part of what the model
+    chose) or after `max_new_tokens`. Sampling is plain (top_k=0, top_p=1, none of the model's shipped penalties),
+    so samples follow the model's distribution.
     """
     model.eval()
     n = num_return_sequences
     out: list[tuple[list[int], list[int]]] = [([], [])] * (len(prompts) * n)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
+    stops = stop_token_ids(model, tokenizer)
     prompt_ids = [prompt_token_ids(tokenizer, p, tools[i] if tools is not None else None) for i, p in enumerate(prompts)]
     # On a GPU a batch decodes about as fast as one row, so more batches would cost more steps than padding
     # costs; there rows are only sorted. On a CPU every row and padded position costs, and batches split.
@@ -52,13 +55,12 @@ def generate_ids(model, tokenizer, prompts: list[Any], *, max_new_tokens: int = 
         input_ids, attention_mask = (t.repeat_interleave(n, dim=0).to(model.device)
                                      for t in left_padded([prompt_ids[i] for i in batch], tokenizer.pad_token_id))
         # rows as `num_return_sequences` lays them out, each prompt read once
-        generated = generate_sharing_prompts(model, model.generate, input_ids, attention_mask,
-                                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        with model_distribution(model):
+            generated = generate_sharing_prompts(model, model.generate, input_ids, attention_mask,
+                                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                                 eos_token_id=stops, **sampling)
         for row_index, row in enumerate(generated.tolist()):
-            response = row[input_ids.shape[1]:]
-            if tokenizer.eos_token_id in response:
-                response = response[:response.index(tokenizer.eos_token_id) + 1]
+            response = first_stop(row[input_ids.shape[1]:], stops)
             prompt = batch[row_index // n]
             out[prompt * n + row_index % n] = (prompt_ids[prompt], response)
     return out
@@ -103,6 +105,8 @@ def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
 
 
 def accuracy(responses: list[str], answers: list, is_correct: AnswerCheck = answer_check()) -> float:
-    """Fraction of responses whose answer (read by `is_correct`, `pipeline.data.answers`) equals the reference exactly."""
-    return sum(is_correct(r, a) for r, a in zip(responses, answers)) / max(len(answers), 1)
+    """Fraction of responses whose answer (read by `is_correct`, `pipeline.data.answers`) equals the reference
+    exactly, over the rows that have a reference answer."""
+    checked = [(r, a) for r, a in zip(responses, answers) if reference_answer(a)]
+    return sum(is_correct(r, a) for r, a in checked) / max(len(checked), 1)
 

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.generation import utils as generation_utils
 
 from pipeline.data.batching import length_batches
+from pipeline.models.sampling import model_distribution
 
 # transformers 5.2x renamed `past_key_values` to `cache` (the old name is deprecated); the first of these names
 # is the one the installed version reads and writes
@@ -123,15 +124,15 @@ def sharded_weights(model) -> bool:
 
 class SharedPromptGenerate:
     """A model's `generate`, reading repeated prompts once (`generate_sharing_prompts`), inside `precision` (a
-    context manager's factory). Installed on the model object that TRL's GRPO-family trainers call `generate` on
-    (`share_prompts`)."""
+    context manager's factory), from the model's own distribution (`pipeline.models.sampling`). Installed on the
+    model object that TRL's GRPO-family trainers call `generate` on (`share_prompts`)."""
 
     def __init__(self, model, precision: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.model, self.generate, self.precision = model, type(model).generate.__get__(model), precision
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        with self.precision():
+        with self.precision(), model_distribution(self.model):
             if input_ids is None or attention_mask is None:
                 return self.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             return generate_sharing_prompts(self.model, self.generate, input_ids, attention_mask, **kwargs)

@@ -38,6 +38,7 @@ from pipeline.runtime.disk import share_identical
 from pipeline.runtime.files import read_json, write_json
 from pipeline.stages import STAGE_TYPES
 from pipeline.stages.context import StageContext
+from pipeline.training.health import HealthFailure, describe, enforce_fail_on
 
 
 class RunError(UserError, RuntimeError):
@@ -193,6 +194,13 @@ class Runner:
             settings = self.recipe.stage_health(stage)  # judged again from its logs: not part of the fingerprint
             health = on_main(self.state, lambda: stage_findings(self.run_dir, stage.name, record, settings),
                              f"stage '{stage.name}': reading its health")
+            try:  # a `fail_on` added since the stage trained fails it now, as it would have then
+                enforce_fail_on(stage.name, health or [], settings)
+            except HealthFailure:
+                for found in health:
+                    self.log(describe(stage.name, found))
+                self.stage_record(stage, "failed", previous.get("metrics"), previous.get("launch"), health)
+                raise
             self.stage_record(stage, "skipped", previous.get("metrics"), previous.get("launch"), health)
             return
         if decision == "pending":

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.paths import resolve_local
+from pipeline.config.paths import FUNCTION_REF, module_source, resolve_local, strings
 from pipeline.config.recipe import Recipe
 from pipeline.models.loading import attn_implementation, use_bf16
 from pipeline.runtime.environment import file_digest, package_versions
@@ -88,8 +88,21 @@ def stage_identity(stage_type: str) -> dict[str, Any]:
             "hardware": resolved_hardware()}
 
 
+def user_code(recipe: Recipe, stage) -> list[Path]:
+    """Source files of the `module:function` references in a stage's spec and args (reward functions, answer
+    extractors, tools, environments): editing one changes what the stage computes. The file named only, not
+    what it imports in turn."""
+    found = []
+    for text in strings([dataclasses.asdict(stage), recipe.stage_args(stage)]):
+        reference = FUNCTION_REF.match(text)
+        source = module_source(reference.group(1)) if reference else None
+        if source is not None:
+            found.append(source.resolve())
+    return found
+
+
 def input_files(recipe: Recipe, stage) -> dict[str, str]:
-    """Local files and folders a stage reads, each with a digest of its content."""
+    """Local files and folders a stage reads, its user code included, each with a digest of its content."""
     paths: list[str] = [ref for _, ref in stage.refs()]
     for _, spec in stage.data_specs():
         paths += [s.path for s in spec.sources] + ([spec.eval.path] if spec.eval else [])
@@ -99,6 +112,8 @@ def input_files(recipe: Recipe, stage) -> dict[str, str]:
         local = None if item in names else resolve_local(item, recipe.path)
         if local is not None:
             digests[str(local)] = file_digest(local)
+    for source in user_code(recipe, stage):
+        digests[str(source)] = file_digest(source)
     return digests
 
 def upstream_stages(recipe: Recipe, stage) -> list[str]:

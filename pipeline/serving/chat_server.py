@@ -19,6 +19,7 @@ from aiohttp import web
 
 from pipeline.data.prompts import renders_chat
 from pipeline.models.decoding import generate_ids
+from pipeline.models.sampling import stop_token_ids
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
@@ -64,7 +65,7 @@ def complete(model, tokenizer, body: dict[str, Any], name: str) -> dict[str, Any
     temperature = float(body.get("temperature", 1.0))
     [(prompt_ids, response)] = generate_ids(model, tokenizer, [prompt], max_new_tokens=body.get("max_tokens", 16),
                                             do_sample=temperature > 0, temperature=temperature or 1.0)
-    ended = bool(response) and response[-1] == tokenizer.eos_token_id
+    ended = bool(response) and response[-1] in stop_token_ids(model, tokenizer)
     choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if ended else "length",
                               "message": {"role": "assistant",
                                           "content": tokenizer.decode(response, skip_special_tokens=True)}}

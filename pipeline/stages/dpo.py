@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-from pipeline.data.preferences import to_pairwise
+from pipeline.data.preferences import pairwise_splits
 from pipeline.data.prompts import as_model_rows
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
@@ -27,7 +27,7 @@ def pair_length(row: dict) -> int:
 
 def run(spec: DPOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (to_pairwise(split, where) if len(split) else split for split in ctx.splits(spec.dataset))
+    train, held_out = pairwise_splits(ctx.splits(spec.dataset), where)
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from accelerate import PartialState
 
 from pipeline.config.paths import resolve_local
-from pipeline.data.answers import AnswerCheck, answer_check
+from pipeline.data.answers import AnswerCheck, answer_check, reference_answer
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.prompts import as_model_prompt
@@ -55,16 +55,19 @@ from pipeline.models.remote import RemoteRewardScorer
 from pipeline.models.tool_use import generate_with_tools
 from pipeline.models.tools import load_tools
 from pipeline.models.reward_functions import RewardModelScorer
+from pipeline.models.sampling import first_stop, stop_token_ids
 from pipeline.runtime.distributed import map_shards
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.eval import EvalSpec
 from pipeline.training.length_checks import check_prompt_lengths
 
 
-def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> list[tuple[list[int], list[int]]]:
+def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any],
+                    stops: list[int]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) as the model would see them after generation (plain-text prompts rendered as
-    `pipeline.data.prompts.as_model_prompt` says): chat through the template,
-    completion up to and including its end-of-turn token; plain strings with an EOS appended."""
+    `pipeline.data.prompts.as_model_prompt` says): chat through the template, completion up to and including its
+    first stop id (`pipeline.models.sampling.stop_token_ids`: where generation would have ended); plain strings
+    with an EOS appended."""
     pairs = []
     for prompt, completion in zip(prompts, completions):
         prompt = as_model_prompt(tokenizer, prompt)
@@ -76,9 +79,7 @@ def reference_pairs(tokenizer, prompts: list[Any], completions: list[Any]) -> li
             full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
             shared = next((i for i, (a, b) in enumerate(zip(head_ids, full_ids)) if a != b), len(head_ids))
             tail = full_ids[shared:]
-            if tokenizer.eos_token_id in tail:  # drop what the template adds after the end of the turn
-                tail = tail[:tail.index(tokenizer.eos_token_id) + 1]
-            pairs.append((full_ids[:shared], tail))
+            pairs.append((full_ids[:shared], first_stop(tail, stops)))  # not what the template adds after it
         else:
             text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
             tail = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -143,8 +144,7 @@ def read_rows(spec: EvalSpec, ctx: StageContext, where: str) -> EvalRows:
     rows = as_prompts(rows, where)
     prompts = list(rows["prompt"])
     # An empty answer (`answer: ""`, a workaround for open-ended data) is no answer.
-    answers = [str(a) if a is not None else "" for a in rows["answer"]] if "answer" in rows.column_names \
-        else [""] * len(prompts)
+    answers = [reference_answer(a) for a in rows["answer"]] if "answer" in rows.column_names else [""] * len(prompts)
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
     return EvalRows(prompts, answers, list(rows[column]) if column else None, rows.to_list())
 
@@ -223,7 +223,7 @@ def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, m
                                        response_logprobs(judges.reference[0], sampled, spec.batch_size)):
             row.update(logp=logp, ref_logp=ref_logp)
     if rows.completions is not None:
-        pairs = reference_pairs(tokenizer, mine, [rows.completions[i] for i in share])
+        pairs = reference_pairs(tokenizer, mine, [rows.completions[i] for i in share], stop_token_ids(model, tokenizer))
         for row, logp in zip(out, response_logprobs(model, pairs, spec.batch_size)):
             row["completion_logp"] = logp
     if spec.best_of_n is not None:

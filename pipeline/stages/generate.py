@@ -23,7 +23,7 @@ from typing import Any
 from accelerate import PartialState
 from datasets import Dataset
 
-from pipeline.data.answers import answer_check
+from pipeline.data.answers import answer_check, reference_answer
 from pipeline.data.loading import DataError, require_columns, require_reward_columns
 from pipeline.models.decoding import completion_text, generate
 from pipeline.models.loading import load_causal_lm, load_tokenizer
@@ -114,13 +114,17 @@ def label_metrics(spec: GenerateSpec, rows: Dataset, texts: list[str], total: li
     metrics = {"prompts": float(len(rows)), "pairs": float(len(pairwise)), "pair_rate": paired_rows / len(rows),
                "mean_score": sum(total) / len(total), "mean_margin": sum(margins) / len(margins),
                "distinct_responses": sum(len(set(texts[i * k:(i + 1) * k])) for i in range(len(rows))) / len(texts)}
-    if "answer" in rows.column_names:
+    if "answer" in rows.column_names:  # over the rows that have one (`reference_answer`)
         is_correct = answer_check(spec.answer_extractor)
-        answers = [str(a) for a in rows["answer"]]
-        metrics["sample_accuracy"] = sum(is_correct(t, answers[j // k]) for j, t in enumerate(texts)) / len(texts)
+        answers = list(rows["answer"])
+        answered = [j for j in range(len(texts)) if reference_answer(answers[j // k])]
+        pairs = [p for p in pairwise if reference_answer(p["answer"])]
+        if answered:
+            metrics["sample_accuracy"] = sum(is_correct(texts[j], answers[j // k]) for j in answered) / len(answered)
         for side in ("chosen", "rejected"):
-            metrics[f"{side}_accuracy"] = sum(is_correct(completion_text(p[side]), str(p["answer"]))
-                                              for p in pairwise) / len(pairwise)
+            if pairs:
+                metrics[f"{side}_accuracy"] = sum(is_correct(completion_text(p[side]), p["answer"])
+                                                  for p in pairs) / len(pairs)
     return metrics
 
 

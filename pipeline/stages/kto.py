@@ -19,6 +19,7 @@ from pipeline.data.prompts import as_model_rows
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.kto import KTOSpec, KTO_FORMATS
+from pipeline.training.length_checks import check_kto_lengths
 from pipeline.training.trainers import TrainerStage, evaluated
 
 def unpaired(dataset: Dataset, where: str, seed: int) -> Dataset:
@@ -30,12 +31,17 @@ def unpaired(dataset: Dataset, where: str, seed: int) -> Dataset:
     if not_bool:
         raise DataError(f"{where}: `label` must be true (desirable) or false (undesirable); {len(not_bool)} row(s) "
                         f"are not, such as {dataset['label'][not_bool[0]]!r}")
+    if len(set(dataset["label"])) < 2:  # TRL's KTO loss needs both kinds in a split (else a bare StopIteration)
+        raise DataError(f"{where}: all {len(dataset)} rows are labelled {dataset['label'][0]}; KTO learns from "
+                        "desirable (true) and undesirable (false) rows together, so give both")
     return dataset
 
 
 def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (unpaired(split, where, ctx.seed) if len(split) else split for split in ctx.splits(spec.dataset))
+    train, held_out = ctx.splits(spec.dataset)
+    train = unpaired(train, where, ctx.seed)
+    held_out = unpaired(held_out, f"{where} (held-out split)", ctx.seed) if len(held_out) else held_out
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     train, held_out = as_model_rows(train, tokenizer), as_model_rows(held_out, tokenizer)  # as the model was trained
@@ -43,4 +49,6 @@ def run(spec: KTOSpec, ctx: StageContext) -> dict[str, float]:
     stage = TrainerStage(spec, ctx, model, eval_on_start=len(held_out) > 0)
     trainer = stage.build(KTOTrainer, model=model, train_dataset=train, eval_dataset=evaluated(held_out),
                           processing_class=tokenizer, peft_config=peft_config)
-    return stage.fit(trainer, tokenizer, initial=("eval_loss", "eval_rewards/margins", "eval_kl"))
+    lengths = check_kto_lengths(trainer, (len(train), len(held_out)), where)  # rows TRL dropped, before training
+    return stage.fit(trainer, tokenizer, initial=("eval_loss", "eval_rewards/margins", "eval_kl"),
+                     after_training=lambda metrics: metrics.update(lengths))

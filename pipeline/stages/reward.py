@@ -10,7 +10,7 @@ from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification
 from trl import RewardTrainer
 
-from pipeline.data.preferences import to_pairwise
+from pipeline.data.preferences import pairwise_splits
 from pipeline.models.loading import (
     compute_dtype,
     held_back_load_report,
@@ -70,7 +70,7 @@ def load_reward_model(path: str, spec: RewardSpec, tokenizer):
 
 def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (to_pairwise(split, where) if len(split) else split for split in ctx.splits(spec.dataset))
+    train, held_out = pairwise_splits(ctx.splits(spec.dataset), where)
     # an upstream adapter merged (or a GGUF file dequantized) once: the score head is built on that model
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)

@@ -404,6 +404,13 @@ def verdict(findings: list[Finding]) -> str:
     return ", ".join(f["finding"] for f in findings) if findings else "healthy"
 
 
+def enforce_fail_on(stage: str, findings: list[Finding], spec: HealthSpec) -> None:
+    """Raise HealthFailure if a finding is one that `health.fail_on` names."""
+    failing = [f for f in findings if f["finding"] in spec.fail_on]
+    if failing:
+        raise HealthFailure(f"stage '{stage}': health.fail_on: {verdict(failing)}", findings)
+
+
 class HealthWatch:
     """A stage's health while it trains and at its end: each finding printed once, `fail_on` findings raised."""
 
@@ -419,9 +426,7 @@ class HealthWatch:
             if found["finding"] not in self.reported:
                 self.reported.add(found["finding"])
                 self.log(describe(self.stage, found))
-        failing = [f for f in findings if f["finding"] in self.spec.fail_on]
-        if failing:
-            raise HealthFailure(f"stage '{self.stage}': health.fail_on: {verdict(failing)}", findings)
+        enforce_fail_on(self.stage, findings, self.spec)
         if final:
             self.log(f"health: stage '{self.stage}': {verdict(findings)}")
         return findings

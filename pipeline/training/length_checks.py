@@ -24,20 +24,37 @@ def check_sft_lengths(trainer, rows: tuple[int, int], where: str) -> dict[str, f
     """Count rows TRL cut at `max_length` and rows it dropped because their prompt alone fills it.
 
     TRL drops those rows silently (no completion token is left to learn from); here they are
-    counted and reported, and a training set left empty is an error. `rows`: (train, held-out)
+    counted and reported, and a split left empty is an error. `rows`: (train, held-out)
     row counts before the trainer prepared them.
     """
-    limit, counts, notes = trainer.args.max_length, {}, []
+    limit = trainer.args.max_length
     if limit is None or trainer.args.packing:
-        return counts  # nothing cut, or rows packed into blocks: nothing per row to count
+        return {}  # nothing cut, or rows packed into blocks: nothing per row to count
+    return dropped_and_cut(trainer, rows, where, lambda data: sum(len(ids) >= limit for ids in data["input_ids"]),
+                           "so no completion token is left to train on")
+
+
+def check_kto_lengths(trainer, rows: tuple[int, int], where: str) -> dict[str, float]:
+    """As `check_sft_lengths`, for TRL's KTOTrainer, which filters such rows out without a word too."""
+    limit = trainer.args.max_length
+    if limit is None:
+        return {}
+    return dropped_and_cut(trainer, rows, where, lambda data: sum(
+        len(p) + len(c) > limit for p, c in zip(data["prompt_ids"], data["completion_ids"])), "which KTO drops")
+
+
+def dropped_and_cut(trainer, rows: tuple[int, int], where: str, cut_rows: Callable[[Dataset], int],
+                    dropped_because: str) -> dict[str, float]:
+    """Per split, the rows the trainer dropped for their prompt's length (`rows` before it prepared them, its
+    datasets after) and `cut_rows` of those left, counted and reported; a split left empty is an error."""
+    limit, counts, notes = trainer.args.max_length, {}, []
     for split, raw, dataset in (("train", rows[0], trainer.train_dataset), ("eval", rows[1], trainer.eval_dataset)):
         if dataset is None:
             continue
-        dropped = raw - len(dataset)
-        if split == "train" and len(dataset) == 0:
-            raise DataError(f"{where}: all {raw} training rows have prompts of max_length={limit} tokens or more, "
-                            "so no completion token is left to train on; raise args.max_length")
-        cut = sum(len(ids) >= limit for ids in dataset["input_ids"])
+        if len(dataset) == 0:
+            raise DataError(f"{where}: all {raw} {'training' if split == 'train' else 'held-out'} rows have prompts "
+                            f"of max_length={limit} tokens or more, {dropped_because}; raise args.max_length")
+        dropped, cut = raw - len(dataset), cut_rows(dataset)
         counts.update({f"{split}_dropped_rows": float(dropped), f"{split}_truncated_rows": float(cut)})
         if dropped or cut:
             notes.append(f"{dropped} of {raw} {split} rows dropped (prompt alone fills max_length={limit}), "

@@ -194,13 +194,14 @@ def mean_train_loss(history: list[dict[str, Any]]) -> float | None:
     return total / previous if previous else None
 
 
-def last_checkpoint(checkpoint_dir: Path) -> str | None:
+def last_checkpoint(checkpoint_dir: Path, resumable: Callable[[int], bool] = lambda step: True) -> str | None:
     """The newest complete Trainer checkpoint to resume from, or None.
 
     Passed over: a checkpoint a kill cut short (the Trainer writes its files in place,
-    trainer_state.json last; transformers' get_last_checkpoint would pick it), and the one taken
-    at max_steps, from which transformers 5.23 trains one step past the end. Resuming from the
-    one before it redoes those steps, deterministically.
+    trainer_state.json last; transformers' get_last_checkpoint would pick it), the one taken
+    at max_steps, from which transformers 5.23 trains one step past the end, and one at a step
+    `resumable` refuses (`generation_boundary`). Resuming from the one before redoes those steps,
+    deterministically.
     """
     steps = {int(m[1]): path for path in checkpoint_dir.glob("checkpoint-*")
              if (m := re.fullmatch(r"checkpoint-(\d+)", path.name))}
@@ -209,9 +210,25 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
             state = json.loads((steps[step] / "trainer_state.json").read_text())
         except (OSError, ValueError):
             continue
-        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0):
+        if not 0 < state.get("max_steps", 0) <= state.get("global_step", 0) and resumable(step):
             return str(steps[step])
     return None
+
+
+def generation_boundary(args) -> Callable[[int], bool]:
+    """Whether a checkpoint at an optimizer step can be resumed exactly under a GRPO-family config.
+
+    TRL's GRPO and RLOO trainers generate once per `steps_per_generation * num_iterations` micro-steps and train
+    on the buffered rollouts in between; neither the buffer nor the place in it is checkpointed, so a run resumed
+    inside such a cycle generates afresh and trains on other samples than an unbroken run (measured: other
+    weights from the first step after it). Only a checkpoint at a cycle's end resumes to the same numbers.
+    Other configs: every step.
+    """
+    per_generation = getattr(args, "steps_per_generation", None)
+    if per_generation is None:
+        return lambda step: True
+    cycle = per_generation * getattr(args, "num_iterations", 1)
+    return lambda step: step * args.gradient_accumulation_steps % cycle == 0
 
 
 # Left out of metrics: timings (they go to the manifest), and TRL's `num_tokens`, which counts the
@@ -232,11 +249,16 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     Trainer measures them at step 0 (its config made with `eval_on_start`): `evaluate()` before `train()`
     is refused under DeepSpeed ZeRO-1/2, and a resumed run finds the step-0 numbers in its checkpoint's log.
     """
-    resume = last_checkpoint(checkpoint_dir)
+    resume = last_checkpoint(checkpoint_dir, generation_boundary(trainer.args))
     if trainer.eval_dataset is not None:  # each evaluation says what it measures, and is timed for the report
         announced(trainer)
     if resume:
         trainer.accelerator.print(f"resuming from {resume}", flush=True)  # once, from the main process
+    newest = last_checkpoint(checkpoint_dir)
+    if newest != resume:
+        trainer.accelerator.print(f"passing over {newest}: taken inside a generation cycle, whose rollouts TRL does "
+                                  "not save (resumable: checkpoints at multiples of steps_per_generation x "
+                                  "num_iterations micro-steps)", flush=True)
 
     # StageProgress (from `stage_callbacks`) prints a line every few seconds instead; transformers adds one of
     # these two to every Trainer whatever its config (the logs are kept: log_history.json, any `report_to`).
@@ -245,14 +267,21 @@ def train(trainer, checkpoint_dir: Path, stage_dir: Path, *, initial: tuple[str,
     # Activation checkpointing trades time for memory; on CPU without huge pages the allocator's heap would
     # keep most of what it saves, unless freed activations are unmapped (pipeline/runtime/memory.py).
     lean = trainer.args.activation_checkpointing and trainer.args.device.type == "cpu" and not huge_pages_on()
+    measured_at_start = trainer.args.eval_on_start
+    if resume:  # the step-0 evaluation is in the checkpoint's log; transformers would run (and log) it again
+        trainer.args.eval_on_start = False
     with loss_tiles_for(trainer.args.device), freed_memory_returned(lean), tied_keys_not_missing(trainer.model):
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
         whole_run = mean_train_loss(trainer.state.log_history)
-        if whole_run is not None:  # over every step, also after a resume
+        if whole_run is not None:  # over every step, also after a resume (and so in the log's closing row)
             metrics["train_loss"] = whole_run
+            closing = next((row for row in reversed(trainer.state.log_history) if "train_loss" in row), None)
+            if closing is not None:
+                closing["train_loss"] = whole_run
         metrics.update(trainer.evaluate() if trainer.eval_dataset is not None else {})
-    if initial and trainer.args.eval_on_start:  # a recipe may turn it off: then there are no initial metrics
+    trainer.args.eval_on_start = measured_at_start
+    if initial and measured_at_start:  # a recipe may turn it off: then there are no initial metrics
         first = next(row for row in trainer.state.log_history if all(k in row for k in initial))
         metrics.update({f"initial_{k}": first[k] for k in initial})
     if trainer.is_world_process_zero():

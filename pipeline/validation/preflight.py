@@ -22,7 +22,7 @@ from pipeline.config.paths import output_dir_problem, resolve_local
 from pipeline.config.recipe import Recipe
 from pipeline.config.schema import RecipeError
 from pipeline.config.specs import PREFERENCE_FORMATS, StageSpec
-from pipeline.data.checks import Rows, identical_pairs, row_problems, split_problem
+from pipeline.data.checks import Rows, identical_pairs, label_problems, row_problems, split_problem
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, load_source, require_columns, require_reward_columns, row_numbers
 from pipeline.data.preferences import to_pairwise
@@ -100,6 +100,8 @@ def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: 
             to_pairwise(dataset, where, rows.one)
     else:
         problems = row_problems(dataset, columns, rows, sft_messages=data_format == "messages")
+        if not problems and "label" in columns:  # unpaired rows (KTO)
+            problems = label_problems(dataset, rows)
         if not problems and data_format == "hh-rlhf transcripts":  # SFT messages or prompts: the same parse
             as_prompts(dataset, where)
     if problems:

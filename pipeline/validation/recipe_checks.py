@@ -182,8 +182,11 @@ def _check_source(source: SourceSpec, earlier: list[str], recipe_path: Path | No
         return []
     if source.weight <= 0:
         return [f"{source.path}: weight must be > 0"]
+    if source.max_samples is not None and source.max_samples < 1:
+        return [f"{source.path}: max_samples must be at least 1 (`eval_samples: 0` trains on every row)"]
     if resolve_local(source.path, recipe_path):
-        return []
+        return [] if source.split == "train" else [
+            f"{source.path}: `split: {source.split}` names a split of a Hub dataset; a local file is read whole"]
     if source.path.endswith(LOCAL_DATA_SUFFIXES) or source.path.startswith((".", "/", "~")):
         return [f"file '{source.path}' not found"]
     if not HUB_ID.match(source.path):

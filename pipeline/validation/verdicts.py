@@ -19,12 +19,11 @@ import json
 import os
 import platform
 import re
-import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.config.paths import resolve_local
+from pipeline.config.paths import FUNCTION_REF, module_source, resolve_local, strings
 from pipeline.runtime.cpu import cpu_has_amx
 from pipeline.runtime.files import read_json, write_json
 
@@ -33,7 +32,6 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
 ENV_PREFIXES = ("ACCELERATE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "PIPELINE_", "DS_", "CUDA_", "WORLD_SIZE",
                 "RANK", "LOCAL_RANK", "XDG_CACHE_HOME")
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-FUNCTION_REF = re.compile(r"^([A-Za-z_][\w.]*):[A-Za-z_]\w*$")
 HUB_REF = re.compile(r"^[\w.-]+/[\w.-]+$")
 MAX_ENTRIES = 5000  # files listed per folder: a bigger folder is keyed by its first entries and its own mtime
 
@@ -43,17 +41,6 @@ def cache_dir() -> Path:
     if os.environ.get("PIPELINE_CACHE_DIR"):
         return Path(os.environ["PIPELINE_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
 
 
 def _listing(path: Path) -> list[Any]:
@@ -83,22 +70,12 @@ def _hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
 
 
-def _module_file(module: str) -> Path | None:
-    """Where `module` would be imported from, found without importing it (or its packages)."""
-    parts = module.split(".")
-    for entry in [Path.cwd(), *(Path(p) for p in sys.path if p)]:
-        for candidate in (entry.joinpath(*parts).with_suffix(".py"), entry.joinpath(*parts, "__init__.py")):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def referenced_files(data: dict[str, Any], recipe_path: Path) -> dict[str, Any]:
     """What every string of the recipe points at on this machine: a local file or folder (listed), a Hub id's
     cache entry (listed), a `module:function`'s source file (listed), or nothing."""
     found: dict[str, Any] = {}
     hub = _hub_cache()
-    for text in sorted(set(_strings(data))):
+    for text in sorted(set(strings(data))):
         if not text or len(text) > 4096 or "\n" in text:
             continue
         local = resolve_local(text, recipe_path)
@@ -112,7 +89,7 @@ def referenced_files(data: dict[str, Any], recipe_path: Path) -> dict[str, Any]:
                     entry[kind] = _listing(cached)
         function = FUNCTION_REF.match(text)
         if function:
-            source = _module_file(function.group(1))
+            source = module_source(function.group(1))
             entry["source"] = _listing(source) if source else None
         if entry:
             found[text] = entry

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.algorithms.ppo_trainer.maths import RunningMoments
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
+from pipeline.runtime.files import read_json, write_json
 
 STATE_FILE = "ppo_state.json"  # written last, by the main process: its presence marks a checkpoint complete
 
@@ -42,17 +43,18 @@ class Checkpoints:
             state = {"step": trainer.global_step, "kl_coef": trainer.kl_controller.value,
                      "reward_moments": trainer.reward_moments.state_dict(), "log_history": trainer.log_history,
                      "world_size": accelerator.num_processes}
-            (target / STATE_FILE).write_text(json.dumps(state))
+            write_json(target / STATE_FILE, state)  # by rename: a kill mid-write leaves no half a state
         accelerator.wait_for_everyone()
 
     def resume(self) -> None:
         """Restore the trainer from the latest complete checkpoint, if there is one."""
         trainer, accelerator = self.trainer, self.trainer.accelerator
-        done = [p for p in self.directory.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-        if not done:
+        states = {p: read_json(p / STATE_FILE) for p in self.directory.glob("checkpoint-*")}
+        done = [p for p, state in states.items() if state is not None]  # a checkpoint written by an older version
+        if not done:                                                     # may hold a state cut short
             return
         latest = max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))
-        state = json.loads((latest / STATE_FILE).read_text())
+        state = states[latest]
         if state.get("world_size", 1) != accelerator.num_processes:
             raise ValueError(f"{latest} was written by {state.get('world_size', 1)} processes; this launch has "
                              f"{accelerator.num_processes}. PPO resumes only with the same number (each "

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from pipeline.algorithms.ppo_trainer.trainer import PPOTrainer
-from pipeline.data.answers import AnswerCheck
+from pipeline.data.answers import AnswerCheck, reference_answer
 from pipeline.models.reward_functions import exact_match_reward
 
 
@@ -25,8 +25,8 @@ def evaluate(trainer: PPOTrainer, dataset: Dataset, is_correct: AnswerCheck) -> 
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = dataset.select(range(rank, len(dataset), world))
     names = ["kl"] + [f"reward/{n}" for n in trainer.reward_names]
-    names += ["accuracy"] if "answer" in dataset.column_names else []
-    sums = torch.zeros(len(names), device=accelerator.device)
+    answers = "answer" in dataset.column_names  # accuracy over the rows that have one (`reference_answer`)
+    sums = torch.zeros(len(names) + 2 * answers, device=accelerator.device)
     batch_size = trainer.config.rollout_batch_size
     for start in range(0, len(shard), batch_size):
         rows = shard.select(range(start, min(start + batch_size, len(shard))))
@@ -38,8 +38,12 @@ def evaluate(trainer: PPOTrainer, dataset: Dataset, is_correct: AnswerCheck) -> 
         kl = (log_pi.exp() * (log_pi - log_ref)).sum(-1)
         values = [float((kl * batch.mask).sum())]
         values += [float(v.sum()) for v in trainer.term_scores(batch).values()]
-        if "answer" in columns:
+        if answers:
             values.append(sum(accuracy(batch.prompts, trainer.completions(batch), columns["answer"])))
+            values.append(sum(bool(reference_answer(a)) for a in columns["answer"]))
         sums += torch.tensor(values, device=sums.device)
-    sums = trainer.all_reduce_sum(sums)
-    return {f"eval_{k}": float(v) / len(dataset) for k, v in zip(names, sums)}
+    sums = trainer.all_reduce_sum(sums).tolist()
+    metrics = {f"eval_{k}": v / len(dataset) for k, v in zip(names, sums)}
+    if answers:
+        metrics["eval_accuracy"] = sums[-2] / max(sums[-1], 1)
+    return metrics

@@ -73,6 +73,7 @@ from pipeline.algorithms.ppo_trainer.maths import (
 from pipeline.algorithms.ppo_trainer.models import ActorCritic
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.loading import autocast_as_trained, process_defaults, use_bf16
+from pipeline.models.sampling import model_distribution, stop_token_ids
 from pipeline.models.shared_prompts import generate_sharing_prompts
 from pipeline.runtime.progress import StepLines
 from pipeline.training.trainers import TrainingDiverged
@@ -296,15 +297,16 @@ class PPOTrainer:
         policy.eval()
         sampling = dict(do_sample=True, temperature=self.config.temperature, top_k=self.config.top_k,
                         top_p=self.config.top_p) if do_sample else dict(do_sample=False)
-        # under the autocast the prepared model scores and trains with; a group's rows share their prompt's cache
-        with autocast_as_trained(self.accelerator, policy):
+        # under the autocast the prepared model scores and trains with, from the policy's own distribution (none of
+        # its shipped penalties: pipeline.models.sampling); a group's rows share their prompt's cache
+        stops = stop_token_ids(policy.policy, tokenizer)
+        with autocast_as_trained(self.accelerator, policy), model_distribution(policy.policy):
             output = generate_sharing_prompts(policy.policy, policy.policy.generate, query, query_mask,
                                               max_new_tokens=self.config.max_new_tokens, use_cache=True,
-                                              pad_token_id=tokenizer.pad_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, **sampling)
+                                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, **sampling)
         response = output[:, query.shape[1]:]
-        # Everything after the first EOS is padding; the EOS itself belongs to the response.
-        is_eos = response == tokenizer.eos_token_id
+        # Everything after the first stop id is padding; the stop id itself belongs to the response.
+        is_eos = torch.isin(response, torch.tensor(stops, device=response.device))
         after_eos = (torch.cumsum(is_eos, dim=1) - is_eos.long()) > 0
         return Rollout(prompts, rows, query, query_mask, response.masked_fill(after_eos, tokenizer.pad_token_id),
                        (~after_eos).float(), is_eos.any(1))
