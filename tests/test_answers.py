@@ -117,3 +117,12 @@ def test_numbers_read_as_floats_and_rows_without_an_answer():
     reward = exact_match_reward(answer_check())
     assert reward(["q"] * 3, ["", "None", "72"], answer=["", None, 72.0]) == [0.0, 0.0, 1.0]
     assert accuracy(["72", "x", ""], [72.0, "3", ""]) == 0.5  # two rows with an answer, one right
+
+
+def test_numbers_compare_exactly():
+    from pipeline.data.answers import same_answer
+
+    assert same_answer("1,080", "1080") and same_answer("$18", "18") and same_answer("72.", "72.0")
+    assert same_answer("7e2", "700") and same_answer("-3", "-3.00")
+    assert not same_answer("9007199254740993", "9007199254740992")  # equal as floats
+    assert not same_answer("1_000", "1000") and not same_answer("inf", "infinity") and not same_answer("nan", "nan ")

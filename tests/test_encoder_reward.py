@@ -4,6 +4,7 @@ template, left truncation in training, in the saved tokenizer and in the scorer,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,17 @@ def test_scorer_cuts_sequences_longer_than_the_encoder_takes(reward_run):
     score = RewardModelScorer(reward_run["output"])([prompt], [reply])[0]
     tokenizer = AutoTokenizer.from_pretrained(reward_run["output"])
     model = AutoModelForSequenceClassification.from_pretrained(reward_run["output"]).eval()
-    with torch.no_grad():  # the same final tokens as the saved tokenizer keeps
-        plain = model(**tokenizer(prompt + reply, truncation=True, return_tensors="pt")).logits[0, 0]
+    with torch.no_grad():  # the same final tokens as the saved tokenizer keeps (turns, as it trained on)
+        plain = model(**tokenizer(f"User: {prompt} [SEP] Assistant: {reply}", truncation=True,
+                                  return_tensors="pt")).logits[0, 0]
     assert score == pytest.approx(plain.item(), abs=1e-4)
+
+
+def test_plain_text_prompts_are_scored_as_the_turns_it_trained_on(reward_run):
+    """Trained on transcripts (turns), the encoder scores a plain-text prompt (open-ended eval, GRPO on plain
+    prompts) as the same user turn, not as the bare text it never saw."""
+    scorer = RewardModelScorer(reward_run["output"])
+    text, turns = scorer(["What is 10 - 5?"], ["5"]), scorer([[{"role": "user", "content": "What is 10 - 5?"}]], ["5"])
+    assert text == turns
+    config = json.loads((Path(reward_run["output"]) / "tokenizer_config.json").read_text())
+    assert config["prompt_format"] == "chat"

@@ -8,6 +8,7 @@ rule of short answers, the first word of the first line (`first_word`).
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.config.paths import import_object
@@ -29,18 +30,21 @@ def first_word(response: str) -> str:
 
 
 def same_answer(stated: str, expected: str) -> bool:
-    """Equal as written, or as numbers: `1,080` is `1080`, `$18` is `18`, `72.` (a sentence's end) and `72.0` are `72`."""
+    """Equal as written, or as numbers (exactly): `1,080` is `1080`, `$18` is `18`, `72.` (a sentence's end) and `72.0` are `72`."""
     if stated == expected:
         return True
     numbers = [_number(text) for text in (stated, expected)]
     return None not in numbers and numbers[0] == numbers[1]
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text.removeprefix("$").replace(",", "").rstrip("."))
-    except ValueError:
-        return None
+NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(text: str) -> Decimal | None:
+    """A written number's exact value (a float would make 9007199254740993 equal 9007199254740992); None for
+    anything else, "inf", "nan" and "1_000" included."""
+    text = text.removeprefix("$").replace(",", "").rstrip(".")
+    return Decimal(text) if NUMBER.fullmatch(text) else None
 
 
 def reference_answer(answer: Any) -> str:

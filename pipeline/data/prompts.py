@@ -48,6 +48,12 @@ def renders_chat(tokenizer) -> bool:
     return tokenizer.init_kwargs.get(RECORD_KEY, "chat") == "chat"
 
 
+def trained_on_turns(tokenizer) -> bool:
+    """Whether the saved tokenizer records training on chat turns (`record_prompt_format`); for a tokenizer without
+    a chat template, turns rendered as plain text (an encoder reward model, `reward_functions.plain_text`)."""
+    return tokenizer.init_kwargs.get(RECORD_KEY) == "chat"
+
+
 def rendering(tokenizer) -> str:
     """How this tokenizer's model gets plain-text prompts, in words (for logs and `validate`)."""
     if renders_chat(tokenizer):

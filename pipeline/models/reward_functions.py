@@ -20,7 +20,7 @@ from pipeline.config.paths import import_object
 from pipeline.config.specs import RewardTermSpec
 from pipeline.data.answers import AnswerCheck, answer_check
 from pipeline.data.batching import length_batches
-from pipeline.data.prompts import as_model_prompt
+from pipeline.data.prompts import as_model_prompt, trained_on_turns
 from pipeline.models.decoding import completion_text
 from pipeline.models.judges import judge_scorer
 from pipeline.models.loading import NO_LIMIT, compute_dtype, load_tokenizer
@@ -112,6 +112,8 @@ def encode(tokenizer, prompt: Any, completion: Any, max_length: int | None = Non
     rejected, are kept (TRL's RewardTrainer would drop them).
     """
     prompt = as_model_prompt(tokenizer, prompt)  # a plain-text prompt as the reward model was trained on it
+    if isinstance(prompt, str) and prompt and tokenizer.chat_template is None and trained_on_turns(tokenizer):
+        prompt = [{"role": "user", "content": prompt}]  # an encoder trained on turns: the same `plain_text` form
     if isinstance(prompt, list) and tokenizer.chat_template is not None:
         messages = prompt + (completion if isinstance(completion, list)
                              else [{"role": "assistant", "content": completion}])

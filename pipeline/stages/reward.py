@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardTrainer
 
 from pipeline.data.preferences import pairwise_splits
+from pipeline.data.prompts import record_prompt_format
 from pipeline.models.loading import (
     compute_dtype,
     held_back_load_report,
@@ -99,6 +100,8 @@ def run(spec: RewardSpec, ctx: StageContext) -> dict[str, float]:
         tokenizer.truncation_side = "left"
         if max_length is not None:
             tokenizer.model_max_length = max_length
+        if tokenizer.chat_template is None and len(train):  # what a later plain-text prompt is scored as (`encode`)
+            record_prompt_format(tokenizer, isinstance(train[0]["prompt"], list))
     # initial_eval_accuracy: the untrained score head's, near chance, measured not assumed. Downstream stages
     # (GRPO, PPO, eval) score with a plain model, so an adapter is merged by default.
     return stage.fit(trainer, tokenizer, initial=("eval_accuracy",), merge_default=True, after_training=after_training)
