@@ -38,12 +38,12 @@ def test_resuming_a_tied_model_reports_only_keys_missing_beyond_the_tied_head(tm
 
 def test_eval_samples_sizes_the_held_out_rows_and_zero_holds_none_out():
     def splits(**keys):
-        return load_splits(DatasetSpec(sources=[SourceSpec(path=str(DATA / "sft.jsonl"), max_samples=40)],
-                                       test_size=10, **keys), seed=1, recipe_path=None)
+        return load_splits(DatasetSpec(sources=[SourceSpec(path=str(DATA / "eval.jsonl"), max_samples=40)],
+                                       test_size=10, **keys), seed=1, recipe_path=None)  # 40 distinct rows
     train, held_out = splits()
     sized_train, sized = splits(eval_samples=3)
     assert (len(train), len(held_out), len(sized)) == (30, 10, 3)
-    assert sized_train["messages"] == train["messages"] and sized["messages"] == held_out["messages"][:3]
+    assert sized_train["prompt"] == train["prompt"] and sized["prompt"] == held_out["prompt"][:3]
     every, none = splits(eval_samples=0)
     assert (len(every), len(none)) == (40, 0)
 
