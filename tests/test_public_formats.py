@@ -116,3 +116,32 @@ def test_prepare_writes_the_same_bytes_from_the_same_rows(tmp_path):
     for name in prepare.PLANS["hh-rlhf"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert len(prepare.read_rows(tmp_path / "a" / "train.jsonl.gz")) == 10
+
+
+def test_alpaca_prompts_reach_a_plain_text_model_as_its_sft_rendered_them(tmp_path):
+    """A model that takes plain text was trained on Alpaca rows through a template (Stanford's, or the recipe's
+    `prompt_template`); its SFT records them, and eval, GRPO and PPO prompt it the same way, not with the bare
+    request a chat model gets as a user turn."""
+    from pipeline.cli import main
+    from pipeline.data.prompts import record_alpaca_templates
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.stages.eval import EvalRows
+    from pipeline.stages.sft import alpaca_templates_for
+    from tests.conftest import DATA, summary, tiny_stages, write_recipe
+
+    rows = Dataset.from_list([{"instruction": "Translate.", "input": "bonjour", "output": "hello"},
+                              {"instruction": "Say hi. ", "input": "", "output": "hi"}])
+    stages = tiny_stages(pretrain_steps=5, sft_steps=3)
+    stages[2]["dataset"] = {"path": str(REPO / "data" / "alpaca" / "train.jsonl"), "max_samples": 64}
+    stages[2]["args"]["max_length"] = 512
+    assert main(["run", str(write_recipe(tmp_path, stages, prompt_format="raw"))]) == 0
+    tokenizer = load_tokenizer(summary(tmp_path / "run")["stages"]["sft"]["output"])
+    assert tokenizer.init_kwargs["prompt_format"] == "raw"
+    for template in (None, "Q: {instruction} {input}\nA:"):
+        if template is not None:
+            record_alpaca_templates(tokenizer, alpaca_templates_for(template))
+        trained = to_prompt_completion(rows, "alpaca", template, "here", chat=False)["prompt"]
+        assert as_prompts(rows, "here", tokenizer)["prompt"] == trained
+        assert EvalRows(["bare"] * 2, ["", ""], None, [], rows).for_model(tokenizer, "here") == trained
+    assert trained[0] == "Q: Translate. bonjour\nA:"
+    assert as_prompts(rows, "here")["prompt"] == ["Translate.\n\nbonjour", "Say hi."]  # no model: the request

@@ -4,7 +4,8 @@
   each chosen transcript one `messages` row (SFT on the chosen replies); `as_prompts` makes the turns before its
   final reply the `prompt` and that reply the `completion` (RL prompts; eval prompts with a reference reply).
 - Alpaca rows (`instruction`, optional `input`, `output`): `as_prompts` makes the request the `prompt` (written
-  as the `sft` stage writes it for a chat model's user turn) and the output the `completion`.
+  as the `sft` stage writes it for a chat model's user turn, or, for a model that takes plain text, through the
+  templates its SFT rendered the rows with, as its tokenizer records them) and the output the `completion`.
 
 GSM8K needs nothing here: `columns: {question: prompt}` renames its question, and `pipeline.data.answers` reads its
 `answer` column (a worked solution ending in `#### 72`) by the final answer.
@@ -20,14 +21,32 @@ from datasets import Dataset
 from pipeline.config.specs import DERIVED_PROMPT_FORMATS, PROMPT_FORMATS
 from pipeline.data.loading import require_columns
 from pipeline.data.preferences import UnusableTranscript, parse_transcript, usable_transcripts
+from pipeline.data.prompts import alpaca_templates
 
 Messages = list[dict[str, str]]
+
+
+ALPACA_TEMPLATES = (  # (with an input, without one): Stanford Alpaca's prompts
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n",
+)
 
 
 def alpaca_request(instruction: str, extra: str | None) -> str:
     """An Alpaca row's request as one user turn: the instruction, then its input where it has one."""
     extra = (extra or "").strip()
     return instruction.strip() + (f"\n\n{extra}" if extra else "")
+
+
+def alpaca_prompt(instruction: str, extra: str | None, templates: tuple[str, str] | None) -> str:
+    """An Alpaca row's prompt: through `templates` (with an input, without one), or as the bare request."""
+    extra = (extra or "").strip()
+    if templates is None:
+        return alpaca_request(instruction, extra)
+    return (templates[0] if extra else templates[1]).format(instruction=instruction.strip(), input=extra)
 
 
 def final_reply_split(text: Any) -> tuple[Messages, Messages]:
@@ -56,8 +75,9 @@ def sft_messages(dataset: Dataset, where: str) -> Dataset:
     return _from_transcripts(dataset, where, lambda prompt, reply: {"messages": prompt + reply})
 
 
-def as_prompts(dataset: Dataset, where: str) -> Dataset:
-    """Rows with a `prompt` as they are; HH-RLHF transcripts and Alpaca rows as `prompt` and `completion` rows."""
+def as_prompts(dataset: Dataset, where: str, tokenizer=None) -> Dataset:
+    """Rows with a `prompt` as they are; HH-RLHF transcripts and Alpaca rows as `prompt` and `completion` rows,
+    Alpaca prompts as `tokenizer`'s model was trained on them (`alpaca_templates`; without one, the request)."""
     formats = PROMPT_FORMATS | DERIVED_PROMPT_FORMATS
     data_format = require_columns(dataset, formats, where)
     if data_format in PROMPT_FORMATS:
@@ -65,7 +85,8 @@ def as_prompts(dataset: Dataset, where: str) -> Dataset:
     if data_format == "hh-rlhf transcripts":
         return _from_transcripts(dataset, where, lambda prompt, reply: {"prompt": prompt, "completion": reply})
     inputs = dataset["input"] if "input" in dataset.column_names else [None] * len(dataset)
-    return Dataset.from_dict({"prompt": [alpaca_request(i, x) for i, x in zip(dataset["instruction"], inputs)],
+    templates = alpaca_templates(tokenizer) if tokenizer is not None else None
+    return Dataset.from_dict({"prompt": [alpaca_prompt(i, x, templates) for i, x in zip(dataset["instruction"], inputs)],
                               "completion": list(dataset["output"])})
 
 

@@ -24,6 +24,7 @@ from datasets import Dataset
 # The recipe's `prompt_format` (`pipeline.config.recipe`), set by the runner around each stage.
 _RECIPE_FORMAT: ContextVar[str] = ContextVar("prompt_format", default="auto")
 RECORD_KEY = "prompt_format"  # in tokenizer_config.json: "chat" or "raw", what the model was trained on
+TEMPLATES_KEY = "alpaca_templates"  # in tokenizer_config.json: [with an input, without] SFT rendered Alpaca rows by
 
 
 @contextlib.contextmanager
@@ -39,6 +40,19 @@ def recipe_prompt_format(value: str) -> Iterator[None]:
 def record_prompt_format(tokenizer, chat: bool) -> None:
     """Note in the tokenizer (saved with it) whether the model was trained on chat turns or on plain text."""
     tokenizer.init_kwargs[RECORD_KEY] = "chat" if chat else "raw"
+
+
+def record_alpaca_templates(tokenizer, templates: tuple[str, str]) -> None:
+    """Note in the tokenizer the templates SFT rendered Alpaca rows through for a model that takes plain text,
+    so that later stages prompt it with them (`pipeline.data.formats.as_prompts`)."""
+    tokenizer.init_kwargs[TEMPLATES_KEY] = list(templates)
+
+
+def alpaca_templates(tokenizer) -> tuple[str, str] | None:
+    """The recorded Alpaca templates where the model takes plain-text prompts (`renders_chat` false), else None:
+    a chat model was trained on the request as a user turn."""
+    found = tokenizer.init_kwargs.get(TEMPLATES_KEY)
+    return tuple(found) if found and not renders_chat(tokenizer) else None
 
 
 def renders_chat(tokenizer) -> bool:

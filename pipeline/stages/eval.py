@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from accelerate import PartialState
+from datasets import Dataset
 
 from pipeline.config.paths import resolve_local
 from pipeline.data.answers import AnswerCheck, answer_check, reference_answer
 from pipeline.data.formats import as_prompts
 from pipeline.data.loading import DataError, require_columns
-from pipeline.data.prompts import as_model_prompt
+from pipeline.data.prompts import alpaca_templates, as_model_prompt
 from pipeline.metrics import load_metric
 from pipeline.models.decoding import generate, generate_ids, prompt_text, response_logprobs
 from pipeline.models.environments import environment_factory, episode_reward, episodes
@@ -117,14 +118,20 @@ def mean(values: list[float]) -> float:
 class EvalRows:
     """The rows an eval stage scores."""
 
-    prompts: list[Any]
+    prompts: list[Any]  # as people, judges and reward models read them
     answers: list[str]  # "" where a row has no answer to check
     completions: list[Any] | None  # reference completions (perplexity), where the rows have them
     records: list[dict[str, Any]]  # the whole rows: what an environment is reset with
+    source: Dataset  # the rows as read, before `as_prompts`
 
     @property
     def answered(self) -> list[int]:
         return [i for i, answer in enumerate(self.answers) if answer.strip()]
+
+    def for_model(self, tokenizer, where: str) -> list[Any]:
+        """The prompts as the model of `tokenizer` was trained on them: Alpaca rows through the templates its SFT
+        rendered them by, for a model that takes plain text (`pipeline.data.formats.as_prompts`)."""
+        return list(as_prompts(self.source, where, tokenizer)["prompt"]) if alpaca_templates(tokenizer) else self.prompts
 
 
 @dataclass
@@ -139,14 +146,14 @@ class Judges:
 
 
 def read_rows(spec: EvalSpec, ctx: StageContext, where: str) -> EvalRows:
-    rows = ctx.rows(spec.dataset)
-    require_columns(rows, spec.formats(), where)
-    rows = as_prompts(rows, where)
+    source = ctx.rows(spec.dataset)
+    require_columns(source, spec.formats(), where)
+    rows = as_prompts(source, where)
     prompts = list(rows["prompt"])
     # An empty answer (`answer: ""`, a workaround for open-ended data) is no answer.
     answers = [reference_answer(a) for a in rows["answer"]] if "answer" in rows.column_names else [""] * len(prompts)
     column = spec.reference_column or ("completion" if "completion" in rows.column_names else None)
-    return EvalRows(prompts, answers, list(rows[column]) if column else None, rows.to_list())
+    return EvalRows(prompts, answers, list(rows[column]) if column else None, rows.to_list(), source)
 
 
 def load_model(spec: EvalSpec, ctx: StageContext, ref: str) -> tuple[Any, Any]:
@@ -187,10 +194,11 @@ def load_acting(spec: EvalSpec) -> Acting:
     return Acting(tools, environment_factory(spec.environment, spec.tool_timeout, stats) if spec.environment else None)
 
 
-def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, share: list[int]) -> list[dict]:
-    """Each prompt's greedy response ({"response"}); with tools or an environment, a conversation with them, its
-    tool counts and the environment's reward."""
-    prompts = [rows.prompts[i] for i in share]
+def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, share: list[int],
+            model_prompts: list[Any]) -> list[dict]:
+    """Each prompt's greedy response ({"response"}) to `model_prompts` (`EvalRows.for_model`); with tools or an
+    environment, a conversation with them, its tool counts and the environment's reward."""
+    prompts = [model_prompts[i] for i in share]
     if not acting.tools and acting.make_environment is None:
         return [{"response": r} for r in generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                                   batch_size=spec.batch_size)]
@@ -207,34 +215,35 @@ def respond(spec: EvalSpec, acting: Acting, model, tokenizer, rows: EvalRows, sh
 
 
 def per_prompt(spec: EvalSpec, rows: EvalRows, judges: Judges, acting: Acting, model, tokenizer,
-               share: list[int]) -> list[dict]:
-    """One model's results on the prompts `share` (this process's part of them), one dict per prompt."""
+               model_prompts: list[Any], share: list[int]) -> list[dict]:
+    """One model's results on the prompts `share` (this process's part of them), one dict per prompt: generated
+    from `model_prompts` (as the model was trained on them), scored on the prompts as judges read them."""
     if not share:
         return []
-    mine = [rows.prompts[i] for i in share]
-    out = add_reward_scores(judges, mine, respond(spec, acting, model, tokenizer, rows, share))
+    mine, theirs = [rows.prompts[i] for i in share], [model_prompts[i] for i in share]
+    out = add_reward_scores(judges, mine, respond(spec, acting, model, tokenizer, rows, share, model_prompts))
     if judges.judge is not None:
         for row, rating in zip(out, judges.judge(mine, [row["response"] for row in out])):
             row["judge"] = rating
     if judges.reference is not None:
-        sampled = generate_ids(model, tokenizer, mine, max_new_tokens=spec.max_new_tokens,
+        sampled = generate_ids(model, tokenizer, theirs, max_new_tokens=spec.max_new_tokens,
                                batch_size=spec.batch_size, do_sample=True, temperature=1.0)
         for row, logp, ref_logp in zip(out, response_logprobs(model, sampled, spec.batch_size),
                                        response_logprobs(judges.reference[0], sampled, spec.batch_size)):
             row.update(logp=logp, ref_logp=ref_logp)
     if rows.completions is not None:
-        pairs = reference_pairs(tokenizer, mine, [rows.completions[i] for i in share], stop_token_ids(model, tokenizer))
+        pairs = reference_pairs(tokenizer, theirs, [rows.completions[i] for i in share], stop_token_ids(model, tokenizer))
         for row, logp in zip(out, response_logprobs(model, pairs, spec.batch_size)):
             row["completion_logp"] = logp
     if spec.best_of_n is not None:
         n = spec.best_of_n.n
-        candidates = sample(spec, model, tokenizer, mine, n, spec.best_of_n.temperature)
+        candidates = sample(spec, model, tokenizer, theirs, n, spec.best_of_n.temperature)
         picks, best = best_of_n(candidates, judges.reward([p for p in mine for _ in range(n)], candidates), n)
         for row, pick, score in zip(out, picks, best):
             row.update(bon_pick=pick, bon_score=score)
     if spec.pass_at_k is not None:
         n = spec.pass_at_k.samples
-        candidates = sample(spec, model, tokenizer, mine, n, spec.pass_at_k.temperature)
+        candidates = sample(spec, model, tokenizer, theirs, n, spec.pass_at_k.temperature)
         for j, (row, i) in enumerate(zip(out, share)):
             row["pass_correct"] = sum(judges.is_correct(c, rows.answers[i]) for c in candidates[j * n:(j + 1) * n])
     return out
@@ -313,12 +322,13 @@ def win_rates(spec: EvalSpec, ctx: StageContext, rows: EvalRows, judges: Judges,
     judged by the reward model (and by each extra one)."""
     if spec.baseline not in judged:  # the baseline is not among the models: its greedy responses scored here
         model, tokenizer = load_model(spec, ctx, spec.baseline)
+        baseline_prompts = rows.for_model(tokenizer, f"stage '{spec.name}'")
 
         def baseline_results(share: list[int]) -> list[dict[str, Any]]:
             if not share:
                 return []
             return add_reward_scores(judges, [rows.prompts[i] for i in share],
-                                     respond(spec, acting, model, tokenizer, rows, share))
+                                     respond(spec, acting, model, tokenizer, rows, share, baseline_prompts))
         results = map_shards(list(range(len(rows.prompts))), baseline_results)
         judged[spec.baseline] = Judged([row["response"] for row in results],
                                        {family: [row[family] for row in results] for family in reward_scorers(judges)})
@@ -341,13 +351,14 @@ def run(spec: EvalSpec, ctx: StageContext) -> dict[str, float]:
 
     for ref in spec.models:
         model, tokenizer = load_model(spec, ctx, ref)
-        check_prompt_lengths(model.config, tokenizer, rows.prompts, spec.max_new_tokens, f"{where}, model '{ref}'",
+        model_prompts = rows.for_model(tokenizer, where)
+        check_prompt_lengths(model.config, tokenizer, model_prompts, spec.max_new_tokens, f"{where}, model '{ref}'",
                              "prompts", "max_new_tokens")
         if judges.reference is not None and judges.reference[1].get_vocab() != tokenizer.get_vocab():
             raise DataError(f"{where}: KL needs the same tokenizer, and '{ref}' and '{spec.reference}' differ")
         # Each process scores its share of the prompts; every process gets all the results (pipeline.runtime.distributed).
         results = map_shards(list(range(len(rows.prompts))),
-                             partial(per_prompt, spec, rows, judges, acting, model, tokenizer))
+                             partial(per_prompt, spec, rows, judges, acting, model, tokenizer, model_prompts))
         families = list(reward_scorers(judges))
         metrics |= model_metrics(spec, named[ref], rows, results, families)
         judged[ref] = Judged([row["response"] for row in results],

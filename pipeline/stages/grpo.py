@@ -82,12 +82,13 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
     prompts and weighted rewards; held-out greedy accuracy before and after, and the training reward's trend."""
 
     where = f"stage '{spec.name}'"
-    train, held_out = (as_prompts(rows, where) for rows in ctx.splits(spec.dataset))
-    require_reward_columns(spec.rewards, train.column_names, where)
+    splits = ctx.splits(spec.dataset)
     path = starting_point(spec, ctx.stage_dir, ctx.resolve(spec.model))  # see modeling.stage_base
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if spec.chat_template:
         use_chat_template(tokenizer, spec.chat_template)
+    train, held_out = (as_prompts(rows, where, tokenizer) for rows in splits)  # as the policy was trained on them
+    require_reward_columns(spec.rewards, train.column_names, where)
     if spec.tools or spec.environment:
         read_tool_calls(tokenizer)
     # TRL renders a plain-text prompt as plain text: a chat model gets it as a user turn, as it was trained

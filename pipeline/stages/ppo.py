@@ -123,13 +123,14 @@ def held_out_scores(trainer: PPOTrainer, held_out, is_correct) -> dict[str, floa
 
 def run(spec: PPOSpec, ctx: StageContext) -> dict[str, float]:
     where = f"stage '{spec.name}'"
-    train, held_out = (as_prompts(rows, where) for rows in ctx.splits(spec.dataset))
-    terms = spec.reward_terms()
-    require_reward_columns(terms, train.column_names, where)
+    splits = ctx.splits(spec.dataset)
     config: PPOConfig = make_config(spec.args_class, ctx.recipe.stage_args(spec), output_dir=str(ctx.checkpoint_dir),
                                     seed=ctx.seed)
     path = stage_base(ctx.resolve(spec.model), ctx.stage_dir, trust_remote_code=spec.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    train, held_out = (as_prompts(rows, where, tokenizer) for rows in splits)  # as the policy was trained on them
+    terms = spec.reward_terms()
+    require_reward_columns(terms, train.column_names, where)
     value_model = ctx.resolve(spec.value_model) if spec.value_model else None
     if value_model is not None:
         require_same_vocabulary(tokenizer, load_tokenizer(value_model, trust_remote_code=spec.trust_remote_code),

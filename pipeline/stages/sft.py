@@ -26,9 +26,9 @@ from transformers.utils import get_json_schema
 from trl import SFTTrainer
 
 from pipeline.config.paths import import_object
-from pipeline.data.formats import alpaca_request, sft_messages, tool_conversations
+from pipeline.data.formats import ALPACA_TEMPLATES, alpaca_prompt, alpaca_request, sft_messages, tool_conversations
 from pipeline.data.loading import DataError, require_columns
-from pipeline.data.prompts import record_prompt_format, renders_chat, user_turns
+from pipeline.data.prompts import record_alpaca_templates, record_prompt_format, renders_chat, user_turns
 from pipeline.models.chat_templates import use_chat_template
 from pipeline.models.loading import load_policy, load_tokenizer, starting_point
 from pipeline.models.tools import has_tool_turns
@@ -37,15 +37,10 @@ from pipeline.stages.specs.sft import SFTSpec
 from pipeline.training.length_checks import check_padding, check_sft_lengths
 from pipeline.training.trainers import TrainerStage, evaluated
 
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_TEMPLATE_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+def alpaca_templates_for(template: str | None) -> tuple[str, str]:
+    """The templates (with an input, without one) Alpaca rows are rendered by as plain text: the recipe's
+    `prompt_template` for both, or Stanford Alpaca's."""
+    return (template, template) if template else ALPACA_TEMPLATES
 
 
 def to_prompt_completion(dataset, data_format: str, template: str | None, where: str, chat: bool = False):
@@ -70,13 +65,11 @@ def to_prompt_completion(dataset, data_format: str, template: str | None, where:
         data_format = "alpaca"
     if data_format == "alpaca":
         def render(row: dict[str, Any]) -> dict[str, Any]:
-            extra = (row.get("input") or "").strip()
             if chat and template is None:
-                request = alpaca_request(row["instruction"], extra)
+                request = alpaca_request(row["instruction"], row.get("input"))
                 return {"prompt": [{"role": "user", "content": request}],
                         "completion": [{"role": "assistant", "content": row["output"]}]}
-            chosen = template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
-            return {"prompt": chosen.format(instruction=row["instruction"].strip(), input=extra),
+            return {"prompt": alpaca_prompt(row["instruction"], row.get("input"), alpaca_templates_for(template)),
                     "completion": row["output"]}
         return dataset.map(render, remove_columns=dataset.column_names)
 
@@ -121,5 +114,7 @@ def run(spec: SFTSpec, ctx: StageContext) -> dict[str, float]:
         metrics.update(lengths)
         if data_format != "text":
             record_prompt_format(tokenizer, with_tools or isinstance(train[0]["prompt"], list))
+        if data_format in ("alpaca", "self-instruct") and isinstance(train[0]["prompt"], str):
+            record_alpaca_templates(tokenizer, alpaca_templates_for(spec.prompt_template))
     # initial_eval_loss: held-out loss of the starting model, so the gain from SFT is measured, not assumed.
     return stage.fit(trainer, tokenizer, initial=("eval_loss",), after_training=after_training)
