@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
     check_launch(recipe, selected)
     run_dir = run_dir_for(recipe, args.output_dir)
     check_output_dir(run_dir)
-    warnings = setting_warnings(recipe) + check_data(recipe, selected)
+    warnings = setting_warnings(recipe) + check_data(recipe, selected, hub=True)
     runner = Runner(recipe, run_dir, selected)
     if runner.is_main:
         print_warnings(warnings)

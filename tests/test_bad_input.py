@@ -172,3 +172,26 @@ def test_prompts_that_cannot_fit_the_context_stop_ppo_eval_and_generate(tmp_path
         assert summary(tmp_path / "run")["stages"][stage]["status"] == "failed"
         assert not (tmp_path / "run" / stage / "output").exists()  # it never trained or generated
     assert (tmp_path / "run" / "ppo" / "output").is_dir()  # with 8 new tokens the prompts fit, and ppo trained
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_stops_the_run_before_any_stage(tmp_path):
+    """`validate` passes offline (Hub recipes are written where the Hub may be out of reach); `run` loads Hub data
+    before its first stage, so a misspelled or unreachable dataset fails there, not after the stages before it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    stages = tiny_stages()
+    stages[2]["dataset"] = "nonexistent-org/nonexistent-dataset"
+    recipe = write_recipe(tmp_path, stages)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PIPELINE_CACHE_DIR": str(tmp_path / "c")}
+    validate = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(recipe)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert validate.returncode == 0, validate.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "stage 'sft': dataset: the Hub dataset 'nonexistent-org/nonexistent-dataset' could not be loaded" in run.stderr
+    assert not (tmp_path / "run" / "tok" / "output").exists()  # no stage ran

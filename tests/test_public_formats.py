@@ -127,7 +127,7 @@ def test_alpaca_prompts_reach_a_plain_text_model_as_its_sft_rendered_them(tmp_pa
     from pipeline.models.loading import load_tokenizer
     from pipeline.stages.eval import EvalRows
     from pipeline.stages.sft import alpaca_templates_for
-    from tests.conftest import DATA, summary, tiny_stages, write_recipe
+    from tests.conftest import summary, tiny_stages, write_recipe
 
     rows = Dataset.from_list([{"instruction": "Translate.", "input": "bonjour", "output": "hello"},
                               {"instruction": "Say hi. ", "input": "", "output": "hi"}])

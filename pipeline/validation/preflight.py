@@ -36,10 +36,13 @@ from pipeline.runtime.distributed import zero_stage
 MIN_FREE_BYTES = 1 << 30
 
 
-def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
+def check_data(recipe: Recipe, selected: list[str] | None = None, hub: bool = False) -> list[str]:
     """Read every local dataset of the stages that will run, in file order: JSON, the columns and values the
     stage needs, chat messages and a chat template for them, preference pairs, and that the held-out split
-    leaves rows to train on. Hub data is checked when the stage loads it.
+    leaves rows to train on. With `hub` (`run`, before any stage trains), Hub datasets too: loaded (downloaded
+    once into the datasets cache, as the stage would) and checked alike, so an unreachable or misspelled one
+    fails the run before its first stage, not at its stage; `validate` leaves them to the run (it must pass
+    offline, where Hub recipes are written).
 
     Raises a DataError listing every problem (one per line); returns warnings about data that trains but
     partly teaches nothing.
@@ -55,14 +58,22 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
             train_rows: int | None = 0  # None once a source is not a local file (its size is unknown here)
             for source, training in sources:
                 local = None if source.path in names else resolve_local(source.path, recipe.path)
+                from_hub = local is None and hub and source.path not in names
                 if local is None:
                     train_rows = None if training else train_rows
-                    continue
+                    if not from_hub:
+                        continue
                 where = f"stage '{stage.name}': {key} '{source.path}'"
                 try:
                     dataset = load_source(source, recipe_path=recipe.path)
                 except DataError as err:  # the file itself: its message names it (and the line)
                     errors.append(f"stage '{stage.name}': {key}: {err}")
+                    continue
+                except Exception as err:  # only a Hub load gets here: its library's own reason, in one line
+                    reason = " ".join(str(err).split())[:300]
+                    errors.append(f"stage '{stage.name}': {key}: the Hub dataset '{source.path}' could not be loaded "
+                                  f"({type(err).__name__}: {reason}); check the id and its name/split/data_dir, "
+                                  "and the connection (with HF_HUB_OFFLINE=1 only cached datasets load)")
                     continue
                 try:
                     found = check_source(recipe, stage, dataset, local, where, training)
@@ -80,14 +91,17 @@ def check_data(recipe: Recipe, selected: list[str] | None = None) -> list[str]:
     return warnings
 
 
-def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path, where: str, training: bool) -> list[str]:
-    """One local source of a stage: raises a DataError for rows it cannot use; returns warnings."""
+def check_source(recipe: Recipe, stage: StageSpec, dataset, local: Path | None, where: str,
+                 training: bool) -> list[str]:
+    """One source of a stage (`local`: its file or folder; None for Hub data): raises a DataError for rows it
+    cannot use; returns warnings."""
 
     formats = stage.formats() or None
     data_format = require_columns(dataset, formats, where) if formats else None
     if training:
         require_reward_columns(stage.reward_terms(), dataset.column_names, where)
-    kind, numbers = row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset))
+    kind, numbers = (row_numbers(local if local.is_file() else local / "data.jsonl", len(dataset)) if local
+                     else ("row", list(range(1, len(dataset) + 1))))
     rows = Rows(where, kind, numbers)
     columns = formats[data_format] if formats else ()
     warnings: list[str] = []
