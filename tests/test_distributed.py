@@ -244,11 +244,12 @@ def _on_main_worker(rank: int, port: int, out_dir: str) -> None:
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     from accelerate import PartialState
 
-    from pipeline.runtime.distributed import map_shards, on_main
+    from pipeline.runtime.distributed import map_shards, on_main, summed_over_processes
 
     state = PartialState(cpu=True)
     seen = {"decision": on_main(state, lambda: f"decided by rank {state.process_index}", "deciding"),
-            "shards": map_shards(list(range(5)), lambda share: [[item, state.process_index] for item in share])}
+            "shards": map_shards(list(range(5)), lambda share: [[item, state.process_index] for item in share]),
+            "summed": summed_over_processes({"tool_calls": float(rank + 1), "tool_errors": float(rank)})}
 
     def disk_full() -> None:
         raise OSError(28, "No space left on device")
@@ -275,6 +276,7 @@ def test_main_decides_and_its_failure_reaches_every_rank_and_shards_gather_in_or
     assert rank0["decision"] == rank1["decision"] == "decided by rank 0"
     # Each rank worked on its contiguous share; both got every result back, in item order.
     assert rank0["shards"] == rank1["shards"] == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
+    assert rank0["summed"] == rank1["summed"] == {"tool_calls": 3.0, "tool_errors": 1.0}  # each rank's own counts
     assert rank0["error"] == "OSError: [Errno 28] No space left on device"
     assert rank1["error"] == ("MainProcessFailed: writing the summary failed on the main process: "
                               "OSError: [Errno 28] No space left on device")

@@ -204,8 +204,16 @@ def test_push_hook_uploads_the_stage_output_and_card(chain):
     output = Path(chain["stages"]["dpo"]["output"])
     produced = {p.name for p in output.iterdir()} - {"training_args.bin", "README.md"}
     assert set(uploaded) == produced | {"README.md"}
-    assert all(uploaded[name] == (output / name).read_bytes() for name in produced)  # byte for byte
+    assert all(uploaded[name] == (output / name).read_bytes()  # byte for byte
+               for name in produced - {"adapter_config.json"})
+    # the adapter's base, a folder of the run: named within the run, not by this machine's path
+    config, local = (json.loads(text) for text in (uploaded["adapter_config.json"], (output / "adapter_config.json").read_text()))
+    within = str(Path(local["base_model_name_or_path"]).resolve().relative_to(chain["run"].resolve()))
+    assert config.pop("base_model_name_or_path") == within and config == {k: v for k, v in local.items()
+                                                                         if k != "base_model_name_or_path"}
     card = uploaded["README.md"].decode()
+    assert f"This is a LoRA adapter on `{within}`." in card and str(chain["run"].resolve()) not in card
+    assert "base_model:" not in card  # nothing on the Hub it would load on
     assert (output / "README.md").read_bytes() != uploaded["README.md"]  # the card is not written into the output
     assert card.startswith("---\n") and "library_name: peft" in card and "- dpo" in card
     assert "1. `tok` (tokenizer) from scratch" in card and "4. `dpo` (dpo) from stage `sft`" in card

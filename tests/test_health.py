@@ -248,6 +248,8 @@ def test_fail_on_stops_the_stage(sick, tmp_path, capsys):
     assert "health.fail_on: loss_not_falling" in capsys.readouterr().err
     record = summary(tmp_path / "run")["stages"]["sft_still"]
     assert record["status"] == "failed" and record["health"][0]["finding"] == "loss_not_falling"
+    assert main(["health", str(tmp_path / "run")]) == 0  # the failed stage's findings, as recorded
+    assert "health: stage 'sft_still': loss_not_falling" in capsys.readouterr().out
 
     # the same `fail_on` added to a run whose stage trained without it: judged again from its logs, not retrained
     again = tmp_path / "again"

@@ -109,6 +109,13 @@ def test_plot_eval_draws_one_bar_per_model_and_metric(tmp_path):
                      "win_rate": {"dpo": 0.6}}
     assert plot_eval(table, tmp_path / "eval.png", "eval") == table
     assert Image.open(tmp_path / "eval.png").size == (3 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)
+    # every family an eval writes; an extra reward model named by Hub id keeps its `/` in the family
+    more = {"judge/sft": 3.5, "tool_calls/dpo": 1.0, "env_reward/dpo": 0.5, "reward_org/rm-x/sft": 0.2,
+            "win_rate_org/rm-x/dpo": 0.7, "accuracy/org/hub-model@bon4": 0.1, "reward_org/rm-x/org/hub-model": 0.3}
+    assert eval_table(more, ["sft", "dpo", "org/hub-model"]) == {
+        "judge": {"sft": 3.5}, "tool_calls": {"dpo": 1.0}, "env_reward": {"dpo": 0.5},
+        "reward_org/rm-x": {"sft": 0.2, "org/hub-model": 0.3}, "win_rate_org/rm-x": {"dpo": 0.7},
+        "accuracy": {"org/hub-model@bon4": 0.1}}
 
 
 def test_write_report_from_a_run_directory(tmp_path):
@@ -152,6 +159,10 @@ def test_write_report_from_a_run_directory(tmp_path):
         assert Image.open(io.BytesIO((run / "plots" / f"{name}.png").read_bytes())).format == "PNG"
     rm_plot = Image.open(run / "plots" / "rm.png")
     assert rm_plot.size == (2 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # loss and accuracy panels
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["git"]["dirty"] = True
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert "git commit `abcdef123456` with uncommitted changes." in write_report(run).read_text()
 
 
 ACCURACY = {"sft": 0.45, "sft@bon8": 0.6, "sft@pass8": 0.9, "dpo": 0.5, "grpo": 0.66, "grpo@pass8": 0.93, "ppo": 0.62}
@@ -210,9 +221,10 @@ def test_headline_is_each_stage_types_key_metric_before_and_after():
     from pipeline.outputs.report import headline
 
     assert headline("sft", {"train_loss": 3.0, "initial_eval_loss": 8.55, "eval_loss": 0.18}) == "held-out loss 8.55 -> 0.18"
-    assert headline("dpo", {"eval_loss": 0.6, "initial_eval_rewards/accuracies": 0.5, "eval_rewards/accuracies": 0.63,
+    # DPO's step-0 pair accuracy is 0 by construction (policy = reference: every pair a tie), so no "before"
+    assert headline("dpo", {"eval_loss": 0.6, "initial_eval_rewards/accuracies": 0.0, "eval_rewards/accuracies": 0.63,
                             "initial_eval_rewards/margins": 0.0, "eval_rewards/margins": 0.041}) == (
-        "pair accuracy 0.5 -> 0.63, reward margin 0 -> 0.041")
+        "pair accuracy 0.63, reward margin 0 -> 0.041")
     ppo = {"initial_eval_accuracy": 0.641, "eval_accuracy": 0.655, "initial_eval_reward/rm": 3.063,
            "eval_reward/rm": 3.101, "initial_eval_kl": 0.0, "eval_kl": 0.044, "policy_loss": 0.1}
     assert headline("ppo", ppo) == "exact match 0.641 -> 0.655, reward rm 3.06 -> 3.1, KL 0.044"

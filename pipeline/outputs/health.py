@@ -34,7 +34,8 @@ def stage_findings(run_dir: Path, name: str, record: dict[str, Any], settings: H
 
 
 def run_health(run_dir: Path) -> dict[str, list[Finding]]:
-    """{stage: findings} for every checked stage of a run that completed (or was skipped as complete)."""
+    """{stage: findings} for every checked stage of a run that completed (or was skipped as complete), and, as
+    recorded, for a stage that `health.fail_on` failed."""
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json")
     if summary is None:
@@ -46,6 +47,8 @@ def run_health(run_dir: Path) -> dict[str, list[Finding]]:
             findings = stage_findings(run_dir, name, record, recipe_settings(recipe, name))
             if findings is not None:
                 found[name] = findings
+        elif record["status"] == "failed" and record.get("health"):
+            found[name] = record["health"]
     return found
 
 

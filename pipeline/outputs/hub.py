@@ -63,6 +63,14 @@ def base_model(chain: list[dict[str, Any]], recipe_path: Path | None) -> str | N
     return None
 
 
+def run_relative(run_dir: Path, path: str) -> str:
+    """A path inside the run as `<stage>/...` (a card and its config must not carry this machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def describe(stage: dict[str, Any], names: set[str]) -> str:
     ref = stage.get("model") or stage.get("load")  # a `tokenizer` stage names what it loads in `load`
     if isinstance(ref, dict):
@@ -88,6 +96,9 @@ def model_card(run_dir: Path, name: str, repo_id: str, folder: Path) -> str:
     model_task = STAGE_TYPES[stage_type].spec.model_task
     adapter = is_adapter(folder)
     base = base_model(chain, recipe_path)
+    adapter_base = base_model_path(folder) if adapter else None
+    if adapter and adapter_base != base:  # an adapter on a stage's own weights does not load on the Hub model
+        base = None
     data = ModelCardData(
         base_model=base, library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification" if model_task == "seq-cls" else "text-generation",
@@ -99,14 +110,15 @@ def model_card(run_dir: Path, name: str, repo_id: str, folder: Path) -> str:
              f"(seed {manifest.get('seed')}).", "", "## Lineage", ""]
     lines += [f"{i}. {describe(stage, names)}" for i, stage in enumerate(chain, 1)]
     if adapter:
-        adapter_base = base_model_path(folder)
-        lines += ["", f"This is a LoRA adapter on `{adapter_base}`."]
-        if resolve_local(adapter_base, recipe_path):
-            lines.append("That base is a local folder: push that stage too, or push with `merge_adapter: true`.")
+        local = resolve_local(adapter_base, recipe_path)
+        lines += ["", f"This is a LoRA adapter on `{run_relative(run_dir, adapter_base) if local else adapter_base}`."]
+        if local:
+            lines.append("That base is a folder of the run, not on the Hub: push that stage too, or push with "
+                         "`merge_adapter: true`.")
 
     metrics = summary["stages"][name]["metrics"]
     evals = {f"{stage} / {key}": value for stage, record in summary["stages"].items() if STAGE_TYPES[record["type"]].spec.scores_models
-             for key, value in record["metrics"].items() if key.partition("/")[2].split("@bon")[0] == name}
+             for key, value in record["metrics"].items() if key.partition("/")[2].split("@")[0] == name}
     for title, values in (("Metrics", metrics), ("Evaluation", evals)):
         if values:
             lines += ["", f"## {title}", "", "| metric | value |", "|---|---|"]
@@ -148,6 +160,12 @@ def push_stage(run_dir: Path, name: str, push: PushSpec, log: Callable[[str], No
             shutil.copytree(output.resolve(), folder, copy_function=os.symlink)
         if not any(folder.rglob("*.safetensors")):
             raise ValueError(f"stage '{name}' ({record['type']}) wrote no model weights to push")
+        config = folder / "adapter_config.json"
+        if config.is_file() and resolve_local(base_model_path(folder), None):  # a local base: name it run-relative
+            values = json.loads(config.read_text())
+            values["base_model_name_or_path"] = run_relative(run_dir, values["base_model_name_or_path"])
+            config.unlink()  # a link to the stage's own file: never write through it
+            config.write_text(json.dumps(values, indent=2))
         card = model_card(run_dir, name, push.repo_id, folder)
         (folder / "README.md").unlink(missing_ok=True)  # a link to the trainer's README: never write through it
         (folder / "README.md").write_text(card)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,8 @@ from pipeline.stages.specs.eval import sampled_name
 # Logged quantities worth a curve, by their last name part (an `eval_` prefix shares the train panel):
 # losses, reward-model and DPO accuracies/margins, RL rewards, KL, and response length (reward hacking shows there).
 CURVE_NAMES = ("loss", "accuracy", "accuracies", "margin", "margins", "reward", "kl", "mean_length")
-EVAL_FAMILIES = ("accuracy", "reward", "win_rate", "kl", "perplexity")
+EVAL_FAMILIES = ("accuracy", "reward", "win_rate", "kl", "perplexity", "judge", "env_reward", "tool_calls",
+                 "tool_malformed", "tool_errors")
 PANEL_INCHES, DPI = (4.0, 3.0), 80
 # Per stage type, the numbers that say whether it worked: (label, metric before training or None, after).
 # `*` matches any metric name (PPO's `eval_reward/<term>`); its `initial_` twin is the before.
@@ -141,10 +143,16 @@ def plot_health(history: list[dict], findings: list[Finding], out: Path, title: 
 def eval_table(metrics: dict[str, float], models: list[str]) -> dict[str, dict[str, float]]:
     """{family: {model or model@bonN or model@passK: value}} from an eval stage's `family/model[@...]` metrics."""
     table: dict[str, dict[str, float]] = {}
+    # `family/model[@bonN|@passK]`; a family (reward_<r>/ of an extra reward model named by Hub id) and a model
+    # (a Hub id) may each hold a `/`, so the model is matched as a known name at the end
+    ends = re.compile(rf"(.+)/((?:{'|'.join(re.escape(m) for m in sorted(models, key=len, reverse=True))})(?:@\w+)?)")
     for key, value in metrics.items():
-        family, _, label = key.partition("/")
+        found = ends.fullmatch(key) if models else None
+        if found is None:
+            continue
+        family, label = found.groups()
         # reward_<r>/, win_rate_<r>/: by an eval's extra reward models
-        if (family in EVAL_FAMILIES or family.startswith(("reward_", "win_rate_"))) and label.split("@")[0] in models:
+        if family in EVAL_FAMILIES or family.startswith(("reward_", "win_rate_")):
             table.setdefault(family, {})[label] = value
     return table
 
@@ -266,9 +274,10 @@ def write_report(run_dir: Path) -> Path:
                                            if stage["status"] in ("completed", "skipped") else None)
                for name, stage in stages.items()}
     commit = (manifest.get("git") or {}).get("commit")
+    dirty = " with uncommitted changes" if (manifest.get("git") or {}).get("dirty") else ""
     lines = [f"# Run report: {summary['recipe']}", "",
              f"Recipe `{summary.get('recipe_path')}`, seed {manifest.get('seed')}"
-             + (f", git commit `{commit[:12]}`" if commit else "") + ".", "",
+             + (f", git commit `{commit[:12]}`{dirty}" if commit else "") + ".", "",
              "## Headline", "", "| stage | type | status | seconds | key metrics (before -> after) | health |",
              "|---|---|---|---|---|---|"]
     health = {name: recorded_health(run_dir, name, stage, manifest) for name, stage in stages.items()}
@@ -317,7 +326,9 @@ def time_and_disk_section(run_dir: Path, stages: dict[str, Any], seconds: dict[s
     lines = ["", "## Time and disk", "", "| stage | seconds | of which held-out evaluation | disk | shared with earlier "
              "stages |", "|---|---|---|---|---|"]
     for name in stages:
-        evaluating = (_read(run_dir / name / "result.json") or {}).get("eval_seconds")
+        # as `seconds`: a result.json of a stage this run did not complete or skip is an earlier run's
+        evaluating = ((_read(run_dir / name / "result.json") or {}).get("eval_seconds")
+                      if stages[name]["status"] in ("completed", "skipped") else None)
         own, shared = use[name]
         lines.append(f"| {name} | {cell(seconds[name] or '')} | {cell(evaluating if evaluating else '')} | "
                      f"{megabytes(own)} | {megabytes(shared) if shared else ''} |")

@@ -210,6 +210,7 @@ class Runner:
         started = time.time()
         ctx = StageContext(self.recipe, stage, self.run_dir, is_main_process=self.is_main)
 
+        metrics: dict[str, float] | None = None
         set_seed(self.recipe.seed)  # before the stage builds its model: fresh weights and LoRA init are seeded too
         forget_zero3_init()  # models load whole, not as ZeRO-3 shards left over from an earlier stage's Trainer
         try:
@@ -223,7 +224,8 @@ class Runner:
             # Raised at once, not exchanged: other ranks may be inside a collective this one never joins
             # (pipeline.runtime.distributed); the launcher stops them when this process exits.
             self.timings[stage.name] = round(time.time() - started, 2)
-            self.stage_record(stage, "failed", launch=self.launch, health=getattr(err, "findings", None))
+            trained = metrics if isinstance(err, HealthFailure) else None  # a judged stage's numbers stand
+            self.stage_record(stage, "failed", trained, launch=self.launch, health=getattr(err, "findings", None))
             if self.is_main:
                 note = ("" if self.state.num_processes == 1 else "On the main process. A communication error here "
                         "usually means another rank failed first: the launcher's output names it.\n")

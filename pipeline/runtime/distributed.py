@@ -111,6 +111,19 @@ def map_shards(items: list[T], work: Callable[[list[T]], list[R]]) -> list[R]:
     return gather_object(mine)
 
 
+def summed_over_processes(counts: dict[str, float]) -> dict[str, float]:
+    """Each count added up over the processes of the launch (each counted its own share of the work); every
+    rank must call it, at the same point."""
+    from accelerate import PartialState  # lazy: see on_main
+    from accelerate.utils import gather_object  # lazy: see on_main
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return counts
+    every = gather_object([counts])
+    return {key: float(sum(share[key] for share in every)) for key in counts}
+
+
 def forget_zero3_init() -> None:
     """Start a stage with no ZeRO-3 model-loading context left by an earlier stage's Trainer.
 

@@ -29,7 +29,7 @@ from pipeline.models.reward_functions import build_reward_terms
 from pipeline.models.shared_prompts import share_prompts
 from pipeline.models.tool_use import generate_with_tools
 from pipeline.models.tools import load_tools, tool_call_unanswered
-from pipeline.runtime.distributed import map_shards
+from pipeline.runtime.distributed import map_shards, summed_over_processes
 from pipeline.runtime.progress import held_out_evaluation
 from pipeline.stages.context import StageContext
 from pipeline.stages.specs.grpo import GRPOSpec
@@ -126,8 +126,8 @@ def train_with_rewards(spec: GRPOSpec, ctx: StageContext, trainer_class) -> dict
 
     def after_training(metrics: dict[str, float]) -> None:
         metrics.update(first_and_last_quarter(trainer.state.log_history, ("reward",)))
-        if tools or spec.environment:
-            metrics.update(tool_stats.metrics())
+        if tools or spec.environment:  # each process ran the tools of its own completions
+            metrics.update(summed_over_processes(tool_stats.metrics()))
         if measure:
             for name, value in score_held_out().items():
                 metrics.update({f"initial_eval_{name}": initial[name], f"eval_{name}": value})

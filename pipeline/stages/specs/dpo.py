@@ -20,7 +20,9 @@ class DPOSpec(TrainStageSpec):
     arg_defaults = {"truncation_mode": "keep_end"}  # an over-long pair keeps its replies, not its prompt's start
     continues_adapter = True
     preference_data = True
-    headline_metrics = (("pair accuracy", "initial_eval_rewards/accuracies", "eval_rewards/accuracies"),
+    # no "before" for pair accuracy: at step 0 the policy is the reference, every implicit reward 0 and every pair
+    # a tie, which TRL counts as wrong (0 in every run, whatever the model)
+    headline_metrics = (("pair accuracy", None, "eval_rewards/accuracies"),
                         ("reward margin", "initial_eval_rewards/margins", "eval_rewards/margins"))
     health_checks = TrainStageSpec.health_checks + ("chosen_logp_falling", "reward_accuracy_stuck")
     health_names = {**TrainStageSpec.health_names, "chosen_logp": "logps/chosen",
