@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
@@ -20,6 +21,16 @@ def package_copy(tmp_path, monkeypatch):
     identity.code_digest.cache_clear()
     yield root
     identity.code_digest.cache_clear()
+
+
+def test_the_real_package_is_read():
+    """Not through the copy: the digest of a stage module covers that module and what it imports (when this
+    module moved into pipeline/run/, it read no file at all, and every digest was that of nothing)."""
+    identity.code_digest.cache_clear()
+    assert identity.module_file("pipeline.stages.ppo") == REPO / "pipeline" / "stages" / "ppo.py"
+    assert identity.module_file("pipeline.algorithms.ppo_trainer.trainer").is_file()
+    assert identity.code_digest("pipeline.stages.ppo") != hashlib.sha256(b"").hexdigest()
+    assert identity.code_digest("pipeline.stages.ppo") != identity.code_digest("pipeline.stages.tokenizer")
 
 
 def test_code_digest_follows_the_modules_a_stage_imports(package_copy):

@@ -27,7 +27,7 @@ LIBRARIES = ("pipeline", "torch", "transformers", "trl", "peft", "accelerate", "
              "deepspeed", "safetensors", "evaluate", "gguf")
 
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `pipeline` package (this module is pipeline/run/...)
 
 
 def module_file(name: str) -> Path | None:
