@@ -107,7 +107,7 @@ def kto_stage(**changes) -> list[dict]:
     (kto_stage(args={"learning_rate": -1.0}), ["stage 'kto'", "args.learning_rate: must be > 0"]),
     (kto_stage(dataset={"path": "QUESTIONS"}),
      ["stage 'kto'", "['question', 'reply']", "unpaired: prompt, completion, label", "pairwise: chosen, rejected"]),
-    (kto_stage(dataset={"path": "INTLABELS"}), ["stage 'kto'", "lines 1-4: 'label' must be true or false, not 1"]),
+    (kto_stage(dataset={"path": "INTLABELS"}), ["stage 'kto'", "lines 1-4: `label` must be true (desirable) or false (undesirable), not 1"]),
     (kto_stage(dataset={"path": "ONEKIND"}), ["stage 'kto'", "all 4 rows are labelled True", "give both"]),
     (tiny_stages() + [{"name": "rloo", "type": "rloo", "model": "sft", "dataset": str(DATA / "sft.jsonl"),
                        "rewards": [{"function": "exact_match"}]}],

@@ -100,7 +100,8 @@ def label_problems(dataset: Dataset, rows: Rows) -> list[str]:
     labels = list(dataset["label"])
     wrong = [i for i, label in enumerate(labels) if not isinstance(label, bool)]
     if wrong:
-        return grouped({f"'label' must be true or false, not {labels[wrong[0]]!r}": wrong}, rows)
+        return grouped({f"`label` must be true (desirable) or false (undesirable), not {labels[wrong[0]]!r}": wrong},
+                       rows)
     if len(set(labels)) < 2:
         return [f"{rows.where}: all {len(labels)} rows are labelled {labels[0]}; desirable (true) and undesirable "
                 "(false) rows are learnt from together, so give both"]

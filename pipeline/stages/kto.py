@@ -13,6 +13,7 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import KTOTrainer, unpair_preference_dataset
 
+from pipeline.data.checks import Rows, label_problems
 from pipeline.data.loading import DataError, require_columns
 from pipeline.data.preferences import to_pairwise
 from pipeline.data.prompts import as_model_rows
@@ -27,13 +28,10 @@ def unpaired(dataset: Dataset, where: str, seed: int) -> Dataset:
 
     if require_columns(dataset, KTO_FORMATS, where) != "unpaired":
         return unpair_preference_dataset(to_pairwise(dataset, where)).shuffle(seed=seed)
-    not_bool = [i for i, label in enumerate(dataset["label"]) if not isinstance(label, bool)]
-    if not_bool:
-        raise DataError(f"{where}: `label` must be true (desirable) or false (undesirable); {len(not_bool)} row(s) "
-                        f"are not, such as {dataset['label'][not_bool[0]]!r}")
-    if len(set(dataset["label"])) < 2:  # TRL's KTO loss needs both kinds in a split (else a bare StopIteration)
-        raise DataError(f"{where}: all {len(dataset)} rows are labelled {dataset['label'][0]}; KTO learns from "
-                        "desirable (true) and undesirable (false) rows together, so give both")
+    # validate's check, again per split: TRL's KTO loss needs both kinds in each (else a bare StopIteration)
+    problems = label_problems(dataset, Rows(where, "row", list(range(1, len(dataset) + 1))))
+    if problems:
+        raise DataError("\n".join(problems))
     return dataset
 
 
